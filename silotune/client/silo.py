@@ -1,0 +1,110 @@
+"""One silo's privacy bookkeeping: noise calibration, budget guard, signed ledger.
+
+The budget belongs to the silo's dataset, not to a run: the cumulative accounting history
+is read back from the silo's ledger on disk, so restarts and new runs on the same data
+keep composing (notes/privacy.md §1, §6). The ledger entry is appended and signed
+*before* the adapter leaves the silo, so a crash can over-count but never under-count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import opacus
+import pandas as pd
+
+from silotune.privacy.accounting import (
+    AccountingStep,
+    EpsilonReport,
+    calibrate_noise_multiplier,
+    compute_epsilon,
+    project_round,
+)
+from silotune.privacy.ledger import Ledger, load_or_create_signing_key
+
+
+@dataclass(frozen=True)
+class SiloPrivacyConfig:
+    """The silo's own privacy settings (in simulation, the run's defaults)."""
+
+    silo_id: str
+    target_epsilon: float  # inf: non-private, no ledger entry, no guarantee
+    delta: float
+    max_grad_norm: float
+    ledger_path: Path
+    key_path: Path
+
+    @property
+    def private(self) -> bool:
+        return math.isfinite(self.target_epsilon)
+
+
+def dataset_fingerprint(frame: pd.DataFrame) -> str:
+    """sha256 over the silo's (text, label) rows in order: detects a changed dataset."""
+    h = hashlib.sha256()
+    for text, label in zip(frame["text"], frame["label"], strict=True):
+        h.update(f"{len(text)}:{text}|{label}\n".encode())
+    return h.hexdigest()
+
+
+class SiloPrivacy:
+    """Plans, guards and records the DP cost of each round for one silo dataset."""
+
+    def __init__(self, cfg: SiloPrivacyConfig) -> None:
+        self.cfg = cfg
+        self.ledger = Ledger(cfg.ledger_path, load_or_create_signing_key(cfg.key_path))
+
+    def history(self) -> list[AccountingStep]:
+        return self.ledger.accounting_history()
+
+    def noise_multiplier(self, run_id: str, sample_rate: float, planned_steps: int) -> float:
+        """sigma for this run: re-used from the ledger if this run already trained, else
+        calibrated once so that prior spending + the whole planned run meets the target."""
+        for entry in reversed(self.ledger.entries()):
+            if entry.get("type") == "train" and entry.get("run_id") == run_id:
+                return float(entry["noise_multiplier"])
+        return calibrate_noise_multiplier(prior=self.history(), sample_rate=sample_rate,
+                                          steps=planned_steps,
+                                          target_epsilon=self.cfg.target_epsilon,
+                                          delta=self.cfg.delta)
+
+    def check_round(self, step: AccountingStep) -> float:
+        """Projected cumulative epsilon after `step`; raises BudgetExhausted if over."""
+        return project_round(self.history(), step, limit_epsilon=self.cfg.target_epsilon,
+                             delta=self.cfg.delta)
+
+    def record_round(self, *, step: AccountingStep, run_id: str, round_: int,
+                     frame: pd.DataFrame, liveness: float) -> tuple[EpsilonReport, dict[str, Any]]:
+        """Compose `step`, then append and sign the ledger entry; returns (report, entry)."""
+        history = [*self.history(), step]
+        report = compute_epsilon(history, self.cfg.delta)
+        entry = self.ledger.append({
+            "type": "train",
+            "silo_id": self.cfg.silo_id,
+            "run_id": run_id,
+            "round": round_,
+            "dataset_fingerprint": dataset_fingerprint(frame),
+            "dataset_size": len(frame),
+            "privacy_unit": "example",
+            "neighboring_relation": "add_or_remove_one",
+            "mechanism": "poisson-subsampled-gaussian",
+            "noise_multiplier": step.noise_multiplier,
+            "max_grad_norm": self.cfg.max_grad_norm,
+            "sample_rate": step.sample_rate,
+            "steps_this_entry": step.steps,
+            "accounting_history": [s.to_dict() for s in history],
+            "delta": self.cfg.delta,
+            "epsilon": report.epsilon,
+            "accountant": report.accountant,
+            "eps_cross_check": report.cross_check,
+            "epsilon_limit": self.cfg.target_epsilon,
+            "remaining": max(0.0, self.cfg.target_epsilon - report.epsilon),
+            "liveness": liveness,
+            "secure_mode": False,
+            "opacus_version": opacus.__version__,
+        })
+        return report, entry

@@ -1,0 +1,191 @@
+"""Local LoRA training on one silo: plain, or DP-SGD with Opacus.
+
+Recipe (see notes/privacy.md §1): fp32 base on the device before PEFT and Opacus; only
+LoRA factors trainable; Poisson sampling; per-sequence loss; noise multiplier chosen by
+the silo for its whole planned run; a liveness check that the factors moved. DP is
+layered on by wrapping the model/optimizer/loader (`make_private`), not by flags inside
+the loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import secrets
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from torch.utils.data import DataLoader, TensorDataset
+
+from silotune.lm import IGNORE_INDEX, EncodedExample, per_sequence_loss
+
+
+class LivenessError(RuntimeError):
+    """Training finished but the LoRA factors did not change (opacus#820-class bug)."""
+
+
+@dataclass(frozen=True)
+class LocalTrainConfig:
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    local_steps: int
+    batch_size: int
+    physical_batch_size: int
+    learning_rate: float
+    init_seed: int  # public: fixes the LoRA init (and batch order of non-private runs)
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    noise_multiplier: float
+    max_grad_norm: float
+
+
+@dataclass(frozen=True)
+class LocalTrainResult:
+    adapter: dict[str, np.ndarray]  # PEFT state-dict keys -> fp32 arrays
+    loss: float  # mean training loss over the local steps
+    steps: int  # logical optimiser steps (= accountant steps under DP)
+    sample_rate: float  # q as used by the sampler (DP), else batch_size / n
+    liveness: float  # max |delta| over all LoRA factors
+
+
+def sample_rate_for(num_examples: int, batch_size: int) -> float:
+    """Opacus' q = 1 / len(DataLoader(ds, batch_size)), known before training."""
+    return 1.0 / max(1, -(-num_examples // batch_size))
+
+
+def tensor_dataset(examples: Sequence[EncodedExample], pad_id: int) -> TensorDataset:
+    """Fixed-width tensors, so Opacus can build empty Poisson batches of the right shape."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[i, : len(e.labels)] = torch.tensor(e.labels)
+        mask[i, : len(e.input_ids)] = 1
+    return TensorDataset(ids, mask, labels)
+
+
+def attach_lora(base: torch.nn.Module, cfg: LocalTrainConfig) -> torch.nn.Module:
+    """A private copy of `base` with a fresh LoRA (A Kaiming-uniform, B = 0)."""
+    model = copy.deepcopy(base)  # the shared base stays untouched
+    # PEFT types lora_alpha as int but computes the scale alpha / r in float.
+    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha,  # type: ignore[arg-type]
+                      target_modules=list(cfg.targets), lora_dropout=0.0, bias="none",
+                      task_type="CAUSAL_LM")
+    with torch.random.fork_rng():  # seed the init without touching the caller's RNG
+        torch.manual_seed(cfg.init_seed)
+        peft_model = get_peft_model(model, lora)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    stray = [n for n in trainable if "lora_" not in n]
+    if stray or not trainable:
+        raise RuntimeError(f"only LoRA factors may train; found {stray or 'none'}")
+    peft_model.train()
+    return peft_model
+
+
+def _lora_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().float().cpu().numpy().copy()
+            for k, v in get_peft_model_state_dict(model).items()}
+
+
+def _step(model: torch.nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+    ids, mask, labels = batch
+    width = int(mask.sum(1).max())  # trim the shared padding
+    out = model(input_ids=ids[:, :width], attention_mask=mask[:, :width])
+    return per_sequence_loss(out.logits, labels[:, :width])
+
+
+def train_local(base: torch.nn.Module, examples: Sequence[EncodedExample], pad_id: int,
+                cfg: LocalTrainConfig, dp: DPConfig | None) -> LocalTrainResult:
+    """Train a fresh LoRA on `examples` for `cfg.local_steps` logical steps.
+
+    With `dp`, DP-SGD (Opacus): Poisson sampling at q = 1/len(loader), per-example
+    clipping to `dp.max_grad_norm`, Gaussian noise `dp.noise_multiplier * clip`. The
+    noise comes from a generator seeded by the OS (never by the public run seed).
+    """
+    if not examples:
+        raise ValueError("this silo has no training examples")
+    model = attach_lora(base, cfg)
+    before = _lora_state(model)
+    data = tensor_dataset(examples, pad_id)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    order = torch.Generator().manual_seed(cfg.init_seed)
+    loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=order)
+    q = sample_rate_for(len(data), cfg.batch_size)
+    losses: list[float] = []
+    if dp is None:
+        for batch in _cycle(loader, cfg.local_steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss = _step(model, batch)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        q = cfg.batch_size / len(data)
+    else:
+        losses = _train_dp(model, optimizer, loader, cfg, dp, q)
+    after = _lora_state(model)
+    moved = max(float(np.abs(after[k] - before[k]).max()) for k in after)
+    if moved == 0.0:
+        raise LivenessError("LoRA factors did not change during training; refusing to "
+                            "report this round (check that the optimizer sees the LoRA "
+                            "parameters and the learning rate is > 0)")
+    return LocalTrainResult(adapter=after, loss=float(np.mean(losses)) if losses else 0.0,
+                            steps=cfg.local_steps, sample_rate=q, liveness=moved)
+
+
+def _train_dp(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+              cfg: LocalTrainConfig, dp: DPConfig, q: float) -> list[float]:
+    engine = PrivacyEngine(accountant="prv", secure_mode=False)
+    noise = torch.Generator().manual_seed(secrets.randbits(63))  # coordinator can't know it
+    hooks, dp_optimizer, dp_loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader,
+        noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+        poisson_sampling=True, grad_sample_mode="hooks", wrap_model=False,
+        noise_generator=noise)
+    if abs(dp_loader.sample_rate - q) > 1e-12:
+        raise RuntimeError(f"sampler q={dp_loader.sample_rate} differs from planned q={q}")
+
+    def steps_done() -> int:
+        return sum(n for _, _, n in engine.accountant.history)
+
+    losses: list[float] = []
+    try:
+        with BatchMemoryManager(data_loader=dp_loader, optimizer=dp_optimizer,
+                                max_physical_batch_size=cfg.physical_batch_size) as batches:
+            while steps_done() < cfg.local_steps:
+                for batch in batches:
+                    dp_optimizer.zero_grad(set_to_none=True)
+                    if batch[0].shape[0] == 0:  # an empty Poisson draw: noise-only step
+                        dp_optimizer.step()
+                    else:
+                        loss = _step(model, batch)
+                        loss.backward()
+                        dp_optimizer.step()
+                        losses.append(loss.item())
+                    if steps_done() >= cfg.local_steps:
+                        break
+    finally:
+        hooks.cleanup()
+    if steps_done() != cfg.local_steps:
+        raise RuntimeError(f"accountant counted {steps_done()} steps, planned "
+                           f"{cfg.local_steps}")
+    return losses
+
+
+def _cycle(loader: DataLoader, steps: int) -> Iterator[Sequence[torch.Tensor]]:
+    done = 0
+    while done < steps:
+        for batch in loader:
+            yield batch
+            done += 1
+            if done == steps:
+                return

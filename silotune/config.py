@@ -1,0 +1,157 @@
+"""Frozen, validated run configuration, built once at the boundary.
+
+The same `RunConfig` is built from `silotune simulate` flags, from Flower's run config
+(`[tool.flwr.app.config]` in pyproject.toml, kebab-case keys) and from tests. Unknown keys
+and out-of-range values raise `ConfigError` naming the key and the allowed range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type, or out of range."""
+
+
+def _parse_csv(value: Any, cast: type) -> tuple[Any, ...]:
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+    else:
+        parts = list(value)
+    return tuple(cast(p) for p in parts)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One federation: model, data, strategy, training and privacy settings.
+
+    Attributes mirror the kebab-case keys of `[tool.flwr.app.config]`
+    (``num-server-rounds`` is `rounds`, ``lora-ranks`` is `lora_ranks`, ...).
+    """
+
+    model: str = "smollm2-135m-instruct"
+    dataset: str = "icd10-chapters"
+    text_column: str = "text"
+    label_column: str = "label"
+    strategy: str = "flora"
+    num_silos: int = 4
+    rounds: int = 3
+    fraction_train: float = 1.0
+    min_replies: int = 1
+    local_steps: int = 8
+    batch_size: int = 32
+    physical_batch_size: int = 16
+    learning_rate: float = 3e-3
+    lora_ranks: tuple[int, ...] = (8, 4, 8, 4)
+    lora_alpha_per_rank: float = 2.0
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    target_epsilon: float = 8.0
+    target_delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    dirichlet_alpha: float = 0.5
+    test_size: int = 330
+    eval_batch_size: int = 32
+    seed: int = 0
+    out_dir: str = "runs/latest"
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _check(self.num_silos >= 1, "num_silos", self.num_silos, ">= 1")
+        _check(self.rounds >= 1, "rounds", self.rounds, ">= 1")
+        _check(0.0 < self.fraction_train <= 1.0, "fraction_train", self.fraction_train, "(0, 1]")
+        _check(self.min_replies >= 1, "min_replies", self.min_replies, ">= 1")
+        _check(self.local_steps >= 1, "local_steps", self.local_steps, ">= 1")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        _check(self.physical_batch_size >= 1, "physical_batch_size",
+               self.physical_batch_size, ">= 1")
+        _check(0.0 < self.learning_rate < 1.0, "learning_rate", self.learning_rate, "(0, 1)")
+        _check(len(self.lora_ranks) >= 1 and all(1 <= r <= 1024 for r in self.lora_ranks),
+               "lora_ranks", self.lora_ranks, "a non-empty list of integers in [1, 1024]")
+        _check(self.lora_alpha_per_rank > 0, "lora_alpha_per_rank",
+               self.lora_alpha_per_rank, "> 0")
+        _check(len(self.lora_targets) >= 1, "lora_targets", self.lora_targets,
+               "a non-empty list of module names such as q_proj,v_proj")
+        _check(self.target_epsilon > 0 and not math.isnan(self.target_epsilon),
+               "target_epsilon", self.target_epsilon, "> 0 (or inf for a non-private run)")
+        _check(0.0 < self.target_delta < 0.1, "target_delta", self.target_delta, "(0, 0.1)")
+        _check(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "> 0")
+        _check(self.dirichlet_alpha > 0, "dirichlet_alpha", self.dirichlet_alpha, "> 0")
+        _check(self.test_size >= 1, "test_size", self.test_size, ">= 1")
+        _check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, ">= 1")
+        _check(self.seed >= 0, "seed", self.seed, ">= 0")
+
+    @property
+    def private(self) -> bool:
+        """False for a non-private run (``target_epsilon = inf``): no DP guarantee at all."""
+        return math.isfinite(self.target_epsilon)
+
+    def rank_of(self, silo_index: int) -> int:
+        """LoRA rank of the silo at `silo_index` (ranks cycle over the silos)."""
+        return self.lora_ranks[silo_index % len(self.lora_ranks)]
+
+    # -- Flower run config (kebab-case, flat scalars) -------------------------------------
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build from a flat mapping with kebab-case or snake_case keys; unknown keys raise."""
+        known = {f.name for f in dataclasses.fields(cls) if f.name != "extra"}
+        kwargs: dict[str, Any] = {}
+        for raw_key, value in values.items():
+            key = _FLOWER_ALIASES.get(raw_key, raw_key.replace("-", "_"))
+            if key not in known:
+                valid = ", ".join(sorted(cls().to_flower()))
+                raise ConfigError(f"unknown config key '{raw_key}'; valid keys: {valid}")
+            kwargs[key] = _coerce(key, value)
+        return cls(**kwargs)
+
+    def to_flower(self) -> dict[str, bool | int | float | str]:
+        """Flatten to Flower's run-config value types (lists as comma-separated strings)."""
+        out: dict[str, bool | int | float | str] = {}
+        inverse = {v: k for k, v in _FLOWER_ALIASES.items()}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = ",".join(str(v) for v in value)
+            elif isinstance(value, float) and math.isinf(value):
+                value = "inf"
+            out[inverse.get(f.name, f.name.replace("_", "-"))] = value
+        return out
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (snake_case keys; inf written as the string "inf")."""
+        return {k.replace("-", "_"): v for k, v in self.to_flower().items()}
+
+
+_FLOWER_ALIASES = {"num-server-rounds": "rounds"}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    target = {f.name: f for f in dataclasses.fields(RunConfig)}[key]
+    kind = str(target.type)
+    try:
+        if kind.startswith("tuple[int"):
+            return _parse_csv(value, int)
+        if kind.startswith("tuple[str"):
+            return _parse_csv(value, str)
+        if kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind == "str":
+            return str(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config key '{key}': cannot read {value!r} as {kind}") from err
+    return value
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' = {value!r} is out of range; allowed: {allowed}")

@@ -1,0 +1,147 @@
+"""The causal-LM task: prompts, answer-only labels, per-sequence loss, label scoring.
+
+Classification is cast as instruction following: the model reads a prompt and the
+answer is the label word(s) followed by EOS. Training loss covers the answer tokens only
+and is averaged per sequence (the DP unit is one sequence). Evaluation scores every
+label's log-likelihood as a continuation of the shared prompt, re-using the prompt's KV
+cache, and predicts the arg-max.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+PROMPT = "Classify the text into its category.\nText: {text}\nCategory:"
+
+
+def load_model(path: str | Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """Load a transformers causal LM folder in fp32 on the CPU, with its tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    return model, tokenizer
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    ids: list[int] = tokenizer(PROMPT.format(text=text), add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def answer_ids(tokenizer: PreTrainedTokenizerBase, label: str) -> list[int]:
+    ids: list[int] = tokenizer(" " + label, add_special_tokens=False)["input_ids"]
+    return [*ids, int(tokenizer.eos_token_id)]
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX on the prompt
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, text: str, label: str,
+           max_length: int = 128) -> EncodedExample:
+    """Prompt + answer; the loss mask keeps the answer only (the prompt is truncated)."""
+    answer = answer_ids(tokenizer, label)
+    prompt = prompt_ids(tokenizer, text)[: max(1, max_length - len(answer))]
+    return EncodedExample(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer)
+
+
+def collate(batch: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch. Labels are masked by position, not by token id (pad == EOS)."""
+    width = max((len(e.input_ids) for e in batch), default=1)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over sequences of each sequence's mean answer-token cross-entropy."""
+    lg, lb = logits[:, :-1].float(), labels[:, 1:]  # (B, T-1, V), (B, T-1)
+    tok = F.cross_entropy(lg.reshape(-1, lg.size(-1)), lb.reshape(-1),
+                          ignore_index=IGNORE_INDEX, reduction="none").view(lb.shape)
+    per_seq = tok.sum(1) / (lb != IGNORE_INDEX).sum(1).clamp(min=1)  # (B,)
+    return per_seq.mean()
+
+
+@torch.no_grad()
+def score_labels(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                 texts: Sequence[str], labels: Sequence[str],
+                 batch_size: int = 32) -> np.ndarray:
+    """Log-likelihood of every label's answer given each text's prompt, shape (N, L).
+
+    The prompts of a batch are left-padded and run once; the cache is then repeated for
+    the L label continuations, so each example costs one prompt pass plus L short
+    continuations instead of L full sequences.
+    """
+    pad = int(tokenizer.pad_token_id)
+    answers = [answer_ids(tokenizer, lab) for lab in labels]
+    n_lab, width = len(answers), max(len(a) for a in answers)
+    ans = torch.full((n_lab, width), pad, dtype=torch.long)  # (L, Ta)
+    ans_mask = torch.zeros((n_lab, width), dtype=torch.long)
+    for j, a in enumerate(answers):
+        ans[j, : len(a)] = torch.tensor(a)
+        ans_mask[j, : len(a)] = 1
+    out = np.zeros((len(texts), n_lab), dtype=np.float64)
+    for start in range(0, len(texts), batch_size):
+        prompts = [prompt_ids(tokenizer, t) for t in texts[start:start + batch_size]]
+        b, tp = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((b, tp), pad, dtype=torch.long)
+        mask = torch.zeros((b, tp), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every prompt ends at column tp-1
+            ids[i, tp - len(p):] = torch.tensor(p)
+            mask[i, tp - len(p):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        first = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        first_lp = first.logits[:, -1].float().log_softmax(-1)  # (B, V)
+        score = first_lp[:, ans[:, 0]]  # (B, L): log p(first answer token)
+        if width > 1:
+            cache = first.past_key_values
+            cache.batch_repeat_interleave(n_lab)  # (B*L, ...)
+            cont = ans[:, :-1].repeat(b, 1)  # (B*L, Ta-1)
+            cont_mask = torch.cat([mask.repeat_interleave(n_lab, 0),
+                                   ans_mask[:, :-1].repeat(b, 1)], dim=1)
+            cont_pos = pos[:, -1:].repeat_interleave(n_lab, 0) + 1 + torch.arange(width - 1)
+            rest = model(input_ids=cont, attention_mask=cont_mask, position_ids=cont_pos,
+                         past_key_values=cache, use_cache=True)
+            lp = rest.logits.float().log_softmax(-1)  # (B*L, Ta-1, V)
+            target = ans[:, 1:].repeat(b, 1)  # (B*L, Ta-1)
+            tok_lp = lp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            tok_lp = tok_lp * ans_mask[:, 1:].repeat(b, 1)
+            score = score + tok_lp.sum(-1).view(b, n_lab)
+        out[start:start + b] = score.double().numpy()
+    return out
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    accuracy: float
+    loss: float  # mean per-sequence answer loss of the true label
+
+
+def evaluate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+             texts: Sequence[str], gold: Sequence[str], labels: Sequence[str],
+             batch_size: int = 32) -> EvalResult:
+    """Accuracy by arg-max label log-likelihood; loss = -mean per-token log p(gold answer)."""
+    scores = score_labels(model, tokenizer, texts, labels, batch_size)
+    index = {lab: j for j, lab in enumerate(labels)}
+    gold_idx = np.array([index[g] for g in gold])
+    accuracy = float((scores.argmax(1) == gold_idx).mean())
+    lengths = np.array([len(answer_ids(tokenizer, lab)) for lab in labels])
+    loss = float((-scores[np.arange(len(gold)), gold_idx] / lengths[gold_idx]).mean())
+    return EvalResult(accuracy=accuracy, loss=loss)

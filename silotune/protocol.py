@@ -1,0 +1,61 @@
+"""Names shared by the coordinator (ServerApp) and the silos (ClientApp).
+
+Every record key and message field that crosses the wire is defined once, here, so that
+the two sides can never spell it differently.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Message types. Training uses Flower's "train"; the hello handshake is a query.
+QUERY_HELLO: Final = "query.hello"
+
+# RecordDict keys.
+ARRAYS: Final = "arrays"  # ArrayRecord: a silo's adapter (reply) or the global update (train)
+METRICS: Final = "metrics"  # MetricRecord: numbers from a silo
+CONFIG: Final = "config"  # ConfigRecord: the round's settings for one silo
+INFO: Final = "info"  # ConfigRecord: a silo's self-description (hello reply)
+
+# Weighting key: the silo's number of training examples (p_k = n_k / sum n_j).
+NUM_EXAMPLES: Final = "num-examples"
+
+# Metric keys in a train reply.
+TRAIN_LOSS: Final = "train-loss"
+EPSILON: Final = "epsilon"
+DELTA: Final = "delta"
+STEPS: Final = "steps"
+EPSILON_LIMIT: Final = "epsilon-limit"
+LEDGER_HEAD: Final = "ledger-head"
+
+# Config keys in a train message.
+ROUND: Final = "round"
+SILO_ID: Final = "silo-id"
+RANK: Final = "rank"
+ALPHA: Final = "alpha"
+TARGETS: Final = "targets"
+LOCAL_STEPS: Final = "local-steps"
+PLANNED_ROUNDS: Final = "planned-rounds"
+BATCH_SIZE: Final = "batch-size"
+LEARNING_RATE: Final = "learning-rate"
+BASE_FINGERPRINTS: Final = "base-fingerprints"  # JSON list: sha256 of each merged round
+UPDATE_SCALES: Final = "update-scales"  # JSON: {"<round>": scale} of the broadcast updates
+RUN_SEED: Final = "run-seed"
+RUN_NAME: Final = "run-name"
+
+# Array-name prefix of the broadcast global updates: "round-<t>/<module>.lora_{A,B}".
+UPDATE_PREFIX: Final = "round-"
+
+
+def as_int(value: object, key: str) -> int:
+    """A record value read as int; a clear error names the key otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"message field '{key}' = {value!r} is not an integer")
+    return int(value)
+
+
+def as_float(value: object, key: str) -> float:
+    """A record value read as float; a clear error names the key otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"message field '{key}' = {value!r} is not a number")
+    return float(value)

@@ -1,0 +1,225 @@
+"""The coordinator's round loop (FLoRA by default), on Flower's Grid.
+
+One round (DESIGN.md): sample silos; send each the updates of all merged rounds plus its
+own configuration; validate the replies and exclude bad ones; aggregate with the
+configured rule; merge into the global base; evaluate on the held-out split; write
+metrics and a checkpoint. Flower's `Strategy.start` is not used because the loop needs a
+hello handshake, per-silo configuration and replay of the global update history.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from silotune import protocol as P
+from silotune import strategies
+from silotune.assets import resolve_model
+from silotune.config import RunConfig
+from silotune.lm import evaluate, load_model
+from silotune.merge import apply_update, update_to_arrays
+from silotune.server.report import write_report
+from silotune.server.validate import Expected, module_shapes, validate_reply
+from silotune.simulations.federation import federated_task
+from silotune.strategies.base import AdapterError, LowRankUpdate, SiloAdapter
+from silotune.wire import from_record, to_record
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str], None]
+NODE_WAIT_SECONDS = 120.0
+ROUND_TIMEOUT_SECONDS = 3600.0
+
+
+@dataclass
+class _Silo:
+    node_id: int
+    num_examples: int
+    rank: int
+
+
+@dataclass
+class _GlobalState:
+    """Merged rounds so far: what a silo needs to reach the current global base."""
+
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    scales: dict[str, float] = field(default_factory=dict)
+    fingerprints: list[str] = field(default_factory=list)
+
+    def add(self, update: LowRankUpdate) -> None:
+        version = len(self.fingerprints) + 1
+        new = update_to_arrays(update, f"{P.UPDATE_PREFIX}{version}/")
+        digest = hashlib.sha256()
+        for key in sorted(new):
+            digest.update(key.encode())
+            digest.update(new[key].tobytes())
+        self.arrays.update(new)
+        self.scales[str(version)] = update.scale
+        self.fingerprints.append(digest.hexdigest())
+
+
+def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> dict[str, Any]:
+    """Run `cfg.rounds` rounds; write metrics.json, checkpoints and report.html."""
+    rule = strategies.create(cfg.strategy)
+    out = Path(cfg.out_dir)
+    for sub in ("ledgers", "checkpoint"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    model, tok = load_model(resolve_model(cfg.model, progress=progress))
+    task = federated_task(cfg)
+    shapes = module_shapes(model, cfg.lora_targets)
+    texts, gold = list(task.test["text"]), list(task.test["label"])
+
+    def held_out() -> tuple[float, float]:
+        res = evaluate(model, tok, texts, gold, task.labels, cfg.eval_batch_size)
+        return res.accuracy, res.loss
+
+    t0 = time.monotonic()
+    base_accuracy, base_loss = held_out()
+    progress(f"[base] held-out accuracy {base_accuracy:.3f}, loss {base_loss:.3f} "
+             f"({len(texts)} examples, {len(task.labels)} labels, "
+             f"{time.monotonic() - t0:.0f} s)")
+    silos = _hello(grid, cfg)
+    progress(f"[hello] {len(silos)} silos: " + ", ".join(
+        f"{s} (n={v.num_examples}, r={v.rank})" for s, v in sorted(silos.items())))
+    metrics: dict[str, Any] = {
+        "config": cfg.to_json_dict(), "private": cfg.private,
+        "base_accuracy": base_accuracy, "base_loss": base_loss, "rounds": []}
+    state = _GlobalState()
+    epsilon: dict[str, float] = {}
+    limits: dict[str, float] = {}
+    rng = random.Random(cfg.seed)  # public: fixes which silos are sampled
+    for round_ in range(1, cfg.rounds + 1):
+        start = time.monotonic()
+        k = min(len(silos), max(cfg.min_replies, round(cfg.fraction_train * len(silos))))
+        sampled = sorted(rng.sample(sorted(silos), k))
+        messages = {s: _train_message(cfg, round_, silos[s], state) for s in sampled}
+        bytes_down = sum(m.content.array_records[P.ARRAYS].count_bytes()
+                         for m in messages.values())
+        replies = grid.send_and_receive(list(messages.values()), timeout=ROUND_TIMEOUT_SECONDS)
+        adapters, excluded, bytes_up = _collect(cfg, silos, shapes, replies, sampled)
+        for a_silo, reply_metrics in adapters.values():
+            if P.EPSILON in reply_metrics:
+                epsilon[a_silo.silo] = float(reply_metrics[P.EPSILON])
+                limits[a_silo.silo] = float(reply_metrics[P.EPSILON_LIMIT])
+        valid = [adapters[s][0] for s in sorted(adapters)]
+        if len(valid) < cfg.min_replies:
+            progress(f"[round {round_}] only {len(valid)} valid replies (< min_replies "
+                     f"{cfg.min_replies}): round skipped, global model unchanged")
+        else:
+            update = rule.aggregate(valid)
+            apply_update(model, update)
+            state.add(update)
+        accuracy, loss = held_out()
+        row = {"round": round_, "accuracy": accuracy, "loss": loss,
+               "epsilon": dict(sorted(epsilon.items())),
+               "epsilon_limit": dict(sorted(limits.items())),
+               "bytes_up": bytes_up, "bytes_down": bytes_down,
+               "seconds": round(time.monotonic() - start, 3), "excluded": excluded,
+               "participants": sorted(adapters)}
+        metrics["rounds"].append(row)
+        _write_json(out / "metrics.json", metrics)
+        _write_checkpoint(out / "checkpoint", round_, state)
+        eps_text = f", epsilon max {max(epsilon.values()):.3f}" if epsilon else ""
+        progress(f"[round {round_}/{cfg.rounds}] accuracy {accuracy:.3f}, loss {loss:.3f}"
+                 f"{eps_text}, {len(valid)}/{len(sampled)} silos, "
+                 f"{row['seconds']:.0f} s" + (f", excluded {excluded}" if excluded else ""))
+    write_report(out)
+    return metrics
+
+
+def _hello(grid: Grid, cfg: RunConfig) -> dict[str, _Silo]:
+    deadline = time.monotonic() + NODE_WAIT_SECONDS
+    nodes = sorted(grid.get_node_ids())
+    while len(nodes) < cfg.num_silos and time.monotonic() < deadline:
+        time.sleep(1.0)
+        nodes = sorted(grid.get_node_ids())
+    if len(nodes) < cfg.min_replies:
+        raise RuntimeError(f"only {len(nodes)} silos connected within {NODE_WAIT_SECONDS:.0f}"
+                           f" s; need at least {cfg.min_replies}")
+    asks = [Message(RecordDict(), dst_node_id=n, message_type=P.QUERY_HELLO) for n in nodes]
+    found: dict[str, tuple[int, int]] = {}
+    for reply in grid.send_and_receive(asks, timeout=NODE_WAIT_SECONDS):
+        if reply.has_error():
+            log.warning("node %s failed the hello: %s", reply.metadata.src_node_id,
+                        reply.error.reason)
+            continue
+        silo = str(reply.content.config_records[P.INFO][P.SILO_ID])
+        count = reply.content.metric_records[P.METRICS][P.NUM_EXAMPLES]
+        n = P.as_int(count, P.NUM_EXAMPLES)
+        if silo in found:
+            raise RuntimeError(f"two nodes claim silo id '{silo}'; silo ids must be unique")
+        found[silo] = (reply.metadata.src_node_id, n)
+    return {s: _Silo(node, n, cfg.rank_of(i))
+            for i, (s, (node, n)) in enumerate(sorted(found.items()))}
+
+
+def _train_message(cfg: RunConfig, round_: int, silo: _Silo, state: _GlobalState) -> Message:
+    config = ConfigRecord({
+        P.ROUND: round_, P.RANK: silo.rank, P.ALPHA: cfg.lora_alpha_per_rank * silo.rank,
+        P.TARGETS: ",".join(cfg.lora_targets), P.LOCAL_STEPS: cfg.local_steps,
+        P.PLANNED_ROUNDS: cfg.rounds, P.BATCH_SIZE: cfg.batch_size,
+        P.LEARNING_RATE: cfg.learning_rate, P.RUN_SEED: cfg.seed,
+        P.UPDATE_SCALES: json.dumps(state.scales),
+        P.BASE_FINGERPRINTS: json.dumps(state.fingerprints)})
+    content = RecordDict({P.ARRAYS: to_record(state.arrays), P.CONFIG: config})
+    return Message(content, dst_node_id=silo.node_id, message_type=MessageType.TRAIN)
+
+
+def _collect(cfg: RunConfig, silos: dict[str, _Silo], shapes: dict[str, tuple[int, int]],
+             replies: Iterable[Message], sampled: list[str],
+             ) -> tuple[dict[str, tuple[SiloAdapter, dict[str, Any]]], list[dict[str, str]], int]:
+    by_node = {silos[s].node_id: s for s in sampled}
+    adapters: dict[str, tuple[SiloAdapter, dict[str, Any]]] = {}
+    excluded: list[dict[str, str]] = []
+    bytes_up = 0
+    for reply in replies:
+        silo = by_node.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
+        if reply.has_error():
+            excluded.append({"silo": silo, "reason": str(reply.error.reason)})
+            continue
+        record = reply.content.array_records.get(P.ARRAYS)
+        metrics = reply.content.metric_records.get(P.METRICS)
+        if record is None or metrics is None:
+            excluded.append({"silo": silo, "reason": "reply lacks adapter arrays or metrics"})
+            continue
+        bytes_up += record.count_bytes()
+        rank = silos[silo].rank
+        expected = Expected(rank=rank, scale=cfg.lora_alpha_per_rank, shapes=shapes)
+        try:
+            adapter = validate_reply(silo, from_record(record), metrics.get(P.NUM_EXAMPLES),
+                                     expected)
+        except AdapterError as err:
+            excluded.append({"silo": silo, "reason": str(err)})
+            continue
+        adapters[silo] = (adapter, dict(metrics))
+    answered = set(adapters) | {e["silo"] for e in excluded}
+    excluded += [{"silo": s, "reason": "no reply before the round timeout"}
+                 for s in sampled if s not in answered]
+    for e in excluded:
+        log.warning("round excluded %s: %s", e["silo"], e["reason"])
+    return adapters, excluded, bytes_up
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    tmp.replace(path)
+
+
+def _write_checkpoint(folder: Path, round_: int, state: _GlobalState) -> None:
+    """Global update history (enough to rebuild the global base from the original)."""
+    tmp = folder / "updates.tmp.npz"
+    np.savez(tmp, allow_pickle=False, **state.arrays)
+    tmp.replace(folder / "updates.npz")
+    _write_json(folder / "state.json", {"round": round_, "scales": state.scales,
+                                        "fingerprints": state.fingerprints})

@@ -1,0 +1,67 @@
+"""Validation of silo replies before aggregation: one bad reply never spoils a round.
+
+A reply is accepted only if every array is a LoRA factor of an expected module, the
+shapes match the module and the rank the coordinator assigned, all values are finite
+and the example count is a positive integer. Anything else is excluded with a reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from silotune.strategies.base import AdapterError, SiloAdapter, modules_from_peft
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the coordinator asked a silo to train."""
+
+    rank: int
+    scale: float
+    shapes: Mapping[str, tuple[int, int]]  # module -> (d_out, d_in)
+
+
+def module_shapes(model: torch.nn.Module, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of every module whose last name component is one of `targets`."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] not in targets:
+            continue
+        if isinstance(module, torch.nn.Linear):
+            shapes[name] = (module.out_features, module.in_features)
+        elif isinstance(module, Conv1D):  # GPT-2 stores (d_in, d_out)
+            shapes[name] = (module.weight.shape[1], module.weight.shape[0])
+    if not shapes:
+        raise ValueError(f"the model has no Linear/Conv1D modules named {list(targets)}; "
+                         "choose --lora-targets from the model's module names")
+    return shapes
+
+
+def validate_reply(silo: str, arrays: Mapping[str, np.ndarray], num_examples: object,
+                   expected: Expected) -> SiloAdapter:
+    """Return the silo's adapter, or raise `AdapterError` with the reason to report."""
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int | float) \
+            or int(num_examples) != num_examples or num_examples <= 0:
+        raise AdapterError(f"example count {num_examples!r} is not a positive integer")
+    modules = modules_from_peft(arrays)
+    if set(modules) != set(expected.shapes):
+        missing = sorted(set(expected.shapes) - set(modules))[:3]
+        extra = sorted(set(modules) - set(expected.shapes))[:3]
+        raise AdapterError(f"adapter modules differ from the assignment (missing {missing}, "
+                           f"unexpected {extra})")
+    for name, f in modules.items():
+        d_out, d_in = expected.shapes[name]
+        if f.A.shape != (expected.rank, d_in) or f.B.shape != (d_out, expected.rank):
+            raise AdapterError(f"{name}: lora_A {f.A.shape} / lora_B {f.B.shape}, expected "
+                               f"({expected.rank}, {d_in}) / ({d_out}, {expected.rank})")
+        if f.A.dtype.kind != "f" or f.B.dtype.kind != "f":
+            raise AdapterError(f"{name}: factors must be floating point, got {f.A.dtype}")
+        if not (np.isfinite(f.A).all() and np.isfinite(f.B).all()):
+            raise AdapterError(f"{name}: factors contain NaN or infinite values")
+    return SiloAdapter(silo=silo, num_examples=int(num_examples), scale=expected.scale,
+                       modules=modules)

@@ -1,0 +1,198 @@
+"""Ledger: hash chain, Ed25519 signatures, epsilon recomputation, tamper detection (notes §6)."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from silotune.privacy.accounting import AccountingStep, compute_epsilon
+from silotune.privacy.ledger import (
+    GENESIS_HASH,
+    Ledger,
+    LedgerError,
+    canonical,
+    compute_entry_hash,
+    key_id,
+    load_or_create_signing_key,
+    verify_ledger,
+)
+
+DELTA = 1e-5
+ROUND = AccountingStep(1.0, 0.01, 100)
+
+
+def train_body(history: list[AccountingStep], rnd: int) -> dict[str, Any]:
+    rep = compute_epsilon(history, DELTA)
+    return {
+        "type": "train", "silo_id": "silo-0", "dataset_fingerprint": "ab" * 32,
+        "dataset_size": 10_000, "privacy_unit": "example",
+        "mechanism": "poisson-subsampled-gaussian", "noise_multiplier": 1.0,
+        "max_grad_norm": 1.0, "sample_rate": 0.01, "steps_this_entry": ROUND.steps,
+        "round": rnd, "run_id": "run-1",
+        "accounting_history": [s.to_dict() for s in history], "delta": DELTA,
+        "epsilon": rep.epsilon, "accountant": rep.accountant, "eps_cross_check": rep.cross_check,
+        "epsilon_limit": 8.0, "remaining": 8.0 - rep.epsilon, "liveness": 0.01,
+        "secure_mode": False,
+    }
+
+
+@pytest.fixture(scope="module")
+def bodies() -> list[dict[str, Any]]:
+    return [train_body([ROUND] * r, r) for r in (1, 2, 3)]
+
+
+@pytest.fixture
+def ledger(tmp_path: Path, bodies: list[dict[str, Any]]) -> tuple[Ledger, Ed25519PrivateKey]:
+    key = load_or_create_signing_key(tmp_path / "keys" / "silo.pem")
+    led = Ledger(tmp_path / "ledger.jsonl", key)
+    for b in bodies:
+        led.append(b)
+    return led, key
+
+
+def write_lines(path: Path, entries: list[dict[str, Any]]) -> None:
+    path.write_bytes(b"".join(canonical(e) + b"\n" for e in entries))
+
+
+def test_canonical_bytes() -> None:
+    assert canonical({"b": 1, "a": "é"}) == '{"a":"é","b":1}'.encode()
+    with pytest.raises(ValueError):
+        canonical({"x": float("nan")})
+
+
+def test_key_created_0600_and_reused(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "dir" / "silo.pem"
+    k1 = load_or_create_signing_key(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+    k2 = load_or_create_signing_key(path)
+    assert key_id(k1.public_key()) == key_id(k2.public_key())
+    assert len(key_id(k1.public_key())) == 16
+    assert list(path.parent.iterdir()) == [path]  # no temp files left behind
+
+
+def test_honest_ledger_verifies(ledger: tuple[Ledger, Ed25519PrivateKey],
+                                bodies: list[dict[str, Any]]) -> None:
+    led, key = ledger
+    entries = led.entries()
+    assert [e["seq"] for e in entries] == [0, 1, 2]
+    assert entries[0]["prev_hash"] == GENESIS_HASH
+    assert entries[1]["prev_hash"] == entries[0]["entry_hash"] and led.head_hash == \
+        entries[2]["entry_hash"]
+    assert entries[0]["signer_key_id"] == key_id(key.public_key())
+    assert [e["epsilon"] for e in entries] == pytest.approx([0.7281, 0.9226, 1.0782], abs=2e-3)
+    assert led.accounting_history() == [ROUND] * 3
+    assert verify_ledger(led.path) == []
+    assert verify_ledger(led.path, key.public_key()) == []
+    assert bodies[0].get("seq") is None  # the caller's dict is not mutated
+
+
+def test_non_train_entries_and_history_lookup(tmp_path: Path) -> None:
+    led = Ledger(tmp_path / "l.jsonl", Ed25519PrivateKey.generate())
+    assert led.entries() == [] and led.accounting_history() == []
+    assert led.head_hash == GENESIS_HASH
+    led.append(train_body([ROUND], 1))
+    led.append({"type": "audit", "m": 1000, "eps_lower_bound": 0.1})
+    assert led.accounting_history() == [ROUND]
+    assert verify_ledger(led.path) == []
+    with pytest.raises(ValueError, match="reserved"):
+        led.append({"type": "audit", "seq": 5})
+
+
+def test_lowered_epsilon_is_caught(ledger: tuple[Ledger, Ed25519PrivateKey]) -> None:
+    led, _ = ledger
+    entries = led.entries()
+    entries[1]["epsilon"] = 0.5
+    write_lines(led.path, entries)
+    problems = verify_ledger(led.path)
+    assert any(p.startswith("seq 1:") and "hash mismatch" in p for p in problems), problems
+    assert any(p.startswith("seq 1:") and "eps decreased" in p for p in problems), problems
+    assert any(p.startswith("seq 1: epsilon: stored 0.5") for p in problems), problems
+    assert not any(p.startswith(("seq 0", "seq 2")) and "hash mismatch" in p for p in problems)
+
+
+def test_resigned_forgery_still_caught(ledger: tuple[Ledger, Ed25519PrivateKey]) -> None:
+    """Even with the hash recomputed (but no key), the signature and chain break."""
+    led, _ = ledger
+    entries = led.entries()
+    entries[1]["epsilon"] = 0.5
+    entries[1]["entry_hash"] = compute_entry_hash(entries[1])
+    write_lines(led.path, entries)
+    problems = verify_ledger(led.path)
+    assert any(p.startswith("seq 1: signature") for p in problems), problems
+    assert any(p.startswith("seq 2: prev_hash") for p in problems), problems
+
+
+def test_deleted_entry_is_caught(ledger: tuple[Ledger, Ed25519PrivateKey]) -> None:
+    led, _ = ledger
+    entries = led.entries()
+    write_lines(led.path, [entries[0], entries[2]])
+    problems = verify_ledger(led.path)
+    assert any(p.startswith("seq 2: seq") for p in problems), problems
+    assert any(p.startswith("seq 2: prev_hash") for p in problems), problems
+
+
+def test_reordered_entries_are_caught(ledger: tuple[Ledger, Ed25519PrivateKey]) -> None:
+    led, _ = ledger
+    e = led.entries()
+    write_lines(led.path, [e[0], e[2], e[1]])
+    problems = verify_ledger(led.path)
+    assert any(p.startswith("seq 2: seq") for p in problems), problems
+    assert any("eps decreased" in p for p in problems), problems
+
+
+def test_wrong_public_key_is_caught(ledger: tuple[Ledger, Ed25519PrivateKey]) -> None:
+    led, _ = ledger
+    other = Ed25519PrivateKey.generate().public_key()
+    problems = verify_ledger(led.path, other)
+    assert len([p for p in problems if "signer_public_key" in p]) == 3, problems
+    assert len([p for p in problems if "invalid signature" in p]) == 3, problems
+
+
+def test_over_limit_and_dropped_history_are_caught(tmp_path: Path) -> None:
+    led = Ledger(tmp_path / "l.jsonl", Ed25519PrivateKey.generate())
+    led.append(train_body([ROUND] * 2, 1))
+    over = train_body([ROUND] * 3, 2)
+    over["epsilon_limit"] = 1.0
+    led.append(over)
+    merged = train_body([ROUND] * 4, 3)  # a merged history is still an extension
+    merged["accounting_history"] = [AccountingStep(1.0, 0.01, 400).to_dict()]
+    led.append(merged)
+    led.append({**train_body([ROUND] * 2, 4), "accounting_history": [ROUND.to_dict()]})
+    problems = verify_ledger(led.path)
+    assert any(p.startswith("seq 1: epsilon") and "exceeds epsilon_limit" in p
+               for p in problems), problems
+    assert any(p.startswith("seq 3: accounting_history") for p in problems), problems
+    assert not any(p.startswith(("seq 0", "seq 2")) for p in problems), problems
+
+
+def test_corrupt_line_names_file_and_line(ledger: tuple[Ledger, Ed25519PrivateKey]) -> None:
+    led, _ = ledger
+    with led.path.open("a") as f:
+        f.write('{"seq": 3, "broken\n')
+    with pytest.raises(LedgerError, match=r"ledger\.jsonl: line 4"):
+        led.entries()
+    with pytest.raises(LedgerError, match="line 4"):
+        led.append({"type": "audit"})
+    assert "line 4" in verify_ledger(led.path)[0]
+
+
+def test_append_refuses_tampered_tail(ledger: tuple[Ledger, Ed25519PrivateKey]) -> None:
+    led, _ = ledger
+    entries = led.entries()
+    entries[-1]["epsilon"] = 0.1
+    write_lines(led.path, entries)
+    with pytest.raises(LedgerError, match="refusing to append"):
+        led.append({"type": "audit"})
+
+
+def test_file_is_jsonl_of_canonical_entries(ledger: tuple[Ledger, Ed25519PrivateKey]) -> None:
+    led, _ = ledger
+    lines = led.path.read_bytes().splitlines()
+    assert len(lines) == 3
+    assert all(canonical(json.loads(line)) == line for line in lines)

@@ -1,0 +1,78 @@
+"""Task encoding, per-sequence loss and KV-cached label scoring on a tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from silotune.lm import (
+    IGNORE_INDEX,
+    answer_ids,
+    collate,
+    encode,
+    evaluate,
+    load_model,
+    per_sequence_loss,
+    prompt_ids,
+    score_labels,
+)
+from tests.conftest import TOY_LABELS
+
+
+def _full_sequence_scores(model, tok, texts, labels):
+    """Reference: one full forward pass per (text, label) pair, no cache."""
+    out = np.zeros((len(texts), len(labels)))
+    for i, text in enumerate(texts):
+        p = prompt_ids(tok, text)
+        for j, lab in enumerate(labels):
+            a = answer_ids(tok, lab)
+            ids = torch.tensor([p + a])
+            with torch.no_grad():
+                lp = model(input_ids=ids).logits[0].log_softmax(-1)
+            out[i, j] = sum(lp[len(p) - 1 + k, t].item() for k, t in enumerate(a))
+    return out
+
+
+def test_cached_scoring_equals_full_sequences(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir)
+    texts = ["cardiac valve of the left", "asthma", "chronic eczema with rash unspecified"]
+    labels = [*TOY_LABELS, "heart lung"]  # a two-word label exercises the continuation
+    fast = score_labels(model, tok, texts, labels, batch_size=2)
+    np.testing.assert_allclose(fast, _full_sequence_scores(model, tok, texts, labels),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_encode_masks_prompt_and_keeps_answer(tiny_model_dir):
+    _, tok = load_model(tiny_model_dir)
+    e = encode(tok, "cardiac valve", "heart")
+    answer = answer_ids(tok, "heart")
+    assert e.labels[-len(answer):] == answer
+    assert all(v == IGNORE_INDEX for v in e.labels[: -len(answer)])
+
+
+def test_per_sequence_loss_weights_sequences_equally():
+    # Sequence 0 has one answer token, sequence 1 has three: each counts 1/2.
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 1],
+                           [IGNORE_INDEX, 2, 2, 2]])
+    logits = torch.zeros(2, 4, 5)
+    logits[0, 2, 1] = 10.0  # sequence 0 predicts its token almost surely
+    loss = per_sequence_loss(logits, labels)
+    uniform = float(np.log(5))
+    expected = (torch.nn.functional.cross_entropy(logits[0, 2:3], labels[0, 3:4]).item()
+                + uniform) / 2
+    assert abs(loss.item() - expected) < 1e-5
+
+
+def test_collate_pads_right_and_masks(tiny_model_dir):
+    _, tok = load_model(tiny_model_dir)
+    batch = [encode(tok, "asthma", "lung"), encode(tok, "cardiac valve of the left", "heart")]
+    out = collate(batch, pad_id=tok.pad_token_id)
+    assert out["input_ids"].shape == out["labels"].shape == out["attention_mask"].shape
+    assert out["attention_mask"][0].sum() == len(batch[0].input_ids)
+    assert (out["labels"][0, len(batch[0].input_ids):] == IGNORE_INDEX).all()
+
+
+def test_evaluate_reports_accuracy_in_range(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir)
+    res = evaluate(model, tok, ["asthma", "rash"], ["lung", "skin"], list(TOY_LABELS))
+    assert 0.0 <= res.accuracy <= 1.0 and res.loss > 0
