@@ -11,17 +11,22 @@ PY="${PYTHON:-python3}"
 STAMP="$VENV/.silotune-deps"
 want=$(cat pyproject.toml scripts/requirements-assets.txt | sha256sum | cut -d' ' -f1)
 
+# pip here prints one warning per package for index folders that do not exist; drop those.
+pip_quiet() {
+  "$VENV/bin/pip" "$@" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
+  return "${PIPESTATUS[0]}"
+}
+
 setup() {
   if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
     return 0
   fi
   echo "[silotune] setting up $VENV (first time or dependencies changed) ..."
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
   # The CPU build of torch first, so nothing below can pull a CUDA build.
-  "$VENV/bin/pip" install -q "torch==2.13.0"
-  "$VENV/bin/pip" install -q -e ".[dev]"
-  "$VENV/bin/pip" install -q --no-deps -r scripts/requirements-assets.txt
+  pip_quiet install -q "torch==2.13.0"
+  pip_quiet install -q -e ".[dev]"
+  pip_quiet install -q --no-deps -r scripts/requirements-assets.txt
   echo "$want" > "$STAMP"
   echo "[silotune] set-up done"
 }

@@ -43,10 +43,10 @@ class RunConfig:
     rounds: int = 3
     fraction_train: float = 1.0
     min_replies: int = 1
-    local_steps: int = 8
+    local_steps: int = 6
     batch_size: int = 32
-    physical_batch_size: int = 16
-    learning_rate: float = 3e-3
+    physical_batch_size: int = 32
+    learning_rate: float = 5e-3
     lora_ranks: tuple[int, ...] = (8, 4, 8, 4)
     lora_alpha_per_rank: float = 2.0
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")

@@ -17,13 +17,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 IGNORE_INDEX = -100
-PROMPT = "Classify the text into its category.\nText: {text}\nCategory:"
+PROMPT = "Text: {text}\nCategory:"
 
 
 def load_model(path: str | Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Load a transformers causal LM folder in fp32 on the CPU, with its tokenizer."""
+    hf_logging.disable_progress_bar()  # one bar per silo per worker is noise, not progress
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -49,7 +51,7 @@ class EncodedExample:
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, text: str, label: str,
-           max_length: int = 128) -> EncodedExample:
+           max_length: int = 64) -> EncodedExample:
     """Prompt + answer; the loss mask keeps the answer only (the prompt is truncated)."""
     answer = answer_ids(tokenizer, label)
     prompt = prompt_ids(tokenizer, text)[: max(1, max_length - len(answer))]
@@ -79,25 +81,40 @@ def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return per_seq.mean()
 
 
+def scored_label_ids(tokenizer: PreTrainedTokenizerBase, labels: Sequence[str]) -> list[list[int]]:
+    """Token ids scored for each label: the label's tokens, plus EOS only when some
+    label's tokens are a prefix of another's (then EOS is what tells them apart)."""
+    ids = [answer_ids(tokenizer, lab)[:-1] for lab in labels]
+    ambiguous = any(i != j and ids[j][: len(ids[i])] == ids[i]
+                    for i in range(len(ids)) for j in range(len(ids)))
+    return [[*t, int(tokenizer.eos_token_id)] for t in ids] if ambiguous else ids
+
+
 @torch.no_grad()
 def score_labels(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                  texts: Sequence[str], labels: Sequence[str],
                  batch_size: int = 32) -> np.ndarray:
-    """Log-likelihood of every label's answer given each text's prompt, shape (N, L).
+    """Log-likelihood of every label (`scored_label_ids`) after each text's prompt, (N, L).
 
-    The prompts of a batch are left-padded and run once; the cache is then repeated for
-    the L label continuations, so each example costs one prompt pass plus L short
+    The prompts of a batch are left-padded and run once: the last position scores every
+    label's first token. Only labels longer than one token need a continuation, which
+    re-uses the prompt's KV cache, so an example costs one prompt pass plus a few short
     continuations instead of L full sequences.
     """
     pad = int(tokenizer.pad_token_id)
-    answers = [answer_ids(tokenizer, lab) for lab in labels]
-    n_lab, width = len(answers), max(len(a) for a in answers)
-    ans = torch.full((n_lab, width), pad, dtype=torch.long)  # (L, Ta)
-    ans_mask = torch.zeros((n_lab, width), dtype=torch.long)
-    for j, a in enumerate(answers):
-        ans[j, : len(a)] = torch.tensor(a)
-        ans_mask[j, : len(a)] = 1
-    out = np.zeros((len(texts), n_lab), dtype=np.float64)
+    answers = scored_label_ids(tokenizer, labels)
+    first_tok = torch.tensor([a[0] for a in answers])  # (L,)
+    multi = [j for j, a in enumerate(answers) if len(a) > 1]
+    width = max((len(answers[j]) for j in multi), default=1)
+    cont = torch.full((len(multi), max(1, width - 1)), pad, dtype=torch.long)  # (M, Tc)
+    target = torch.full_like(cont, pad)
+    cont_mask = torch.zeros_like(cont)
+    for row, j in enumerate(multi):
+        n = len(answers[j]) - 1
+        cont[row, :n] = torch.tensor(answers[j][:-1])
+        target[row, :n] = torch.tensor(answers[j][1:])
+        cont_mask[row, :n] = 1
+    out = np.zeros((len(texts), len(labels)), dtype=np.float64)
     for start in range(0, len(texts), batch_size):
         prompts = [prompt_ids(tokenizer, t) for t in texts[start:start + batch_size]]
         b, tp = len(prompts), max(len(p) for p in prompts)
@@ -107,23 +124,23 @@ def score_labels(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
             ids[i, tp - len(p):] = torch.tensor(p)
             mask[i, tp - len(p):] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        first = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        first_lp = first.logits[:, -1].float().log_softmax(-1)  # (B, V)
-        score = first_lp[:, ans[:, 0]]  # (B, L): log p(first answer token)
-        if width > 1:
+        first = model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                      use_cache=bool(multi), logits_to_keep=1)
+        score = first.logits[:, -1].float().log_softmax(-1)[:, first_tok]  # (B, L)
+        if multi:
+            m = len(multi)
             cache = first.past_key_values
-            cache.batch_repeat_interleave(n_lab)  # (B*L, ...)
-            cont = ans[:, :-1].repeat(b, 1)  # (B*L, Ta-1)
-            cont_mask = torch.cat([mask.repeat_interleave(n_lab, 0),
-                                   ans_mask[:, :-1].repeat(b, 1)], dim=1)
-            cont_pos = pos[:, -1:].repeat_interleave(n_lab, 0) + 1 + torch.arange(width - 1)
-            rest = model(input_ids=cont, attention_mask=cont_mask, position_ids=cont_pos,
+            cache.batch_repeat_interleave(m)  # (B*M, ...)
+            rest = model(input_ids=cont.repeat(b, 1),
+                         attention_mask=torch.cat([mask.repeat_interleave(m, 0),
+                                                   cont_mask.repeat(b, 1)], dim=1),
+                         position_ids=pos[:, -1:].repeat_interleave(m, 0) + 1
+                         + torch.arange(cont.shape[1]),
                          past_key_values=cache, use_cache=True)
-            lp = rest.logits.float().log_softmax(-1)  # (B*L, Ta-1, V)
-            target = ans[:, 1:].repeat(b, 1)  # (B*L, Ta-1)
-            tok_lp = lp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-            tok_lp = tok_lp * ans_mask[:, 1:].repeat(b, 1)
-            score = score + tok_lp.sum(-1).view(b, n_lab)
+            lp = rest.logits.float().log_softmax(-1)  # (B*M, Tc, V)
+            tok_lp = lp.gather(-1, target.repeat(b, 1).unsqueeze(-1)).squeeze(-1)
+            extra = (tok_lp * cont_mask.repeat(b, 1)).sum(-1).view(b, m)  # (B, M)
+            score[:, multi] += extra
         out[start:start + b] = score.double().numpy()
     return out
 
@@ -142,6 +159,6 @@ def evaluate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     index = {lab: j for j, lab in enumerate(labels)}
     gold_idx = np.array([index[g] for g in gold])
     accuracy = float((scores.argmax(1) == gold_idx).mean())
-    lengths = np.array([len(answer_ids(tokenizer, lab)) for lab in labels])
+    lengths = np.array([len(ids) for ids in scored_label_ids(tokenizer, labels)])
     loss = float((-scores[np.arange(len(gold)), gold_idx] / lengths[gold_idx]).mean())
     return EvalResult(accuracy=accuracy, loss=loss)

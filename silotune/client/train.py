@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import secrets
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -103,6 +104,11 @@ def _step(model: torch.nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor
     return per_sequence_loss(out.logits, labels[:, :width])
 
 
+# Known, understood warnings: secure_mode=False is recorded in every ledger entry; the
+# backward-hook note is expected with a frozen base (inputs need no grad).
+_BENIGN = ("Secure RNG turned off", "Full backward hook is firing", "is_gradient_checkpointing")
+
+
 def train_local(base: torch.nn.Module, examples: Sequence[EncodedExample], pad_id: int,
                 cfg: LocalTrainConfig, dp: DPConfig | None) -> LocalTrainResult:
     """Train a fresh LoRA on `examples` for `cfg.local_steps` logical steps.
@@ -113,6 +119,14 @@ def train_local(base: torch.nn.Module, examples: Sequence[EncodedExample], pad_i
     """
     if not examples:
         raise ValueError("this silo has no training examples")
+    with warnings.catch_warnings():
+        for text in _BENIGN:
+            warnings.filterwarnings("ignore", message=f".*{text}")
+        return _train_local(base, examples, pad_id, cfg, dp)
+
+
+def _train_local(base: torch.nn.Module, examples: Sequence[EncodedExample], pad_id: int,
+                 cfg: LocalTrainConfig, dp: DPConfig | None) -> LocalTrainResult:
     model = attach_lora(base, cfg)
     before = _lora_state(model)
     data = tensor_dataset(examples, pad_id)

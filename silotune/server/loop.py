@@ -38,6 +38,7 @@ from silotune.wire import from_record, to_record
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 NODE_WAIT_SECONDS = 120.0
+NODE_SETTLE_SECONDS = 10.0
 ROUND_TIMEOUT_SECONDS = 3600.0
 
 
@@ -138,11 +139,22 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
 
 
 def _hello(grid: Grid, cfg: RunConfig) -> dict[str, _Silo]:
+    """Wait for the silos to connect, then ask each for its id and example count.
+
+    Waits for `cfg.num_silos` nodes, or goes on with those present once the count has
+    been stable for NODE_SETTLE_SECONDS (at least `cfg.min_replies` of them).
+    """
     deadline = time.monotonic() + NODE_WAIT_SECONDS
     nodes = sorted(grid.get_node_ids())
+    stable_since = time.monotonic()
     while len(nodes) < cfg.num_silos and time.monotonic() < deadline:
-        time.sleep(1.0)
-        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= cfg.min_replies and time.monotonic() - stable_since > NODE_SETTLE_SECONDS:
+            log.warning("going on with %d of %d expected silos", len(nodes), cfg.num_silos)
+            break
+        time.sleep(0.5)
+        now = sorted(grid.get_node_ids())
+        if now != nodes:
+            nodes, stable_since = now, time.monotonic()
     if len(nodes) < cfg.min_replies:
         raise RuntimeError(f"only {len(nodes)} silos connected within {NODE_WAIT_SECONDS:.0f}"
                            f" s; need at least {cfg.min_replies}")

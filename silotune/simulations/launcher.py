@@ -35,11 +35,14 @@ def simulate(cfg: RunConfig, progress: Progress = print) -> dict[str, Any]:
     (out / "config.json").write_text(json.dumps(cfg.to_json_dict(), indent=2) + "\n")
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation  # heavy import (Ray), only when simulating
 
     from silotune.server.app import build_server_app
 
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    # Flower warns that run_simulation is deprecated in favour of `flwr run`; silotune
+    # runs the same engine in-process on purpose (no background SuperLink to clean up).
+    logging.getLogger("flwr").setLevel(logging.ERROR)
     cpus = max(1, os.cpu_count() or 1)
     run_simulation(
         server_app=build_server_app(cfg, progress),

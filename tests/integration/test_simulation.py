@@ -89,3 +89,22 @@ def test_non_private_run_is_labelled_and_reproducible(tiny_model_dir, toy_datase
         assert not (tmp_path / name / "ledgers" / "silo-000.jsonl").exists()
         accuracies.append((metrics["rounds"][0]["accuracy"], metrics["rounds"][0]["loss"]))
     assert accuracies[0] == accuracies[1]
+
+
+def test_spent_budget_is_refused_on_the_next_run(private_run, tiny_model_dir,
+                                                 toy_dataset_file):
+    """Same silos (same --out, so same ledgers), smaller budget than already spent: every
+    silo refuses before training, the round is skipped, and nothing is added to a ledger."""
+    out, _ = private_run
+    before = {p.name: p.read_text() for p in (out / "ledgers").glob("*.jsonl")}
+    proc = _silotune("simulate", "--model", str(tiny_model_dir), "--dataset",
+                     str(toy_dataset_file), "--silos", "2", "--rounds", "1",
+                     "--local-steps", "3", "--batch-size", "16", "--ranks", "4,2",
+                     "--test-size", "30", "--epsilon", "4", "--out", str(out), cwd=out.parent)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    row = json.loads((out / "metrics.json").read_text())["rounds"][0]
+    assert sorted(e["silo"] for e in row["excluded"]) == ["silo-000", "silo-001"]
+    assert all("BudgetExhausted" in e["reason"] for e in row["excluded"])
+    assert "round skipped" in proc.stdout
+    after = {p.name: p.read_text() for p in (out / "ledgers").glob("*.jsonl")}
+    assert after == before

@@ -15,6 +15,7 @@ from silotune.lm import (
     per_sequence_loss,
     prompt_ids,
     score_labels,
+    scored_label_ids,
 )
 from tests.conftest import TOY_LABELS
 
@@ -24,8 +25,7 @@ def _full_sequence_scores(model, tok, texts, labels):
     out = np.zeros((len(texts), len(labels)))
     for i, text in enumerate(texts):
         p = prompt_ids(tok, text)
-        for j, lab in enumerate(labels):
-            a = answer_ids(tok, lab)
+        for j, a in enumerate(scored_label_ids(tok, labels)):
             ids = torch.tensor([p + a])
             with torch.no_grad():
                 lp = model(input_ids=ids).logits[0].log_softmax(-1)
@@ -36,7 +36,7 @@ def _full_sequence_scores(model, tok, texts, labels):
 def test_cached_scoring_equals_full_sequences(tiny_model_dir):
     model, tok = load_model(tiny_model_dir)
     texts = ["cardiac valve of the left", "asthma", "chronic eczema with rash unspecified"]
-    labels = [*TOY_LABELS, "heart lung"]  # a two-word label exercises the continuation
+    labels = [*TOY_LABELS, "heart lung", "skin rash ulcer"]  # multi-token continuations
     fast = score_labels(model, tok, texts, labels, batch_size=2)
     np.testing.assert_allclose(fast, _full_sequence_scores(model, tok, texts, labels),
                                rtol=1e-4, atol=1e-4)
@@ -76,3 +76,10 @@ def test_evaluate_reports_accuracy_in_range(tiny_model_dir):
     model, tok = load_model(tiny_model_dir)
     res = evaluate(model, tok, ["asthma", "rash"], ["lung", "skin"], list(TOY_LABELS))
     assert 0.0 <= res.accuracy <= 1.0 and res.loss > 0
+
+
+def test_eos_is_scored_only_when_a_label_prefixes_another(tiny_model_dir):
+    _, tok = load_model(tiny_model_dir)
+    assert all(len(ids) == 1 for ids in scored_label_ids(tok, TOY_LABELS))
+    ids = scored_label_ids(tok, ["heart", "heart lung"])
+    assert [i[-1] for i in ids] == [tok.eos_token_id] * 2

@@ -1,0 +1,69 @@
+"""Bad input gets a clear message and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from silotune.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_help_lists_the_jobs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for job in ("simulate", "coordinator", "run", "agent", "audit", "certs", "report"):
+        assert job in out
+
+
+def test_unknown_strategy(capsys, tmp_path):
+    code, text = _run(capsys, "simulate", "--strategy", "nope", "--out", str(tmp_path))
+    assert code == 2 and "unknown strategy 'nope'" in text and "flora" in text
+
+
+def test_unknown_model_name(capsys, tmp_path):
+    code, text = _run(capsys, "simulate", "--model", "gpt-17", "--out", str(tmp_path))
+    assert code == 2 and "gpt-17" in text and "smollm2-135m-instruct" in text
+
+
+def test_missing_dataset_file(capsys, tiny_model_dir, tmp_path):
+    code, text = _run(capsys, "simulate", "--model", str(tiny_model_dir), "--dataset",
+                      str(tmp_path / "nothing.jsonl"), "--out", str(tmp_path))
+    assert code == 2 and "dataset file not found" in text
+
+
+def test_dataset_without_label_column(capsys, tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sentence,category\nhello,a\nworld,b\n")
+    code, text = _run(capsys, "simulate", "--model", str(tiny_model_dir), "--dataset",
+                      str(bad), "--out", str(tmp_path / "o"))
+    assert code == 2 and "text" in text and "--text-column" in text
+
+
+@pytest.mark.parametrize("eps", ["0", "-1", "nan", "lots"])
+def test_bad_epsilon(capsys, eps):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simulate", "--epsilon", eps])
+    assert exit_info.value.code == 2
+    assert "epsilon" in capsys.readouterr().err
+
+
+def test_out_of_range_flag_names_the_key(capsys, tmp_path):
+    code, text = _run(capsys, "simulate", "--rounds", "0", "--out", str(tmp_path))
+    assert code == 2 and "rounds" in text
+
+
+def test_planned_job_says_so(capsys):
+    code, text = _run(capsys, "coordinator")
+    assert code == 2 and "Not available yet" in text
+
+
+def test_audit_missing_ledger(capsys, tmp_path):
+    code, text = _run(capsys, "audit", str(tmp_path / "none.jsonl"))
+    assert code == 1 and "not found" in text
