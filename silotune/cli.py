@@ -49,7 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     d = _DEFAULTS
     s.add_argument("--silos", type=int, default=d.num_silos, help="number of silos (%(default)s)")
     s.add_argument("--rounds", type=int, default=d.rounds, help="federated rounds (%(default)s)")
-    s.add_argument("--strategy", default=d.strategy, help="aggregation rule (%(default)s)")
+    from silotune import strategies
+
+    s.add_argument("--strategy", default=d.strategy,
+                   help=f"aggregation rule: {', '.join(strategies.available())} (%(default)s)")
     s.add_argument("--model", default=d.model,
                    help="registered model name or a transformers causal-LM folder (%(default)s)")
     s.add_argument("--dataset", default=d.dataset,
@@ -136,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from silotune.assets import AssetError
     from silotune.privacy.accounting import BudgetExhausted
     from silotune.strategies import UnknownStrategyError
+    from silotune.strategies.base import AdapterError
 
     try:
         if args.job == "simulate":
@@ -146,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"wrote {write_report(args.run_dir)}")
         return 0
-    except (ConfigError, UnknownStrategyError, AssetError, BudgetExhausted) as err:
+    except (ConfigError, UnknownStrategyError, AssetError, AdapterError,
+            BudgetExhausted) as err:
         print(f"silotune {args.job}: error: {err}", file=sys.stderr)
         return 2
 

@@ -41,10 +41,15 @@ LEARNING_RATE: Final = "learning-rate"
 BASE_FINGERPRINTS: Final = "base-fingerprints"  # JSON list: sha256 of each merged round
 UPDATE_SCALES: Final = "update-scales"  # JSON: {"<round>": scale} of the broadcast updates
 RUN_SEED: Final = "run-seed"
+FROZEN_FACTORS: Final = "frozen-factors"  # comma-separated, e.g. "A" (FFA-LoRA)
+UPLOAD_FACTORS: Final = "upload-factors"  # factors the silo sends back, e.g. "A,B"
+LOCAL_FACTORS: Final = "local-factors"  # factors kept on the silo across rounds (FedSA)
 RUN_NAME: Final = "run-name"
 
 # Array-name prefix of the broadcast global updates: "round-<t>/<module>.lora_{A,B}".
 UPDATE_PREFIX: Final = "round-"
+# Array-name prefix of a silo's starting factors (scale-1 convention): "init/<module>...".
+INIT_PREFIX: Final = "init/"
 
 
 def as_int(value: object, key: str) -> int:
@@ -59,3 +64,8 @@ def as_float(value: object, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError(f"message field '{key}' = {value!r} is not a number")
     return float(value)
+
+
+def as_tuple(value: object) -> tuple[str, ...]:
+    """A comma-separated record value as a tuple of names ("" gives ())."""
+    return tuple(part for part in str(value).split(",") if part)

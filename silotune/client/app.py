@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -31,7 +32,7 @@ from silotune.lm import encode
 from silotune.merge import update_from_arrays
 from silotune.privacy.accounting import AccountingStep, BudgetExhausted
 from silotune.simulations.federation import FederatedTask, federated_task, silo_name
-from silotune.strategies.base import AdapterError
+from silotune.strategies.base import AdapterError, peft_key
 from silotune.wire import from_record, to_record
 
 log = logging.getLogger(__name__)
@@ -110,9 +111,12 @@ def _train(msg: Message, context: Context, silo: Silo) -> Message:
     frame = silo.frame
     examples = [encode(tok, t, lab) for t, lab in zip(frame["text"], frame["label"],
                                                           strict=True)]
+    rank, alpha = P.as_int(cfg[P.RANK], P.RANK), P.as_float(cfg[P.ALPHA], P.ALPHA)
+    keep_local = P.as_tuple(cfg[P.LOCAL_FACTORS])
     local = LocalTrainConfig(
-        rank=P.as_int(cfg[P.RANK], P.RANK), alpha=P.as_float(cfg[P.ALPHA], P.ALPHA),
-        targets=tuple(str(cfg[P.TARGETS]).split(",")),
+        rank=rank, alpha=alpha, targets=tuple(str(cfg[P.TARGETS]).split(",")),
+        init=_initial_factors(arrays, alpha / rank, context, keep_local),
+        frozen=P.as_tuple(cfg[P.FROZEN_FACTORS]),
         local_steps=P.as_int(cfg[P.LOCAL_STEPS], P.LOCAL_STEPS),
         batch_size=P.as_int(cfg[P.BATCH_SIZE], P.BATCH_SIZE),
         physical_batch_size=silo.run.physical_batch_size,
@@ -140,9 +144,36 @@ def _train(msg: Message, context: Context, silo: Silo) -> Message:
     else:
         result = train_local(base, examples, int(tok.pad_token_id), local, dp=None)
     metrics.update({P.TRAIN_LOSS: result.loss, P.STEPS: result.steps})
-    reply = RecordDict({P.ARRAYS: to_record(result.adapter), P.METRICS: MetricRecord(metrics),
+    if keep_local:
+        context.state[P.LOCAL_FACTORS] = to_record(
+            {k: v for k, v in result.adapter.items()
+             if any(f".lora_{f}." in k for f in keep_local)})
+    upload = P.as_tuple(cfg[P.UPLOAD_FACTORS])
+    sent = {k: v for k, v in result.adapter.items() if any(f".lora_{f}." in k for f in upload)}
+    reply = RecordDict({P.ARRAYS: to_record(sent), P.METRICS: MetricRecord(metrics),
                         P.INFO: info})
     return Message(reply, reply_to=msg)
+
+
+def _initial_factors(arrays: dict[str, np.ndarray], scale: float, context: Context,
+                     keep_local: tuple[str, ...]
+                     ) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+    """The plan's starting factors as PEFT holds them (B divided by the silo's scale),
+    with the factors kept local replaced by this silo's own last values."""
+    start = update_from_arrays(arrays, P.INIT_PREFIX, 1.0).modules
+    if not start:
+        return None
+    init = {m: (f.A, f.B / scale) for m, f in start.items()}
+    stored = context.state.array_records.get(P.LOCAL_FACTORS)
+    own = from_record(stored) if stored is not None else {}
+    for module, factors in init.items():
+        pair = list(factors)
+        for index, factor in enumerate(("A", "B")):
+            mine = own.get(peft_key(module, factor))
+            if factor in keep_local and mine is not None and mine.shape == pair[index].shape:
+                pair[index] = mine
+        init[module] = (pair[0], pair[1])
+    return init
 
 
 app = build_client_app()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import secrets
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +39,10 @@ class LocalTrainConfig:
     physical_batch_size: int
     learning_rate: float
     init_seed: int  # public: fixes the LoRA init (and batch order of non-private runs)
+    # Starting factors per module as PEFT holds them (A, B with the silo's scale already
+    # divided out of B); None: PEFT's fresh init (A Kaiming-uniform, B = 0).
+    init: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None
+    frozen: tuple[str, ...] = ()  # factors that must not train, e.g. ("A",) for FFA-LoRA
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,8 @@ def tensor_dataset(examples: Sequence[EncodedExample], pad_id: int) -> TensorDat
 
 
 def attach_lora(base: torch.nn.Module, cfg: LocalTrainConfig) -> torch.nn.Module:
-    """A private copy of `base` with a fresh LoRA (A Kaiming-uniform, B = 0)."""
+    """A private copy of `base` with a LoRA started from `cfg.init` (or fresh), with the
+    factors in `cfg.frozen` excluded from training."""
     model = copy.deepcopy(base)  # the shared base stays untouched
     # PEFT types lora_alpha as int but computes the scale alpha / r in float.
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha,  # type: ignore[arg-type]
@@ -84,12 +89,30 @@ def attach_lora(base: torch.nn.Module, cfg: LocalTrainConfig) -> torch.nn.Module
     with torch.random.fork_rng():  # seed the init without touching the caller's RNG
         torch.manual_seed(cfg.init_seed)
         peft_model = get_peft_model(model, lora)
+    if cfg.init is not None:
+        _load_factors(peft_model, cfg.init)
+    for name, param in peft_model.named_parameters():
+        if any(f".lora_{factor}." in name for factor in cfg.frozen):
+            param.requires_grad_(False)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     stray = [n for n in trainable if "lora_" not in n]
     if stray or not trainable:
         raise RuntimeError(f"only LoRA factors may train; found {stray or 'none'}")
     peft_model.train()
     return peft_model
+
+
+@torch.no_grad()
+def _load_factors(model: torch.nn.Module, init: Mapping[str, tuple[np.ndarray, np.ndarray]]
+                  ) -> None:
+    for module, (a, b) in init.items():
+        layer = model.get_submodule(f"base_model.model.{module}")
+        for factor, value in (("A", a), ("B", b)):
+            weight = getattr(layer, f"lora_{factor}")["default"].weight
+            if tuple(weight.shape) != value.shape:
+                raise ValueError(f"initial lora_{factor} of '{module}' has shape "
+                                 f"{value.shape}, the adapter needs {tuple(weight.shape)}")
+            weight.copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
 
 
 def _lora_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -148,6 +171,10 @@ def _train_local(base: torch.nn.Module, examples: Sequence[EncodedExample], pad_
         losses = _train_dp(model, optimizer, loader, cfg, dp, q)
     after = _lora_state(model)
     moved = max(float(np.abs(after[k] - before[k]).max()) for k in after)
+    for factor in cfg.frozen:
+        if any(not np.array_equal(after[k], before[k]) for k in after
+               if f".lora_{factor}." in k):
+            raise RuntimeError(f"frozen factor lora_{factor} changed during training")
     if moved == 0.0:
         raise LivenessError("LoRA factors did not change during training; refusing to "
                             "report this round (check that the optimizer sees the LoRA "

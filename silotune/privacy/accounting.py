@@ -159,7 +159,7 @@ def _rdp(segs: Segs, delta: float, quiet: bool = False, pld: bool = False) -> fl
         return 0.0
     acc = (pld_privacy_accountant.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
            if pld else rdp_privacy_accountant.RdpAccountant())
-    level = logging.DEBUG if quiet else logging.WARNING
+    level = logging.DEBUG if quiet else logging.INFO  # harmless: orders are excluded
     with _surface_absl_warnings("PLD" if pld else "RDP", level):
         return float(acc.compose(_event(segs)).get_epsilon(delta))
 

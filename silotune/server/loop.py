@@ -9,6 +9,7 @@ hello handshake, per-silo configuration and replay of the global update history.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ from silotune.merge import apply_update, update_to_arrays
 from silotune.server.report import write_report
 from silotune.server.validate import Expected, module_shapes, validate_reply
 from silotune.simulations.federation import federated_task
-from silotune.strategies.base import AdapterError, LowRankUpdate, SiloAdapter
+from silotune.strategies.base import AdapterError, LowRankUpdate, SiloAdapter, SiloPlan
 from silotune.wire import from_record, to_record
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,13 @@ class _Silo:
 
 @dataclass
 class _GlobalState:
-    """Merged rounds so far: what a silo needs to reach the current global base."""
+    """Merged rounds so far (what a silo needs to reach the current global base) and the
+    global adapter that rules of the FedIT family carry on top of it."""
 
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     scales: dict[str, float] = field(default_factory=dict)
     fingerprints: list[str] = field(default_factory=list)
+    adapter: LowRankUpdate | None = None  # global adapter on top of the base (FedIT family)
 
     def add(self, update: LowRankUpdate) -> None:
         version = len(self.fingerprints) + 1
@@ -80,16 +83,21 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
     shapes = module_shapes(model, cfg.lora_targets)
     texts, gold = list(task.test["text"]), list(task.test["label"])
 
-    def held_out() -> tuple[float, float]:
-        res = evaluate(model, tok, texts, gold, task.labels, cfg.eval_batch_size)
+    def held_out(adapter: LowRankUpdate | None) -> tuple[float, float]:
+        scored = model
+        if adapter is not None:  # the global adapter sits on top of the base
+            scored = copy.deepcopy(model)
+            apply_update(scored, adapter)
+        res = evaluate(scored, tok, texts, gold, task.labels, cfg.eval_batch_size)
         return res.accuracy, res.loss
 
     t0 = time.monotonic()
-    base_accuracy, base_loss = held_out()
+    base_accuracy, base_loss = held_out(None)
     progress(f"[base] held-out accuracy {base_accuracy:.3f}, loss {base_loss:.3f} "
              f"({len(texts)} examples, {len(task.labels)} labels, "
              f"{time.monotonic() - t0:.0f} s)")
     silos = _hello(grid, cfg)
+    rule.setup({s: v.rank for s, v in silos.items()}, shapes, cfg.seed)
     progress(f"[hello] {len(silos)} silos: " + ", ".join(
         f"{s} (n={v.num_examples}, r={v.rank})" for s, v in sorted(silos.items())))
     metrics: dict[str, Any] = {
@@ -103,11 +111,11 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
         start = time.monotonic()
         k = min(len(silos), max(cfg.min_replies, round(cfg.fraction_train * len(silos))))
         sampled = sorted(rng.sample(sorted(silos), k))
-        messages = {s: _train_message(cfg, round_, silos[s], state) for s in sampled}
-        bytes_down = sum(m.content.array_records[P.ARRAYS].count_bytes()
-                         for m in messages.values())
-        replies = grid.send_and_receive(list(messages.values()), timeout=ROUND_TIMEOUT_SECONDS)
-        adapters, excluded, bytes_up = _collect(cfg, silos, shapes, replies, sampled)
+        plans = {s: rule.plan(s, silos[s].rank, state.adapter) for s in sampled}
+        messages = [_train_message(cfg, round_, silos[s], plans[s], state) for s in sampled]
+        bytes_down = sum(m.content.array_records[P.ARRAYS].count_bytes() for m in messages)
+        replies = grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_SECONDS)
+        adapters, excluded, bytes_up = _collect(cfg, silos, shapes, plans, replies)
         for a_silo, reply_metrics in adapters.values():
             if P.EPSILON in reply_metrics:
                 epsilon[a_silo.silo] = float(reply_metrics[P.EPSILON])
@@ -117,16 +125,21 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
             progress(f"[round {round_}] only {len(valid)} valid replies (< min_replies "
                      f"{cfg.min_replies}): round skipped, global model unchanged")
         else:
-            update = rule.aggregate(valid)
-            apply_update(model, update)
-            state.add(update)
-        accuracy, loss = held_out()
+            result = rule.aggregate(valid, state.adapter)
+            if result.merge is not None:
+                apply_update(model, result.merge)
+                state.add(result.merge)
+            state.adapter = result.adapter
+            for adapter in valid:
+                silos[adapter.silo].rank = rule.next_rank(adapter, silos[adapter.silo].rank)
+        accuracy, loss = held_out(state.adapter)
         row = {"round": round_, "accuracy": accuracy, "loss": loss,
                "epsilon": dict(sorted(epsilon.items())),
                "epsilon_limit": dict(sorted(limits.items())),
                "bytes_up": bytes_up, "bytes_down": bytes_down,
                "seconds": round(time.monotonic() - start, 3), "excluded": excluded,
-               "participants": sorted(adapters)}
+               "participants": sorted(adapters),
+               "ranks": {s: v.rank for s, v in sorted(silos.items())}}
         metrics["rounds"].append(row)
         _write_json(out / "metrics.json", metrics)
         _write_checkpoint(out / "checkpoint", round_, state)
@@ -175,21 +188,28 @@ def _hello(grid: Grid, cfg: RunConfig) -> dict[str, _Silo]:
             for i, (s, (node, n)) in enumerate(sorted(found.items()))}
 
 
-def _train_message(cfg: RunConfig, round_: int, silo: _Silo, state: _GlobalState) -> Message:
+def _train_message(cfg: RunConfig, round_: int, silo: _Silo, plan: SiloPlan,
+                   state: _GlobalState) -> Message:
     config = ConfigRecord({
-        P.ROUND: round_, P.RANK: silo.rank, P.ALPHA: cfg.lora_alpha_per_rank * silo.rank,
+        P.ROUND: round_, P.RANK: plan.rank, P.ALPHA: cfg.lora_alpha_per_rank * plan.rank,
         P.TARGETS: ",".join(cfg.lora_targets), P.LOCAL_STEPS: cfg.local_steps,
         P.PLANNED_ROUNDS: cfg.rounds, P.BATCH_SIZE: cfg.batch_size,
         P.LEARNING_RATE: cfg.learning_rate, P.RUN_SEED: cfg.seed,
+        P.FROZEN_FACTORS: ",".join(plan.frozen), P.UPLOAD_FACTORS: ",".join(plan.upload),
+        P.LOCAL_FACTORS: ",".join(plan.local),
         P.UPDATE_SCALES: json.dumps(state.scales),
         P.BASE_FINGERPRINTS: json.dumps(state.fingerprints)})
-    content = RecordDict({P.ARRAYS: to_record(state.arrays), P.CONFIG: config})
+    arrays = dict(state.arrays)
+    if plan.init is not None:
+        arrays.update(update_to_arrays(LowRankUpdate(plan.init), P.INIT_PREFIX))
+    content = RecordDict({P.ARRAYS: to_record(arrays), P.CONFIG: config})
     return Message(content, dst_node_id=silo.node_id, message_type=MessageType.TRAIN)
 
 
 def _collect(cfg: RunConfig, silos: dict[str, _Silo], shapes: dict[str, tuple[int, int]],
-             replies: Iterable[Message], sampled: list[str],
+             plans: dict[str, SiloPlan], replies: Iterable[Message],
              ) -> tuple[dict[str, tuple[SiloAdapter, dict[str, Any]]], list[dict[str, str]], int]:
+    sampled = sorted(plans)
     by_node = {silos[s].node_id: s for s in sampled}
     adapters: dict[str, tuple[SiloAdapter, dict[str, Any]]] = {}
     excluded: list[dict[str, str]] = []
@@ -205,8 +225,9 @@ def _collect(cfg: RunConfig, silos: dict[str, _Silo], shapes: dict[str, tuple[in
             excluded.append({"silo": silo, "reason": "reply lacks adapter arrays or metrics"})
             continue
         bytes_up += record.count_bytes()
-        rank = silos[silo].rank
-        expected = Expected(rank=rank, scale=cfg.lora_alpha_per_rank, shapes=shapes)
+        plan = plans[silo]
+        expected = Expected(rank=plan.rank, scale=cfg.lora_alpha_per_rank, shapes=shapes,
+                            upload=plan.upload, start=plan.init)
         try:
             adapter = validate_reply(silo, from_record(record), metrics.get(P.NUM_EXAMPLES),
                                      expected)
@@ -233,5 +254,8 @@ def _write_checkpoint(folder: Path, round_: int, state: _GlobalState) -> None:
     tmp = folder / "updates.tmp.npz"
     np.savez(tmp, allow_pickle=False, **state.arrays)
     tmp.replace(folder / "updates.npz")
+    if state.adapter is not None:
+        np.savez(tmp, allow_pickle=False, **update_to_arrays(state.adapter, ""))
+        tmp.replace(folder / "adapter.npz")
     _write_json(folder / "state.json", {"round": round_, "scales": state.scales,
                                         "fingerprints": state.fingerprints})

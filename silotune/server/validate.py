@@ -14,16 +14,26 @@ import numpy as np
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from silotune.strategies.base import AdapterError, SiloAdapter, modules_from_peft
+from silotune.strategies.base import (
+    AdapterError,
+    LoraFactors,
+    SiloAdapter,
+    modules_from_peft,
+    peft_key,
+)
 
 
 @dataclass(frozen=True)
 class Expected:
-    """What the coordinator asked a silo to train."""
+    """What the coordinator asked a silo to train and send back."""
 
     rank: int
     scale: float
     shapes: Mapping[str, tuple[int, int]]  # module -> (d_out, d_in)
+    upload: tuple[str, ...] = ("A", "B")
+    # Factors not uploaded are known to the coordinator: the plan's start (a frozen A);
+    # a B that is not uploaded is never read by the rule and stands in as zeros.
+    start: Mapping[str, LoraFactors] | None = None
 
 
 def module_shapes(model: torch.nn.Module, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
@@ -48,7 +58,12 @@ def validate_reply(silo: str, arrays: Mapping[str, np.ndarray], num_examples: ob
     if isinstance(num_examples, bool) or not isinstance(num_examples, int | float) \
             or int(num_examples) != num_examples or num_examples <= 0:
         raise AdapterError(f"example count {num_examples!r} is not a positive integer")
-    modules = modules_from_peft(arrays)
+    expected_keys = {peft_key(m, f) for m in expected.shapes for f in expected.upload}
+    stray = sorted(set(arrays) - expected_keys)
+    if stray and all(k.endswith(".weight") and ".lora_" in k for k in stray):
+        raise AdapterError(f"unexpected factors {stray[:3]}: this round uploads lora_"
+                           f"{'/'.join(expected.upload)} only")
+    modules = modules_from_peft(_complete(arrays, expected))
     if set(modules) != set(expected.shapes):
         missing = sorted(set(expected.shapes) - set(modules))[:3]
         extra = sorted(set(modules) - set(expected.shapes))[:3]
@@ -65,3 +80,15 @@ def validate_reply(silo: str, arrays: Mapping[str, np.ndarray], num_examples: ob
             raise AdapterError(f"{name}: factors contain NaN or infinite values")
     return SiloAdapter(silo=silo, num_examples=int(num_examples), scale=expected.scale,
                        modules=modules)
+
+
+def _complete(arrays: Mapping[str, np.ndarray], expected: Expected) -> dict[str, np.ndarray]:
+    """Add the factors a rule does not upload, from what the coordinator already knows."""
+    full = dict(arrays)
+    for module, (d_out, _) in expected.shapes.items():
+        if "A" not in expected.upload and expected.start is not None \
+                and module in expected.start:
+            full[peft_key(module, "A")] = expected.start[module].A[: expected.rank]
+        if "B" not in expected.upload:
+            full[peft_key(module, "B")] = np.zeros((d_out, expected.rank), np.float32)
+    return full

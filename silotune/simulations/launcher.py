@@ -17,12 +17,13 @@ from silotune.assets import resolve_model
 from silotune.client.app import build_client_app
 from silotune.config import RunConfig
 from silotune.server.loop import Progress
-from silotune.simulations.federation import federated_task
+from silotune.simulations.federation import federated_task, silo_name
 
 
 def simulate(cfg: RunConfig, progress: Progress = print) -> dict[str, Any]:
     """Run the federation `cfg` in the Flower Simulation Engine; return metrics.json."""
-    strategies.create(cfg.strategy)
+    ranks = {silo_name(i): cfg.rank_of(i) for i in range(cfg.num_silos)}
+    strategies.create(cfg.strategy).setup(ranks, {}, cfg.seed)  # e.g. equal-rank rules
     resolve_model(cfg.model, progress=progress)  # convert once, before workers race for it
     task = federated_task(cfg)
     sizes = ", ".join(str(len(p)) for p in task.silos)

@@ -1,6 +1,6 @@
 """Aggregation rules for heterogeneous LoRA adapters, selected by name from a registry.
 
-``create("flora")`` returns a rule; an unknown name raises and lists the valid names.
+``create("flora")`` returns a fresh rule; an unknown name raises and lists the valid names.
 """
 
 from __future__ import annotations
@@ -8,9 +8,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from silotune.strategies.base import AggregationRule
-from silotune.strategies.flora import FLoRA
+from silotune.strategies.rules import FedIT, FedSALoRA, FFALoRA, FlexLoRA, FLoRA, HetLoRA, ZeroPad
 
-_REGISTRY: dict[str, Callable[[], AggregationRule]] = {"flora": FLoRA}
+_REGISTRY: dict[str, Callable[[], AggregationRule]] = {
+    rule.name: rule for rule in (FLoRA, FedIT, ZeroPad, HetLoRA, FlexLoRA, FFALoRA, FedSALoRA)
+}
 
 
 class UnknownStrategyError(ValueError):

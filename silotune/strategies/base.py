@@ -58,12 +58,48 @@ class LowRankUpdate:
         return self.scale * (f.B.astype(np.float64) @ f.A.astype(np.float64))
 
 
+@dataclass(frozen=True)
+class SiloPlan:
+    """What one silo trains in a round, as decided by the aggregation rule.
+
+    `init` holds starting factors in the scale-1 convention (``Delta W = B @ A``; the silo
+    divides B by its own scale s_k); None means a fresh PEFT init (A Kaiming, B = 0).
+    """
+
+    rank: int
+    init: Mapping[str, LoraFactors] | None = None
+    frozen: tuple[str, ...] = ()  # factors that must not train ("A" for FFA-LoRA)
+    upload: tuple[str, ...] = ("A", "B")  # factors the silo sends back
+    local: tuple[str, ...] = ()  # factors the silo starts from its own last value (FedSA)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """A rule's output: an update merged into the base for good (FLoRA) and/or the
+    global adapter carried on top of the base into the next round (FedIT family)."""
+
+    merge: LowRankUpdate | None = None
+    adapter: LowRankUpdate | None = None
+
+
 class AggregationRule(Protocol):
-    """A pure aggregation rule: silo adapters in, one global low-rank update out."""
+    """An aggregation rule: plans each silo's adapter and aggregates the replies.
+
+    Pure: no Flower types. `setup` is called once with every silo's rank and the adapted
+    modules' shapes; `state` is the global adapter of the previous round (or None).
+    """
 
     name: str
 
-    def aggregate(self, adapters: Sequence[SiloAdapter]) -> LowRankUpdate: ...
+    def setup(self, ranks: Mapping[str, int], shapes: Mapping[str, tuple[int, int]],
+              seed: int) -> None: ...
+
+    def plan(self, silo: str, rank: int, state: LowRankUpdate | None) -> SiloPlan: ...
+
+    def aggregate(self, adapters: Sequence[SiloAdapter],
+                  state: LowRankUpdate | None) -> RoundResult: ...
+
+    def next_rank(self, adapter: SiloAdapter, rank: int) -> int: ...
 
 
 def modules_from_peft(arrays: Mapping[str, np.ndarray]) -> dict[str, LoraFactors]:

@@ -53,11 +53,3 @@ def flora_stack(adapters: Sequence[SiloAdapter]) -> LowRankUpdate:
         )
     return LowRankUpdate(modules=stacked, scale=1.0)
 
-
-class FLoRA:
-    """Registry entry for FLoRA stacking (the default rule)."""
-
-    name = "flora"
-
-    def aggregate(self, adapters: Sequence[SiloAdapter]) -> LowRankUpdate:
-        return flora_stack(adapters)
