@@ -40,13 +40,13 @@ class RunConfig:
     label_column: str = "label"
     strategy: str = "flora"
     num_silos: int = 4
-    rounds: int = 3
+    rounds: int = 4
     fraction_train: float = 1.0
     min_replies: int = 1
-    local_steps: int = 6
+    local_steps: int = 5
     batch_size: int = 32
     physical_batch_size: int = 32
-    learning_rate: float = 5e-3
+    learning_rate: float = 1e-2
     lora_ranks: tuple[int, ...] = (8, 4, 8, 4)
     lora_alpha_per_rank: float = 2.0
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
