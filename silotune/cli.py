@@ -71,14 +71,50 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=d.learning_rate, help="learning rate (%(default)s)")
     s.add_argument("--ranks", default=",".join(map(str, d.lora_ranks)),
                    help="LoRA ranks, cycled over the silos (%(default)s)")
+    s.add_argument("--wire-dtype", choices=("fp16", "fp32"), default=d.wire_dtype,
+                   help="float type of adapters on the wire (%(default)s)")
+    s.add_argument("--compress", type=float, default=d.upload_density, metavar="DENSITY",
+                   help="keep this fraction of each uploaded adapter's changes, as signs "
+                   "and one scale per tensor (ComPEFT-style); 1 = off (%(default)s)")
+    s.add_argument("--max-update-norm", type=float, default=d.max_update_norm,
+                   help="exclude replies whose update norm ||s B A|| exceeds this "
+                   "(%(default)s)")
     s.add_argument("--test-size", type=int, default=d.test_size,
                    help="held-out examples for evaluation (%(default)s)")
     s.add_argument("--seed", type=int, default=d.seed,
                    help="public seed: data split, silo sampling, LoRA init; never DP noise")
     s.add_argument("--out", default=d.out_dir, help="output folder (%(default)s)")
 
-    a = sub.add_parser("audit", help="verify privacy ledgers (chain, signatures, epsilon)")
-    a.add_argument("ledgers", nargs="+", type=Path, help="ledger .jsonl files")
+    a = sub.add_parser(
+        "audit", help="verify privacy ledgers (chain, signatures, epsilon)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Verify silo privacy ledgers (one JSONL file per silo and dataset).\n\n"
+        "Checked for every ledger:\n"
+        "  - seq numbers 0, 1, 2, ... and the prev_hash chain (entries deleted, added or\n"
+        "    reordered)\n"
+        "  - entry_hash recomputed over each entry (content changed after signing)\n"
+        "  - the Ed25519 signature of each entry, against --public-key if given, else\n"
+        "    against the key that signed seq 0 (every entry must be signed by it)\n"
+        "  - per train entry: epsilon recomputed from its accounting_history (PRV or\n"
+        "    RDP, within 1e-6), epsilon never decreasing, never above epsilon_limit,\n"
+        "    and histories only growing\n"
+        "  - the final cumulative epsilon recomputed now with dp_accounting PLD and RDP:\n"
+        "    a PRV value must agree with PLD within 2% (0.02 for small epsilons), an\n"
+        "    RDP value must lie between PLD and a fresh RDP bound\n\n"
+        "A ledger cannot show that entries were cut from its end: compare its last\n"
+        "entry_hash with a head hash published elsewhere.\n\n"
+        "Exit status: 0 when every ledger is OK, 1 when any ledger has a problem or is\n"
+        "missing, 2 for usage errors (including an unreadable --public-key).")
+    a.add_argument("ledgers", nargs="+", type=Path, metavar="LEDGER",
+                   help="ledger .jsonl files")
+    a.add_argument("--public-key", type=Path, metavar="KEY",
+                   help="the silo's Ed25519 public key for every LEDGER: a PEM file or a file "
+                   "holding the hex signer_public_key; without it, the key that signed seq 0 "
+                   "is trusted")
+    a.add_argument("--json", action="store_true",
+                   help="print a JSON list (one object per ledger) instead of the table")
+    a.add_argument("--plot", type=Path, metavar="FILE",
+                   help="write a PNG of cumulative epsilon per round and silo")
 
     r = sub.add_parser("report", help="rebuild report.html from a run's metrics.json")
     r.add_argument("run_dir", type=Path)
@@ -99,7 +135,9 @@ def _simulate(args: argparse.Namespace) -> int:
         local_steps=args.local_steps, batch_size=args.batch_size,
         learning_rate=args.lr, lora_ranks=RunConfig.from_mapping({"lora-ranks": args.ranks}
                                                                  ).lora_ranks,
-        test_size=args.test_size, seed=args.seed, out_dir=args.out)
+        test_size=args.test_size, seed=args.seed, out_dir=args.out,
+        wire_dtype=args.wire_dtype, upload_density=args.compress,
+        max_update_norm=args.max_update_norm)
     metrics = simulate(cfg)
     print()
     print(format_summary_table(metrics))
@@ -109,19 +147,35 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from silotune.privacy.ledger import verify_ledger
+    import json
 
-    failed = False
-    for path in args.ledgers:
-        if not path.exists():
-            print(f"{path}: ledger file not found", file=sys.stderr)
-            failed = True
-            continue
-        problems = verify_ledger(path)
-        print(f"{path}: {'OK' if not problems else 'FAILED'}")
-        for problem in problems:
-            print(f"  - {problem}")
-        failed |= bool(problems)
+    from silotune.privacy.audit import (
+        KeyFileError,
+        audit_ledger,
+        format_table,
+        load_public_key,
+        plot_epsilon,
+    )
+
+    try:
+        key = load_public_key(args.public_key) if args.public_key is not None else None
+    except KeyFileError as err:
+        print(f"silotune audit: error: {err}", file=sys.stderr)
+        return 2
+    audits = [audit_ledger(path, key) for path in args.ledgers]
+    if args.json:
+        print(json.dumps([a.to_dict() for a in audits], indent=2, allow_nan=False))
+    else:
+        print(format_table(audits))
+    failed = not all(a.ok for a in audits)
+    if args.plot is not None:
+        try:
+            written = plot_epsilon(audits, args.plot)
+        except OSError as err:
+            print(f"silotune audit: error: cannot write plot {args.plot}: "
+                  f"{err.strerror or err}", file=sys.stderr)
+            return 1
+        print(f"wrote {written}", file=sys.stderr if args.json else sys.stdout)
     return 1 if failed else 0
 
 

@@ -56,6 +56,9 @@ class RunConfig:
     dirichlet_alpha: float = 0.5
     test_size: int = 330
     eval_batch_size: int = 32
+    wire_dtype: str = "fp16"
+    upload_density: float = 1.0  # < 1: ComPEFT-style top-k ternary compression of uploads
+    max_update_norm: float = 1000.0  # replies with ||s B A||_F above this are excluded
     seed: int = 0
     out_dir: str = "runs/latest"
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -84,6 +87,11 @@ class RunConfig:
         _check(self.test_size >= 1, "test_size", self.test_size, ">= 1")
         _check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, ">= 1")
         _check(self.seed >= 0, "seed", self.seed, ">= 0")
+        _check(self.wire_dtype in ("fp16", "fp32"), "wire_dtype", self.wire_dtype,
+               "fp16 or fp32")
+        _check(0.0 < self.upload_density <= 1.0, "upload_density", self.upload_density,
+               "(0, 1]; 1 means no compression")
+        _check(self.max_update_norm > 0, "max_update_norm", self.max_update_norm, "> 0")
 
     @property
     def private(self) -> bool:

@@ -1,7 +1,7 @@
 """Codec between name-keyed NumPy arrays and Flower records (the only wire format).
 
-Adapters and updates travel as named fp32 arrays; bf16 never reaches the wire
-(`Array.from_numpy_ndarray` cannot take it), and the base model is never sent.
+Adapters and updates travel as named fp16 (default) or fp32 arrays; bf16 never reaches
+the wire (`Array.from_numpy_ndarray` cannot take it), and the base model is never sent.
 """
 
 from __future__ import annotations
@@ -11,15 +11,24 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from silotune.transport import cast_for_wire
 
-def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """fp32 arrays -> ArrayRecord (other float types are converted first)."""
+
+def to_record(arrays: Mapping[str, np.ndarray], dtype: str = "fp32") -> ArrayRecord:
+    """Name-keyed arrays -> ArrayRecord; float arrays travel as `dtype` ("fp16"/"fp32"),
+    other arrays (compressed uint8 blobs) as they are."""
     return ArrayRecord(array_dict={
-        k: Array.from_numpy_ndarray(np.ascontiguousarray(v, dtype=np.float32))
+        k: Array.from_numpy_ndarray(cast_for_wire(k, v, dtype) if v.dtype.kind == "f"
+                                    else np.ascontiguousarray(v))
         for k, v in arrays.items()
     })
 
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """ArrayRecord -> dict of NumPy arrays (as sent; validation is the caller's job)."""
-    return {k: v.numpy() for k, v in record.items()}
+    """ArrayRecord -> dict of NumPy arrays, floats decoded to fp32 (validation is the
+    caller's job)."""
+    out = {}
+    for key, value in record.items():
+        array = value.numpy()
+        out[key] = array.astype(np.float32) if array.dtype.kind == "f" else array
+    return out

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from silotune import protocol as P
 from silotune.assets import resolve_model
@@ -33,6 +34,7 @@ from silotune.merge import update_from_arrays
 from silotune.privacy.accounting import AccountingStep, BudgetExhausted
 from silotune.simulations.federation import FederatedTask, federated_task, silo_name
 from silotune.strategies.base import AdapterError, peft_key
+from silotune.transport import compress_arrays, upload_reference
 from silotune.wire import from_record, to_record
 
 log = logging.getLogger(__name__)
@@ -71,10 +73,11 @@ def silo_from_context(context: Context, preset: RunConfig | None) -> Silo:
     return Silo(silo_id, index, run, federated_task(run), privacy)
 
 
-def build_client_app(preset: RunConfig | None = None) -> ClientApp:
+def build_client_app(preset: RunConfig | None = None,
+                     mods: list[Mod] | None = None) -> ClientApp:
     """The ClientApp; `preset` fixes the run config (``silotune simulate``), else it is
-    read from Flower's run config (``flwr run .``)."""
-    app = ClientApp()
+    read from Flower's run config (``flwr run .``); `mods` wrap every handler."""
+    app = ClientApp(mods=mods)
 
     @app.query("hello")
     def hello(msg: Message, context: Context) -> Message:
@@ -150,8 +153,13 @@ def _train(msg: Message, context: Context, silo: Silo) -> Message:
              if any(f".lora_{f}." in k for f in keep_local)})
     upload = P.as_tuple(cfg[P.UPLOAD_FACTORS])
     sent = {k: v for k, v in result.adapter.items() if any(f".lora_{f}." in k for f in upload)}
-    reply = RecordDict({P.ARRAYS: to_record(sent), P.METRICS: MetricRecord(metrics),
-                        P.INFO: info})
+    density = P.as_float(cfg[P.UPLOAD_DENSITY], P.UPLOAD_DENSITY)
+    if density < 1.0:  # send the change from the start, top-k ternary (ComPEFT-style)
+        start = update_from_arrays(arrays, P.INIT_PREFIX, 1.0).modules
+        sent = compress_arrays(sent, upload_reference(start, alpha / rank, keep_local),
+                               density)
+    reply = RecordDict({P.ARRAYS: to_record(sent, str(cfg[P.WIRE_DTYPE])),
+                        P.METRICS: MetricRecord(metrics), P.INFO: info})
     return Message(reply, reply_to=msg)
 
 

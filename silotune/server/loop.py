@@ -10,6 +10,7 @@ hello handshake, per-silo configuration and replay of the global update history.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,11 +30,12 @@ from silotune import strategies
 from silotune.assets import resolve_model
 from silotune.config import RunConfig
 from silotune.lm import evaluate, load_model
-from silotune.merge import apply_update, update_to_arrays
+from silotune.merge import apply_update, update_from_arrays, update_to_arrays
 from silotune.server.report import write_report
 from silotune.server.validate import Expected, module_shapes, validate_reply
 from silotune.simulations.federation import federated_task
 from silotune.strategies.base import AdapterError, LowRankUpdate, SiloAdapter, SiloPlan
+from silotune.transport import decompress_arrays, round_trip, upload_reference
 from silotune.wire import from_record, to_record
 
 log = logging.getLogger(__name__)
@@ -60,9 +62,11 @@ class _GlobalState:
     fingerprints: list[str] = field(default_factory=list)
     adapter: LowRankUpdate | None = None  # global adapter on top of the base (FedIT family)
 
-    def add(self, update: LowRankUpdate) -> None:
+    def add(self, update: LowRankUpdate, wire_dtype: str) -> LowRankUpdate:
+        """Record `update` as the silos will decode it; return that version to merge."""
         version = len(self.fingerprints) + 1
-        new = update_to_arrays(update, f"{P.UPDATE_PREFIX}{version}/")
+        prefix = f"{P.UPDATE_PREFIX}{version}/"
+        new = round_trip(update_to_arrays(update, prefix), wire_dtype)
         digest = hashlib.sha256()
         for key in sorted(new):
             digest.update(key.encode())
@@ -70,6 +74,7 @@ class _GlobalState:
         self.arrays.update(new)
         self.scales[str(version)] = update.scale
         self.fingerprints.append(digest.hexdigest())
+        return update_from_arrays(new, prefix, update.scale)
 
 
 def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> dict[str, Any]:
@@ -111,7 +116,8 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
         start = time.monotonic()
         k = min(len(silos), max(cfg.min_replies, round(cfg.fraction_train * len(silos))))
         sampled = sorted(rng.sample(sorted(silos), k))
-        plans = {s: rule.plan(s, silos[s].rank, state.adapter) for s in sampled}
+        plans = {s: _on_wire(rule.plan(s, silos[s].rank, state.adapter, round_),
+                             cfg.wire_dtype) for s in sampled}
         messages = [_train_message(cfg, round_, silos[s], plans[s], state) for s in sampled]
         bytes_down = sum(m.content.array_records[P.ARRAYS].count_bytes() for m in messages)
         replies = grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_SECONDS)
@@ -127,8 +133,7 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
         else:
             result = rule.aggregate(valid, state.adapter)
             if result.merge is not None:
-                apply_update(model, result.merge)
-                state.add(result.merge)
+                apply_update(model, state.add(result.merge, cfg.wire_dtype))
             state.adapter = result.adapter
             for adapter in valid:
                 silos[adapter.silo].rank = rule.next_rank(adapter, silos[adapter.silo].rank)
@@ -196,13 +201,14 @@ def _train_message(cfg: RunConfig, round_: int, silo: _Silo, plan: SiloPlan,
         P.PLANNED_ROUNDS: cfg.rounds, P.BATCH_SIZE: cfg.batch_size,
         P.LEARNING_RATE: cfg.learning_rate, P.RUN_SEED: cfg.seed,
         P.FROZEN_FACTORS: ",".join(plan.frozen), P.UPLOAD_FACTORS: ",".join(plan.upload),
-        P.LOCAL_FACTORS: ",".join(plan.local),
+        P.LOCAL_FACTORS: ",".join(plan.local), P.WIRE_DTYPE: cfg.wire_dtype,
+        P.UPLOAD_DENSITY: cfg.upload_density,
         P.UPDATE_SCALES: json.dumps(state.scales),
         P.BASE_FINGERPRINTS: json.dumps(state.fingerprints)})
     arrays = dict(state.arrays)
     if plan.init is not None:
         arrays.update(update_to_arrays(LowRankUpdate(plan.init), P.INIT_PREFIX))
-    content = RecordDict({P.ARRAYS: to_record(arrays), P.CONFIG: config})
+    content = RecordDict({P.ARRAYS: to_record(arrays, cfg.wire_dtype), P.CONFIG: config})
     return Message(content, dst_node_id=silo.node_id, message_type=MessageType.TRAIN)
 
 
@@ -227,11 +233,13 @@ def _collect(cfg: RunConfig, silos: dict[str, _Silo], shapes: dict[str, tuple[in
         bytes_up += record.count_bytes()
         plan = plans[silo]
         expected = Expected(rank=plan.rank, scale=cfg.lora_alpha_per_rank, shapes=shapes,
-                            upload=plan.upload, start=plan.init)
+                            upload=plan.upload, start=plan.init,
+                            max_norm=cfg.max_update_norm)
         try:
-            adapter = validate_reply(silo, from_record(record), metrics.get(P.NUM_EXAMPLES),
-                                     expected)
-        except AdapterError as err:
+            reference = upload_reference(plan.init, cfg.lora_alpha_per_rank, plan.local)
+            arrays = decompress_arrays(from_record(record), reference)
+            adapter = validate_reply(silo, arrays, metrics.get(P.NUM_EXAMPLES), expected)
+        except (AdapterError, ValueError, KeyError) as err:
             excluded.append({"silo": silo, "reason": str(err)})
             continue
         adapters[silo] = (adapter, dict(metrics))
@@ -241,6 +249,14 @@ def _collect(cfg: RunConfig, silos: dict[str, _Silo], shapes: dict[str, tuple[in
     for e in excluded:
         log.warning("round excluded %s: %s", e["silo"], e["reason"])
     return adapters, excluded, bytes_up
+
+
+def _on_wire(plan: SiloPlan, wire_dtype: str) -> SiloPlan:
+    """The plan with its start as the silo will decode it (so both sides agree exactly)."""
+    if plan.init is None:
+        return plan
+    sent = round_trip(update_to_arrays(LowRankUpdate(plan.init), ""), wire_dtype)
+    return dataclasses.replace(plan, init=update_from_arrays(sent, "", 1.0).modules)
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -7,7 +7,7 @@ and the example count is a positive integer. Anything else is excluded with a re
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +34,7 @@ class Expected:
     # Factors not uploaded are known to the coordinator: the plan's start (a frozen A);
     # a B that is not uploaded is never read by the rule and stands in as zeros.
     start: Mapping[str, LoraFactors] | None = None
+    max_norm: float = float("inf")  # bound on the adapter's update norm ||s B A||_F
 
 
 def module_shapes(model: torch.nn.Module, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
@@ -78,6 +79,10 @@ def validate_reply(silo: str, arrays: Mapping[str, np.ndarray], num_examples: ob
             raise AdapterError(f"{name}: factors must be floating point, got {f.A.dtype}")
         if not (np.isfinite(f.A).all() and np.isfinite(f.B).all()):
             raise AdapterError(f"{name}: factors contain NaN or infinite values")
+    norm = update_norm(modules.values(), expected.scale)
+    if norm > expected.max_norm:
+        raise AdapterError(f"update norm {norm:.4g} exceeds the bound {expected.max_norm:.4g}"
+                           " (max_update_norm)")
     return SiloAdapter(silo=silo, num_examples=int(num_examples), scale=expected.scale,
                        modules=modules)
 
@@ -92,3 +97,13 @@ def _complete(arrays: Mapping[str, np.ndarray], expected: Expected) -> dict[str,
         if "B" not in expected.upload:
             full[peft_key(module, "B")] = np.zeros((d_out, expected.rank), np.float32)
     return full
+
+
+def update_norm(modules: Iterable[LoraFactors], scale: float) -> float:
+    """||s B A||_F over all modules, from r x r Gram matrices (no d_out x d_in product)."""
+    total = 0.0
+    for f in modules:
+        a, b = f.A.astype(np.float64), f.B.astype(np.float64)
+        total += float(np.trace((b.T @ b) @ (a @ a.T)))  # ||B A||_F^2
+    return abs(scale) * float(np.sqrt(max(total, 0.0)))
+

@@ -45,7 +45,9 @@ def flora_stack(adapters: Sequence[SiloAdapter]) -> LowRankUpdate:
     for module in modules:
         holders = [a for a in adapters if module in a.modules]
         p = example_weights(holders)
-        a_blocks = [p_k * a.scale * a.modules[module].A for p_k, a in zip(p, holders, strict=True)]
+        # float(...) keeps the factors' dtype (a NumPy float64 scalar would upcast fp32)
+        a_blocks = [float(p_k * a.scale) * a.modules[module].A
+                    for p_k, a in zip(p, holders, strict=True)]
         b_blocks = [a.modules[module].B for a in holders]
         stacked[module] = LoraFactors(
             A=np.concatenate(a_blocks, axis=0),  # (R, d_in)

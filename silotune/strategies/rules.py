@@ -63,8 +63,13 @@ class FLoRA(_Rule):
 
     name = "flora"
 
-    def plan(self, silo: str, rank: int, state: LowRankUpdate | None) -> SiloPlan:
-        return SiloPlan(rank=rank)
+    def plan(self, silo: str, rank: int, state: LowRankUpdate | None,
+             round_: int) -> SiloPlan:
+        # A fresh adapter every round (A seeded per round, B = 0). Seeding it here rather
+        # than in PEFT lets the coordinator know each silo's start (upload compression
+        # sends the change from it); stacking stays exact whatever the A's are.
+        start = _seeded_start(self.shapes, rank, self.seed * 1_000_003 + round_)
+        return SiloPlan(rank=rank, init=start.modules)
 
     def aggregate(self, adapters: Sequence[SiloAdapter],
                   state: LowRankUpdate | None) -> RoundResult:
@@ -74,7 +79,8 @@ class FLoRA(_Rule):
 class _GlobalAdapterRule(_Rule):
     """Rules whose silos start from a common seeded adapter, then from the global one."""
 
-    def plan(self, silo: str, rank: int, state: LowRankUpdate | None) -> SiloPlan:
+    def plan(self, silo: str, rank: int, state: LowRankUpdate | None,
+             round_: int) -> SiloPlan:
         start = state or _seeded_start(self.shapes, max(self.ranks.values()), self.seed)
         return SiloPlan(rank=rank, init=_view(start, rank))
 
@@ -141,8 +147,10 @@ class FlexLoRA(_Rule):
 
     name = "flexlora"
 
-    def plan(self, silo: str, rank: int, state: LowRankUpdate | None) -> SiloPlan:
-        return SiloPlan(rank=rank, init=None if state is None else _view(state, rank))
+    def plan(self, silo: str, rank: int, state: LowRankUpdate | None,
+             round_: int) -> SiloPlan:
+        start = state or _seeded_start(self.shapes, rank, self.seed)  # B = 0: Delta W = 0
+        return SiloPlan(rank=rank, init=_view(start, rank))
 
     def aggregate(self, adapters: Sequence[SiloAdapter],
                   state: LowRankUpdate | None) -> RoundResult:
@@ -159,7 +167,8 @@ class FFALoRA(_Rule):
 
     name = "ffa"
 
-    def plan(self, silo: str, rank: int, state: LowRankUpdate | None) -> SiloPlan:
+    def plan(self, silo: str, rank: int, state: LowRankUpdate | None,
+             round_: int) -> SiloPlan:
         start = state or _seeded_start(self.shapes, max(self.ranks.values()), self.seed)
         return SiloPlan(rank=rank, init=_view(start, rank), frozen=("A",), upload=("B",))
 
@@ -184,8 +193,9 @@ class FedSALoRA(_GlobalAdapterRule):
                                f"silo, got {sorted(set(ranks.values()))}; pass e.g. --ranks 8")
         super().setup(ranks, shapes, seed)
 
-    def plan(self, silo: str, rank: int, state: LowRankUpdate | None) -> SiloPlan:
-        base = super().plan(silo, rank, state)
+    def plan(self, silo: str, rank: int, state: LowRankUpdate | None,
+             round_: int) -> SiloPlan:
+        base = super().plan(silo, rank, state, round_)
         return SiloPlan(rank=rank, init=base.init, local=("B",))
 
     def aggregate(self, adapters: Sequence[SiloAdapter],

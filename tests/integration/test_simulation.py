@@ -51,8 +51,8 @@ def test_metrics_follow_the_contract(private_run):
                             "seconds", "excluded"}
         assert set(row["epsilon"]) == {"silo-000", "silo-001"}
         assert row["bytes_up"] > 0 and row["excluded"] == []
-    assert metrics["rounds"][0]["bytes_down"] == 0  # nothing merged before round 1
-    assert metrics["rounds"][1]["bytes_down"] > 0  # round 1's stacked update
+    down = [r["bytes_down"] for r in metrics["rounds"]]
+    assert 0 < down[0] < down[1]  # round 1: the seeded starts; round 2 adds round 1's update
     assert (out / "report.html").exists()
     assert "round 2/2" in proc.stdout
 

@@ -40,6 +40,22 @@ def test_bad_replies_are_rejected_with_a_reason(arrays, count, reason):
     assert reason in str(err.value)
 
 
+def test_update_norm_bound_excludes_huge_updates():
+    bounded = Expected(rank=2, scale=2.0, shapes=SHAPES, max_norm=1.0)
+    validate_reply("s", _arrays(fill=0.1), 10, bounded)  # ||2 B A||_F = 0.196
+    with pytest.raises(AdapterError, match="exceeds the bound"):
+        validate_reply("s", _arrays(fill=1.0), 10, bounded)  # 19.6
+
+
+def test_update_norm_matches_dense_product():
+    from silotune.server.validate import update_norm
+    from silotune.strategies.base import LoraFactors
+
+    rng = np.random.default_rng(0)
+    f = LoraFactors(A=rng.normal(size=(3, 5)), B=rng.normal(size=(4, 3)))
+    assert update_norm([f], 1.5) == pytest.approx(np.linalg.norm(1.5 * f.B @ f.A))
+
+
 def test_module_shapes_of_a_real_model(tiny_model_dir):
     from silotune.lm import load_model
 

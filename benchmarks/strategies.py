@@ -1,0 +1,125 @@
+"""Compare the aggregation rules on one federation, plus centralised and local-only rows.
+
+Every rule runs the same federation (`silotune simulate` defaults unless overridden: the
+embedded model and data, non-IID silos, heterogeneous ranks, DP at epsilon 8, same seed);
+fedit and fedsa need one rank, so they run with every silo at the largest rank. Reference
+rows: "centralised" trains one LoRA on all silos' data pooled, without DP, for the same
+number of steps as one silo trains in the whole run; "local-only" trains each silo alone
+(DP, same budget and steps) and reports the mean held-out accuracy.
+
+Writes ``benchmarks/results/strategies.json`` (a header row, then one row per rule:
+``{"strategy", "accuracy", "base_accuracy", "bytes_up", "bytes_down", "seconds"}``).
+
+    .venv/bin/python benchmarks/strategies.py [--rounds 4] [--model PATH --dataset PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from silotune import strategies
+from silotune.assets import resolve_model
+from silotune.client.silo import SiloPrivacy, SiloPrivacyConfig
+from silotune.client.train import DPConfig, LocalTrainConfig, sample_rate_for, train_local
+from silotune.config import RunConfig
+from silotune.lm import encode, evaluate, load_model
+from silotune.merge import apply_update
+from silotune.simulations.federation import federated_task
+from silotune.strategies.base import LowRankUpdate, modules_from_peft
+
+EQUAL_RANK_RULES = {"fedit", "fedsa"}
+
+
+def run_rule(name: str, cfg: RunConfig, out: Path) -> dict[str, object]:
+    ranks = cfg.lora_ranks if name not in EQUAL_RANK_RULES else (max(cfg.lora_ranks),)
+    args = ["--strategy", name, "--model", cfg.model, "--dataset", cfg.dataset,
+            "--rounds", str(cfg.rounds), "--silos", str(cfg.num_silos),
+            "--local-steps", str(cfg.local_steps), "--test-size", str(cfg.test_size),
+            "--epsilon", str(cfg.target_epsilon), "--seed", str(cfg.seed),
+            "--ranks", ",".join(map(str, ranks)), "--out", str(out)]
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-m", "silotune.cli", "simulate", *args], check=True)
+    metrics = json.loads((out / "metrics.json").read_text())
+    last = metrics["rounds"][-1]
+    return {"strategy": name, "accuracy": last["accuracy"],
+            "base_accuracy": metrics["base_accuracy"],
+            "bytes_up": sum(r["bytes_up"] for r in metrics["rounds"]),
+            "bytes_down": sum(r["bytes_down"] for r in metrics["rounds"]),
+            "seconds": round(time.monotonic() - start, 1)}
+
+
+def train_alone(cfg: RunConfig, frame: pd.DataFrame, dp: bool, out: Path) -> float:
+    """Held-out accuracy of one LoRA trained on `frame` for the run's per-silo steps."""
+    model, tok = load_model(resolve_model(cfg.model))
+    task = federated_task(cfg)
+    examples = [encode(tok, t, lab) for t, lab in zip(frame["text"], frame["label"],
+                                                          strict=True)]
+    steps = cfg.rounds * cfg.local_steps
+    local = LocalTrainConfig(rank=max(cfg.lora_ranks), alpha=cfg.lora_alpha_per_rank
+                             * max(cfg.lora_ranks), targets=cfg.lora_targets,
+                             local_steps=steps, batch_size=cfg.batch_size,
+                             physical_batch_size=cfg.physical_batch_size,
+                             learning_rate=cfg.learning_rate, init_seed=cfg.seed)
+    privacy = None
+    if dp and cfg.private:
+        silo = SiloPrivacy(SiloPrivacyConfig("alone", cfg.target_epsilon, cfg.target_delta,
+                                             cfg.max_grad_norm, out / "ledger.jsonl",
+                                             out / "key.pem"))
+        sigma = silo.noise_multiplier("alone", sample_rate_for(len(examples),
+                                                               cfg.batch_size), steps)
+        privacy = DPConfig(noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm)
+    result = train_local(model, examples, int(tok.pad_token_id), local, privacy)
+    update = LowRankUpdate(modules_from_peft(result.adapter), scale=cfg.lora_alpha_per_rank)
+    apply_update(model, update)
+    return evaluate(model, tok, list(task.test["text"]), list(task.test["label"]),
+                    task.labels, cfg.eval_batch_size).accuracy
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=RunConfig().rounds)
+    parser.add_argument("--model", default=RunConfig().model)
+    parser.add_argument("--dataset", default=RunConfig().dataset)
+    parser.add_argument("--test-size", type=int, default=RunConfig().test_size)
+    parser.add_argument("--rules", nargs="+", default=strategies.available())
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).parent / "results" / "strategies.json")
+    args = parser.parse_args()
+    cfg = RunConfig(rounds=args.rounds, model=args.model, dataset=args.dataset,
+                    test_size=args.test_size)
+    rows: list[dict[str, object]] = [{
+        "header": True, "machine": platform.machine(), "python": platform.python_version(),
+        "config": cfg.to_json_dict()}]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.rules:
+            rows.append(run_rule(name, cfg, Path(tmp) / name))
+            print(json.dumps(rows[-1]), flush=True)
+        task = federated_task(cfg)
+        pooled = pd.concat(task.silos, ignore_index=True)
+        start = time.monotonic()
+        rows.append({"strategy": "centralised (no DP)",
+                     "accuracy": train_alone(cfg, pooled, dp=False, out=Path(tmp)),
+                     "seconds": round(time.monotonic() - start, 1)})
+        start = time.monotonic()
+        alone = [train_alone(cfg, frame, dp=True, out=Path(tmp) / f"alone-{i}")
+                 for i, frame in enumerate(task.silos)]
+        rows.append({"strategy": "local-only (mean over silos)",
+                     "accuracy": float(np.mean(alone)),
+                     "seconds": round(time.monotonic() - start, 1)})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Compact transport of adapters: fp16 on the wire and ComPEFT-style upload compression.
+
+ComPEFT (Yadav et al., arXiv 2311.13171; notes/algorithms.md §8): keep the top-k entries
+of the task vector tau = params - init by magnitude and send only their signs and one
+scale per tensor, tau_c = alpha * sign(tau) * mask, with alpha the mean magnitude of the
+kept entries (the "STC-style" choice of the reference code, ``replace_factor = -2``).
+Under per-silo DP-SGD this is post-processing of the released adapter: no privacy cost.
+
+Encoding of one compressed tensor, a single uint8 array (one Flower `Array` per tensor):
+``header (ndim, shape..., k as uint32; scale as float32) | indices (uint16 when the tensor
+has < 65,536 entries, else uint32) | signs (np.packbits)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from silotune.strategies.base import LoraFactors, peft_key
+
+WIRE_DTYPES = {"fp16": np.float16, "fp32": np.float32}
+COMPRESSED_SUFFIX = "#topk"
+
+
+def round_trip(arrays: Mapping[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    """What a receiver decodes (fp32) from `arrays` sent as `dtype` ("fp16" or "fp32"):
+    the sender applies this to its own copy so that both sides stay identical."""
+    return {k: cast_for_wire(k, v, dtype).astype(np.float32) for k, v in arrays.items()}
+
+
+def cast_for_wire(name: str, array: np.ndarray, dtype: str) -> np.ndarray:
+    """`array` as `dtype`; raises instead of silently turning large values into inf."""
+    if dtype not in WIRE_DTYPES:
+        raise ValueError(f"unknown wire dtype '{dtype}'; valid: {', '.join(WIRE_DTYPES)}")
+    source = np.asarray(array)
+    limit = np.finfo(WIRE_DTYPES[dtype]).max
+    if source.size and np.isfinite(source).all() and np.abs(source).max() > limit:
+        raise ValueError(f"'{name}' holds values beyond the {dtype} range (|x| > {limit:.0f}); "
+                         "use --wire-dtype fp32")
+    return np.ascontiguousarray(source, dtype=WIRE_DTYPES[dtype])
+
+
+def compress(tau: np.ndarray, density: float) -> np.ndarray:
+    """Top-k (k = ceil(density * size)) ternary encoding of `tau` as one uint8 array."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"compression density must be in (0, 1], got {density}")
+    flat = np.asarray(tau, dtype=np.float32).ravel()  # (n,)
+    k = max(1, int(np.ceil(density * flat.size)))
+    idx = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:])  # (k,)
+    kept = flat[idx]
+    scale = np.float32(np.abs(kept).mean())
+    index_dtype = np.uint16 if flat.size < 2**16 else np.uint32
+    header = np.array([tau.ndim, *tau.shape, k], dtype=np.uint32)
+    return np.concatenate([
+        header.view(np.uint8), np.array([scale], dtype=np.float32).view(np.uint8),
+        idx.astype(index_dtype).view(np.uint8), np.packbits(kept > 0)])
+
+
+def decompress(blob: np.ndarray) -> np.ndarray:
+    """Inverse of `compress`: a dense fp32 array with +-scale at the kept entries."""
+    data = np.ascontiguousarray(blob, dtype=np.uint8)
+    ndim = int(data[:4].view(np.uint32)[0])
+    head = data[: 4 * (ndim + 2)].view(np.uint32)
+    shape, k = tuple(int(d) for d in head[1: ndim + 1]), int(head[ndim + 1])
+    pos = 4 * (ndim + 2)
+    scale = float(data[pos: pos + 4].view(np.float32)[0])
+    pos += 4
+    size = int(np.prod(shape))
+    index_dtype = np.uint16 if size < 2**16 else np.uint32
+    width = np.dtype(index_dtype).itemsize * k
+    idx = data[pos: pos + width].view(index_dtype).astype(np.int64)
+    signs = np.unpackbits(data[pos + width:])[:k].astype(np.float32) * 2.0 - 1.0
+    if idx.size != k or (k and idx.max() >= size):
+        raise ValueError("corrupt compressed tensor (index out of range or truncated)")
+    out = np.zeros(size, dtype=np.float32)
+    out[idx] = scale * signs
+    return out.reshape(shape)
+
+
+def compress_arrays(arrays: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray],
+                    density: float) -> dict[str, np.ndarray]:
+    """Compress each array's change from `start` (zero where `start` has no entry)."""
+    return {k + COMPRESSED_SUFFIX: compress(v - start[k] if k in start else v, density)
+            for k, v in arrays.items()}
+
+
+def decompress_arrays(wire: Mapping[str, np.ndarray],
+                      start: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Inverse of `compress_arrays`; uncompressed entries pass through as fp32."""
+    out: dict[str, np.ndarray] = {}
+    for key, value in wire.items():
+        if key.endswith(COMPRESSED_SUFFIX):
+            name = key[: -len(COMPRESSED_SUFFIX)]
+            tau = decompress(value)
+            out[name] = tau + start[name] if name in start else tau
+        else:
+            out[key] = np.asarray(value, dtype=np.float32)
+    return out
+
+
+def upload_reference(init: Mapping[str, LoraFactors] | None, scale: float,
+                     local: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """What a silo's uploaded factors started from, as PEFT holds them (B divided by the
+    silo's scale s): both sides compute it from the same decoded start, so compressed
+    changes decode exactly. Factors kept on the silo (FedSA's B) are sent as they are."""
+    reference: dict[str, np.ndarray] = {}
+    for module, f in (init or {}).items():
+        if "A" not in local:
+            reference[peft_key(module, "A")] = np.asarray(f.A, dtype=np.float32)
+        if "B" not in local:
+            reference[peft_key(module, "B")] = np.asarray(f.B, dtype=np.float32) / np.float32(scale)
+    return reference
