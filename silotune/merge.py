@@ -30,6 +30,8 @@ def apply_update(model: torch.nn.Module, update: LowRankUpdate) -> None:
         # Linear: (d_out, d_in); GPT-2 Conv1D: (d_in, d_out)
         a = torch.from_numpy(np.ascontiguousarray(factors.A, dtype=np.float32))  # (R, d_in)
         b = torch.from_numpy(np.ascontiguousarray(factors.B, dtype=np.float32))  # (d_out, R)
+        if factors.w is not None:  # B diag(w)
+            b = b * torch.from_numpy(np.ascontiguousarray(factors.w, dtype=np.float32))
         delta = (b @ a) * update.scale  # (d_out, d_in)
         if isinstance(module, Conv1D):
             delta = delta.T
@@ -40,11 +42,13 @@ def apply_update(model: torch.nn.Module, update: LowRankUpdate) -> None:
 
 
 def update_to_arrays(update: LowRankUpdate, prefix: str) -> dict[str, np.ndarray]:
-    """Name-keyed fp32 arrays ``<prefix><module>.lora_{A,B}`` for the wire."""
+    """Name-keyed arrays ``<prefix><module>.lora_{A,B,w}`` for the wire (w if present)."""
     out: dict[str, np.ndarray] = {}
     for name, f in update.modules.items():
-        out[f"{prefix}{name}.lora_A"] = np.asarray(f.A, dtype=np.float32)
-        out[f"{prefix}{name}.lora_B"] = np.asarray(f.B, dtype=np.float32)
+        out[f"{prefix}{name}.lora_A"] = f.A
+        out[f"{prefix}{name}.lora_B"] = f.B
+        if f.w is not None:
+            out[f"{prefix}{name}.lora_w"] = f.w
     return out
 
 
@@ -57,5 +61,22 @@ def update_from_arrays(arrays: Mapping[str, np.ndarray], prefix: str,
             continue
         module, _, factor = key[len(prefix):].rpartition(".lora_")
         pieces.setdefault(module, {})[factor] = value
-    modules = {m: LoraFactors(A=p["A"], B=p["B"]) for m, p in sorted(pieces.items())}
+    modules = {m: LoraFactors(A=p["A"], B=p["B"], w=p.get("w"))
+               for m, p in sorted(pieces.items())}
     return LowRankUpdate(modules=modules, scale=scale)
+
+
+def module_shapes(model: torch.nn.Module, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of every module whose last name component is one of `targets`."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] not in targets:
+            continue
+        if isinstance(module, torch.nn.Linear):
+            shapes[name] = (module.out_features, module.in_features)
+        elif isinstance(module, Conv1D):  # GPT-2 stores (d_in, d_out)
+            shapes[name] = (module.weight.shape[1], module.weight.shape[0])
+    if not shapes:
+        raise ValueError(f"the model has no Linear/Conv1D modules named {list(targets)}; "
+                         "choose --lora-targets from the model's module names")
+    return shapes

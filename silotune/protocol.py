@@ -43,6 +43,7 @@ UPDATE_SCALES: Final = "update-scales"  # JSON: {"<round>": scale} of the broadc
 RUN_SEED: Final = "run-seed"
 FROZEN_FACTORS: Final = "frozen-factors"  # comma-separated, e.g. "A" (FFA-LoRA)
 UPLOAD_FACTORS: Final = "upload-factors"  # factors the silo sends back, e.g. "A,B"
+INIT_SEED: Final = "init-seed"  # the silo's start is seeded_start(shapes, rank, seed)
 WIRE_DTYPE: Final = "wire-dtype"  # "fp16" or "fp32"
 UPLOAD_DENSITY: Final = "upload-density"  # < 1: compress uploads (ComPEFT-style top-k)
 LOCAL_FACTORS: Final = "local-factors"  # factors kept on the silo across rounds (FedSA)

@@ -19,7 +19,7 @@ import numpy as np
 
 from silotune.strategies.base import LoraFactors, peft_key
 
-WIRE_DTYPES = {"fp16": np.float16, "fp32": np.float32}
+WIRE_DTYPES: dict[str, type[np.floating]] = {"fp16": np.float16, "fp32": np.float32}
 COMPRESSED_SUFFIX = "#topk"
 
 
@@ -87,7 +87,7 @@ def compress_arrays(arrays: Mapping[str, np.ndarray], start: Mapping[str, np.nda
 
 def decompress_arrays(wire: Mapping[str, np.ndarray],
                       start: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Inverse of `compress_arrays`; uncompressed entries pass through as fp32."""
+    """Inverse of `compress_arrays`; uncompressed entries pass through unchanged."""
     out: dict[str, np.ndarray] = {}
     for key, value in wire.items():
         if key.endswith(COMPRESSED_SUFFIX):
@@ -95,7 +95,7 @@ def decompress_arrays(wire: Mapping[str, np.ndarray],
             tau = decompress(value)
             out[name] = tau + start[name] if name in start else tau
         else:
-            out[key] = np.asarray(value, dtype=np.float32)
+            out[key] = value
     return out
 
 
@@ -109,5 +109,11 @@ def upload_reference(init: Mapping[str, LoraFactors] | None, scale: float,
         if "A" not in local:
             reference[peft_key(module, "A")] = np.asarray(f.A, dtype=np.float32)
         if "B" not in local:
-            reference[peft_key(module, "B")] = np.asarray(f.B, dtype=np.float32) / np.float32(scale)
+            reference[peft_key(module, "B")] = peft_b(f.B, scale)
     return reference
+
+
+def peft_b(b: np.ndarray, scale: float) -> np.ndarray:
+    """B as PEFT holds it for a silo of scale s (B / s, fp32): one definition for the
+    silo that loads it and the coordinator that decodes the silo's changes from it."""
+    return np.asarray(b, dtype=np.float32) / np.float32(scale)

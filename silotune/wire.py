@@ -25,10 +25,6 @@ def to_record(arrays: Mapping[str, np.ndarray], dtype: str = "fp32") -> ArrayRec
 
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """ArrayRecord -> dict of NumPy arrays, floats decoded to fp32 (validation is the
-    caller's job)."""
-    out = {}
-    for key, value in record.items():
-        array = value.numpy()
-        out[key] = array.astype(np.float32) if array.dtype.kind == "f" else array
-    return out
+    """ArrayRecord -> dict of NumPy arrays in their wire dtype (fp16 stays fp16: consumers
+    compute in fp32 or wider; validation is the caller's job)."""
+    return {key: value.numpy() for key, value in record.items()}

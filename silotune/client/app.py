@@ -30,11 +30,12 @@ from silotune.client.train import (
 )
 from silotune.config import RunConfig
 from silotune.lm import encode
-from silotune.merge import update_from_arrays
+from silotune.merge import module_shapes, update_from_arrays, update_to_arrays
 from silotune.privacy.accounting import AccountingStep, BudgetExhausted
 from silotune.simulations.federation import FederatedTask, federated_task, silo_name
-from silotune.strategies.base import AdapterError, peft_key
-from silotune.transport import compress_arrays, upload_reference
+from silotune.strategies.base import AdapterError, LoraFactors, peft_key
+from silotune.strategies.rules import seeded_start
+from silotune.transport import compress_arrays, peft_b, round_trip, upload_reference
 from silotune.wire import from_record, to_record
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def build_client_app(preset: RunConfig | None = None,
 
 
 def _train(msg: Message, context: Context, silo: Silo) -> Message:
-    cfg = msg.content[P.CONFIG]
+    cfg = msg.content.config_records[P.CONFIG]
     round_ = P.as_int(cfg[P.ROUND], P.ROUND)
     scales = json.loads(str(cfg[P.UPDATE_SCALES]))
     fingerprints = [str(f) for f in json.loads(str(cfg[P.BASE_FINGERPRINTS]))]
@@ -116,9 +117,11 @@ def _train(msg: Message, context: Context, silo: Silo) -> Message:
                                                           strict=True)]
     rank, alpha = P.as_int(cfg[P.RANK], P.RANK), P.as_float(cfg[P.ALPHA], P.ALPHA)
     keep_local = P.as_tuple(cfg[P.LOCAL_FACTORS])
+    targets = P.as_tuple(cfg[P.TARGETS])
+    start = _planned_start(cfg, arrays, module_shapes(base, targets), rank)
     local = LocalTrainConfig(
-        rank=rank, alpha=alpha, targets=tuple(str(cfg[P.TARGETS]).split(",")),
-        init=_initial_factors(arrays, alpha / rank, context, keep_local),
+        rank=rank, alpha=alpha, targets=targets,
+        init=_initial_factors(start, alpha / rank, context, keep_local),
         frozen=P.as_tuple(cfg[P.FROZEN_FACTORS]),
         local_steps=P.as_int(cfg[P.LOCAL_STEPS], P.LOCAL_STEPS),
         batch_size=P.as_int(cfg[P.BATCH_SIZE], P.BATCH_SIZE),
@@ -155,7 +158,6 @@ def _train(msg: Message, context: Context, silo: Silo) -> Message:
     sent = {k: v for k, v in result.adapter.items() if any(f".lora_{f}." in k for f in upload)}
     density = P.as_float(cfg[P.UPLOAD_DENSITY], P.UPLOAD_DENSITY)
     if density < 1.0:  # send the change from the start, top-k ternary (ComPEFT-style)
-        start = update_from_arrays(arrays, P.INIT_PREFIX, 1.0).modules
         sent = compress_arrays(sent, upload_reference(start, alpha / rank, keep_local),
                                density)
     reply = RecordDict({P.ARRAYS: to_record(sent, str(cfg[P.WIRE_DTYPE])),
@@ -163,15 +165,26 @@ def _train(msg: Message, context: Context, silo: Silo) -> Message:
     return Message(reply, reply_to=msg)
 
 
-def _initial_factors(arrays: dict[str, np.ndarray], scale: float, context: Context,
+def _planned_start(cfg: ConfigRecord, arrays: dict[str, np.ndarray],
+                   shapes: dict[str, tuple[int, int]], rank: int) -> dict[str, LoraFactors]:
+    """The plan's start (scale-1 convention) exactly as the coordinator holds it: sent as
+    arrays, or regenerated from its seed and decoded through the same wire dtype."""
+    if P.INIT_SEED in cfg:
+        seeded = seeded_start(shapes, rank, P.as_int(cfg[P.INIT_SEED], P.INIT_SEED))
+        decoded = round_trip(update_to_arrays(seeded, ""), str(cfg[P.WIRE_DTYPE]))
+        return dict(update_from_arrays(decoded, "", 1.0).modules)
+    return dict(update_from_arrays(arrays, P.INIT_PREFIX, 1.0).modules)
+
+
+def _initial_factors(start: dict[str, LoraFactors], scale: float, context: Context,
                      keep_local: tuple[str, ...]
                      ) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
     """The plan's starting factors as PEFT holds them (B divided by the silo's scale),
     with the factors kept local replaced by this silo's own last values."""
-    start = update_from_arrays(arrays, P.INIT_PREFIX, 1.0).modules
     if not start:
         return None
-    init = {m: (f.A, f.B / scale) for m, f in start.items()}
+    init = {m: (np.asarray(f.A, dtype=np.float32), peft_b(f.B, scale))
+            for m, f in start.items()}
     stored = context.state.array_records.get(P.LOCAL_FACTORS)
     own = from_record(stored) if stored is not None else {}
     for module, factors in init.items():

@@ -30,9 +30,9 @@ from silotune import strategies
 from silotune.assets import resolve_model
 from silotune.config import RunConfig
 from silotune.lm import evaluate, load_model
-from silotune.merge import apply_update, update_from_arrays, update_to_arrays
+from silotune.merge import apply_update, module_shapes, update_from_arrays, update_to_arrays
 from silotune.server.report import write_report
-from silotune.server.validate import Expected, module_shapes, validate_reply
+from silotune.server.validate import Expected, validate_reply
 from silotune.simulations.federation import federated_task
 from silotune.strategies.base import AdapterError, LowRankUpdate, SiloAdapter, SiloPlan
 from silotune.transport import decompress_arrays, round_trip, upload_reference
@@ -206,7 +206,9 @@ def _train_message(cfg: RunConfig, round_: int, silo: _Silo, plan: SiloPlan,
         P.UPDATE_SCALES: json.dumps(state.scales),
         P.BASE_FINGERPRINTS: json.dumps(state.fingerprints)})
     arrays = dict(state.arrays)
-    if plan.init is not None:
+    if plan.seed is not None:  # the silo regenerates a seeded start: nothing to download
+        config[P.INIT_SEED] = plan.seed
+    elif plan.init is not None:
         arrays.update(update_to_arrays(LowRankUpdate(plan.init), P.INIT_PREFIX))
     content = RecordDict({P.ARRAYS: to_record(arrays, cfg.wire_dtype), P.CONFIG: config})
     return Message(content, dst_node_id=silo.node_id, message_type=MessageType.TRAIN)

@@ -11,8 +11,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from transformers.pytorch_utils import Conv1D
 
 from silotune.strategies.base import (
     AdapterError,
@@ -35,22 +33,6 @@ class Expected:
     # a B that is not uploaded is never read by the rule and stands in as zeros.
     start: Mapping[str, LoraFactors] | None = None
     max_norm: float = float("inf")  # bound on the adapter's update norm ||s B A||_F
-
-
-def module_shapes(model: torch.nn.Module, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
-    """(d_out, d_in) of every module whose last name component is one of `targets`."""
-    shapes: dict[str, tuple[int, int]] = {}
-    for name, module in model.named_modules():
-        if name.rpartition(".")[2] not in targets:
-            continue
-        if isinstance(module, torch.nn.Linear):
-            shapes[name] = (module.out_features, module.in_features)
-        elif isinstance(module, Conv1D):  # GPT-2 stores (d_in, d_out)
-            shapes[name] = (module.weight.shape[1], module.weight.shape[0])
-    if not shapes:
-        raise ValueError(f"the model has no Linear/Conv1D modules named {list(targets)}; "
-                         "choose --lora-targets from the model's module names")
-    return shapes
 
 
 def validate_reply(silo: str, arrays: Mapping[str, np.ndarray], num_examples: object,

@@ -25,14 +25,23 @@ class AdapterError(ValueError):
 
 @dataclass(frozen=True)
 class LoraFactors:
-    """One adapted module: A (r, d_in) and B (d_out, r)."""
+    """One adapted module: A (r, d_in) and B (d_out, r), and optionally one weight per
+    component, w (r,): the product is then B diag(w) A. FLoRA keeps p_k s_k there so
+    that stacking is pure copying and the factors travel exactly as the silos sent them.
+    """
 
     A: np.ndarray
     B: np.ndarray
+    w: np.ndarray | None = None
 
     @property
     def rank(self) -> int:
         return int(self.A.shape[0])
+
+    def weighted_b(self) -> np.ndarray:
+        """B diag(w) in float64 (B itself when there are no weights), (d_out, r)."""
+        b = self.B.astype(np.float64)
+        return b if self.w is None else b * self.w.astype(np.float64)[None, :]
 
 
 @dataclass(frozen=True)
@@ -55,7 +64,7 @@ class LowRankUpdate:
     def dense(self, module: str) -> np.ndarray:
         """The dense update of one module, shape (d_out, d_in)."""
         f = self.modules[module]
-        return self.scale * (f.B.astype(np.float64) @ f.A.astype(np.float64))
+        return self.scale * (f.weighted_b() @ f.A.astype(np.float64))
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,9 @@ class SiloPlan:
 
     rank: int
     init: Mapping[str, LoraFactors] | None = None
+    # When set, `init` is `seeded_start(shapes, rank, seed)` (A from the seed, B = 0):
+    # the silo regenerates it instead of downloading it.
+    seed: int | None = None
     frozen: tuple[str, ...] = ()  # factors that must not train ("A" for FFA-LoRA)
     upload: tuple[str, ...] = ("A", "B")  # factors the silo sends back
     local: tuple[str, ...] = ()  # factors the silo starts from its own last value (FedSA)

@@ -91,3 +91,26 @@ def truncation_error(dense: np.ndarray, rank: int) -> float:
     """Frobenius error of the best rank-`rank` approximation: sqrt(sum_{i > r} sigma_i^2)."""
     sigma = np.linalg.svd(_check_dense(dense, rank), compute_uv=False)  # (m,)
     return math.sqrt(float(np.sum(sigma[rank:] ** 2)))
+
+
+def factored_svd(f: LoraFactors, keep: int) -> LoraFactors:
+    """Top-`keep` SVD of the product B @ A without forming it when the rank is small.
+
+    With B = Q_B R_B and A^T = Q_A R_A (thin QR), B A = Q_B (R_B R_A^T) Q_A^T, so the SVD
+    of the small R x R core gives the exact singular triplets of B A:
+    O((d_out + d_in) R^2 + R^3) instead of O(d_out d_in min(d_out, d_in)).
+    Returns B' = U S and A' = V^T truncated to `keep` (zero-padded if the product has
+    lower rank), so that B' A' is the best rank-`keep` approximation (Eckart-Young).
+    """
+    b, a = f.weighted_b(), f.A.astype(np.float64)  # (d_out, R), (R, d_in)
+    if f.rank >= min(b.shape[0], a.shape[1]):
+        return flexlora_redistribute(b @ a, keep)
+    q_b, r_b = np.linalg.qr(b)  # (d_out, R), (R, R)
+    q_a, r_a = np.linalg.qr(a.T)  # (d_in, R), (R, R)
+    u, s, vt = np.linalg.svd(r_b @ r_a.T)  # (R, R) each
+    n = min(keep, s.size)
+    out_b = np.zeros((b.shape[0], keep))
+    out_a = np.zeros((keep, a.shape[1]))
+    out_b[:, :n] = (q_b @ u[:, :n]) * s[:n]  # (d_out, keep)
+    out_a[:n] = (q_a @ vt[:n].T).T  # (keep, d_in)
+    return LoraFactors(A=out_a, B=out_b)

@@ -4,22 +4,25 @@ Wang et al., "FLoRA: Federated Fine-Tuning Large Language Models with Heterogene
 Low-Rank Adaptations", NeurIPS 2024 (arXiv 2409.05976); reference code
 ``ATP-1010/FederatedLLM``, ``fed_utils/model_aggregation.py`` (``stacking=True``).
 
-For every adapted module, with p_k = n_k / sum_j n_j and the silo's scale s_k folded into
-its A factor::
+For every adapted module, with p_k = n_k / sum_j n_j and the silo's scale s_k::
 
     A_g = [p_1 s_1 A_1; ...; p_K s_K A_K]   (R, d_in)    R = sum_k r_k
     B_g = [B_1 | ... | B_K]                 (d_out, R)
     B_g @ A_g = sum_k p_k s_k B_k A_k       exactly: no cross terms
 
-p_k multiplies A only (weighting both factors would give p_k^2). The stacked rank R is
-computed from the tensors, never assumed (the public code's hard-coded R breaks with
-partial participation). Silos are stacked in the order given; callers pass them sorted
+p_k multiplies A only (weighting both factors would give p_k^2). The weights p_k s_k are
+kept as one weight per stacked component (``LoraFactors.w``) instead of being multiplied
+into A: stacking is then pure copying (fast, and the factors stay exactly as sent). The
+stacked rank R is computed from the tensors, never assumed (the public code's hard-coded
+R breaks with partial participation). Silos are stacked in the order given; callers pass them sorted
 by silo id so that a run is reproducible.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -41,17 +44,21 @@ def flora_stack(adapters: Sequence[SiloAdapter]) -> LowRankUpdate:
     if not adapters:
         raise AdapterError("FLoRA needs at least one adapter")
     modules = sorted({m for a in adapters for m in a.modules})
-    stacked: dict[str, LoraFactors] = {}
-    for module in modules:
-        holders = [a for a in adapters if module in a.modules]
-        p = example_weights(holders)
-        # float(...) keeps the factors' dtype (a NumPy float64 scalar would upcast fp32)
-        a_blocks = [float(p_k * a.scale) * a.modules[module].A
-                    for p_k, a in zip(p, holders, strict=True)]
-        b_blocks = [a.modules[module].B for a in holders]
-        stacked[module] = LoraFactors(
-            A=np.concatenate(a_blocks, axis=0),  # (R, d_in)
-            B=np.concatenate(b_blocks, axis=1),  # (d_out, R)
-        )
+    # Modules are independent and the copies release the GIL: stack them in parallel.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        stacked = dict(zip(modules, pool.map(lambda m: _stack_module(adapters, m), modules),
+                           strict=True))
     return LowRankUpdate(modules=stacked, scale=1.0)
 
+
+def _stack_module(adapters: Sequence[SiloAdapter], module: str) -> LoraFactors:
+    """A_g = [A_k]_k (R, d_in), B_g = [B_k]_k (d_out, R), w = [p_k s_k repeated r_k]_k."""
+    holders = [a for a in adapters if module in a.modules]
+    p = example_weights(holders)
+    factors = [a.modules[module] for a in holders]
+    dtype = np.result_type(*(f.A.dtype for f in factors), *(f.B.dtype for f in factors))
+    a_g = np.concatenate([f.A for f in factors], axis=0, dtype=dtype)  # (R, d_in)
+    b_g = np.concatenate([f.B for f in factors], axis=1, dtype=dtype)  # (d_out, R)
+    w = np.concatenate([np.full(f.rank, p_k * h.scale)  # p_k on A's side only
+                        for p_k, h, f in zip(p, holders, factors, strict=True)])  # (R,)
+    return LoraFactors(A=a_g, B=b_g, w=w)

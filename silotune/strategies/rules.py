@@ -26,14 +26,18 @@ from silotune.strategies.base import (
 from silotune.strategies.fedit import fedit_average
 from silotune.strategies.fedsa import fedsa_average
 from silotune.strategies.ffa import ffa_average, frozen_a
-from silotune.strategies.flexlora import flexlora_dense
+from silotune.strategies.flexlora import factored_svd
 from silotune.strategies.flora import flora_stack
 from silotune.strategies.hetlora import hetlora_aggregate, hetlora_prune_rank
 from silotune.strategies.zeropad import truncate_factors, zeropad_average
 
 
-def _seeded_start(shapes: Mapping[str, tuple[int, int]], rank: int, seed: int) -> LowRankUpdate:
-    """A common starting adapter: A from the shared seed (PEFT's Kaiming bound), B = 0."""
+def seeded_start(shapes: Mapping[str, tuple[int, int]], rank: int, seed: int) -> LowRankUpdate:
+    """A common starting adapter: A from the shared seed (PEFT's Kaiming bound), B = 0.
+
+    Rows of A are prefix-consistent, so the rank-r start is the rank-r view of any larger
+    one: silos regenerate their own from (seed, rank) and the module shapes.
+    """
     modules = {m: LoraFactors(A=frozen_a(seed, m, rank, d_in).astype(np.float64),
                               B=np.zeros((d_out, rank)))
                for m, (d_out, d_in) in shapes.items()}
@@ -43,6 +47,17 @@ def _seeded_start(shapes: Mapping[str, tuple[int, int]], rank: int, seed: int) -
 def _view(state: LowRankUpdate, rank: int) -> dict[str, LoraFactors]:
     """The first `rank` components of every module of the global adapter."""
     return {m: truncate_factors(f, min(rank, f.rank)) for m, f in state.modules.items()}
+
+
+def _start(shapes: Mapping[str, tuple[int, int]], rank: int, seed: int,
+           state: LowRankUpdate | None, frozen: tuple[str, ...] = (),
+           upload: tuple[str, ...] = ("A", "B"), local: tuple[str, ...] = ()) -> SiloPlan:
+    """Start from the global adapter if there is one, else from the seeded start."""
+    if state is not None:
+        return SiloPlan(rank=rank, init=_view(state, rank), frozen=frozen, upload=upload,
+                        local=local)
+    return SiloPlan(rank=rank, init=seeded_start(shapes, rank, seed).modules, seed=seed,
+                    frozen=frozen, upload=upload, local=local)
 
 
 class _Rule:
@@ -68,8 +83,7 @@ class FLoRA(_Rule):
         # A fresh adapter every round (A seeded per round, B = 0). Seeding it here rather
         # than in PEFT lets the coordinator know each silo's start (upload compression
         # sends the change from it); stacking stays exact whatever the A's are.
-        start = _seeded_start(self.shapes, rank, self.seed * 1_000_003 + round_)
-        return SiloPlan(rank=rank, init=start.modules)
+        return _start(self.shapes, rank, self.seed * 1_000_003 + round_, None)
 
     def aggregate(self, adapters: Sequence[SiloAdapter],
                   state: LowRankUpdate | None) -> RoundResult:
@@ -81,8 +95,7 @@ class _GlobalAdapterRule(_Rule):
 
     def plan(self, silo: str, rank: int, state: LowRankUpdate | None,
              round_: int) -> SiloPlan:
-        start = state or _seeded_start(self.shapes, max(self.ranks.values()), self.seed)
-        return SiloPlan(rank=rank, init=_view(start, rank))
+        return _start(self.shapes, rank, self.seed, state)
 
 
 class FedIT(_GlobalAdapterRule):
@@ -149,17 +162,16 @@ class FlexLoRA(_Rule):
 
     def plan(self, silo: str, rank: int, state: LowRankUpdate | None,
              round_: int) -> SiloPlan:
-        start = state or _seeded_start(self.shapes, rank, self.seed)  # B = 0: Delta W = 0
-        return SiloPlan(rank=rank, init=_view(start, rank))
+        return _start(self.shapes, rank, self.seed, state)  # seeded: B = 0, Delta W = 0
 
     def aggregate(self, adapters: Sequence[SiloAdapter],
                   state: LowRankUpdate | None) -> RoundResult:
-        modules = {}
-        for name, dense in flexlora_dense(adapters).items():  # (d_out, d_in)
-            u, s, vt = np.linalg.svd(dense, full_matrices=False)
-            keep = max(self.ranks.values())  # the largest rank any silo can take back
-            modules[name] = LoraFactors(A=vt[:keep], B=u[:, :keep] * s[:keep])
-        return RoundResult(adapter=LowRankUpdate(modules))
+        # sum_k p_k s_k B_k A_k in exact factored form (the FLoRA stack), then its SVD
+        # truncated to the largest rank any silo takes back.
+        keep = max(self.ranks.values())
+        stacked = flora_stack(adapters).modules
+        return RoundResult(adapter=LowRankUpdate(
+            {name: factored_svd(f, keep) for name, f in stacked.items()}))
 
 
 class FFALoRA(_Rule):
@@ -169,8 +181,7 @@ class FFALoRA(_Rule):
 
     def plan(self, silo: str, rank: int, state: LowRankUpdate | None,
              round_: int) -> SiloPlan:
-        start = state or _seeded_start(self.shapes, max(self.ranks.values()), self.seed)
-        return SiloPlan(rank=rank, init=_view(start, rank), frozen=("A",), upload=("B",))
+        return _start(self.shapes, rank, self.seed, state, frozen=("A",), upload=("B",))
 
     def aggregate(self, adapters: Sequence[SiloAdapter],
                   state: LowRankUpdate | None) -> RoundResult:
@@ -195,8 +206,7 @@ class FedSALoRA(_GlobalAdapterRule):
 
     def plan(self, silo: str, rank: int, state: LowRankUpdate | None,
              round_: int) -> SiloPlan:
-        base = super().plan(silo, rank, state, round_)
-        return SiloPlan(rank=rank, init=base.init, local=("B",))
+        return _start(self.shapes, rank, self.seed, state, local=("B",))
 
     def aggregate(self, adapters: Sequence[SiloAdapter],
                   state: LowRankUpdate | None) -> RoundResult:

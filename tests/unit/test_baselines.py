@@ -385,3 +385,14 @@ def test_property_fedit_error_identity(fed):
     np.testing.assert_allclose(error, expect, rtol=1e-9, atol=1e-11)
     zp = zeropad_average(adapters)["m"]
     np.testing.assert_array_equal(_product(zp), _product(fedit_average(adapters)["m"]))
+
+
+def test_factored_svd_equals_dense_svd_truncation():
+    from silotune.strategies.flexlora import factored_svd, flexlora_redistribute
+
+    rng = np.random.default_rng(3)
+    f = LoraFactors(A=rng.normal(size=(5, 12)), B=rng.normal(size=(9, 5)))
+    for keep in (1, 3, 5, 7):
+        fast, slow = factored_svd(f, keep), flexlora_redistribute(f.B @ f.A, keep)
+        np.testing.assert_allclose(fast.B @ fast.A, slow.B @ slow.A, atol=1e-10)
+        assert fast.A.shape == (keep, 12) and fast.B.shape == (9, keep)

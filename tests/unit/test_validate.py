@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from silotune.server.validate import Expected, module_shapes, validate_reply
+from silotune.merge import module_shapes
+from silotune.server.validate import Expected, validate_reply
 from silotune.strategies.base import AdapterError, peft_key
 
 SHAPES = {"layers.0.q_proj": (6, 4)}
