@@ -18,6 +18,8 @@ def test_pyproject_flower_config_is_the_default_run():
     assert flwr_cfg["components"]["serverapp"] == "silotune.server.app:app"
     cfg = RunConfig.from_mapping(flwr_cfg["config"])
     assert cfg == RunConfig(out_dir=cfg.out_dir)
+    # every key is there, so that `flwr run --run-config` can override any of them
+    assert set(flwr_cfg["config"]) == set(RunConfig().to_flower())
 
 
 def test_round_trip_through_flower_values():
