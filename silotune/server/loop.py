@@ -196,7 +196,7 @@ def _hello(grid: Grid, cfg: RunConfig) -> dict[str, _Silo]:
 def _train_message(cfg: RunConfig, round_: int, silo: _Silo, plan: SiloPlan,
                    state: _GlobalState) -> Message:
     config = ConfigRecord({
-        P.ROUND: round_, P.RANK: plan.rank, P.ALPHA: cfg.lora_alpha_per_rank * plan.rank,
+        P.ROUND: round_, P.RANK: plan.rank, P.ALPHA: _alpha(cfg, plan.rank),
         P.TARGETS: ",".join(cfg.lora_targets), P.LOCAL_STEPS: cfg.local_steps,
         P.PLANNED_ROUNDS: cfg.rounds, P.BATCH_SIZE: cfg.batch_size,
         P.LEARNING_RATE: cfg.learning_rate, P.RUN_SEED: cfg.seed,
@@ -234,11 +234,12 @@ def _collect(cfg: RunConfig, silos: dict[str, _Silo], shapes: dict[str, tuple[in
             continue
         bytes_up += record.count_bytes()
         plan = plans[silo]
-        expected = Expected(rank=plan.rank, scale=cfg.lora_alpha_per_rank, shapes=shapes,
+        scale = _alpha(cfg, plan.rank) / plan.rank  # computed as the silo computes it
+        expected = Expected(rank=plan.rank, scale=scale, shapes=shapes,
                             upload=plan.upload, start=plan.init,
                             max_norm=cfg.max_update_norm)
         try:
-            reference = upload_reference(plan.init, cfg.lora_alpha_per_rank, plan.local)
+            reference = upload_reference(plan.init, scale, plan.local)
             arrays = decompress_arrays(from_record(record), reference)
             adapter = validate_reply(silo, arrays, metrics.get(P.NUM_EXAMPLES), expected)
         except (AdapterError, ValueError, KeyError) as err:
@@ -251,6 +252,11 @@ def _collect(cfg: RunConfig, silos: dict[str, _Silo], shapes: dict[str, tuple[in
     for e in excluded:
         log.warning("round excluded %s: %s", e["silo"], e["reason"])
     return adapters, excluded, bytes_up
+
+
+def _alpha(cfg: RunConfig, rank: int) -> float:
+    """LoRA alpha of a silo of rank `rank` (alpha = c r, so every silo's scale is c)."""
+    return cfg.lora_alpha_per_rank * rank
 
 
 def _on_wire(plan: SiloPlan, wire_dtype: str) -> SiloPlan:
