@@ -47,7 +47,6 @@ INIT_SEED: Final = "init-seed"  # the silo's start is seeded_start(shapes, rank,
 WIRE_DTYPE: Final = "wire-dtype"  # "fp16" or "fp32"
 UPLOAD_DENSITY: Final = "upload-density"  # < 1: compress uploads (ComPEFT-style top-k)
 LOCAL_FACTORS: Final = "local-factors"  # factors kept on the silo across rounds (FedSA)
-RUN_NAME: Final = "run-name"
 
 # Array-name prefix of the broadcast global updates: "round-<t>/<module>.lora_{A,B}".
 UPDATE_PREFIX: Final = "round-"
