@@ -14,6 +14,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from silotune.strategies.base import AdapterError, LoraFactors, LowRankUpdate
+from silotune.transport import round_trip
 
 
 @torch.no_grad()
@@ -64,6 +65,13 @@ def update_from_arrays(arrays: Mapping[str, np.ndarray], prefix: str,
     modules = {m: LoraFactors(A=p["A"], B=p["B"], w=p.get("w"))
                for m, p in sorted(pieces.items())}
     return LowRankUpdate(modules=modules, scale=scale)
+
+
+def as_received(update: LowRankUpdate, wire_dtype: str) -> LowRankUpdate:
+    """`update` exactly as a receiver decodes it from the wire: the sender merges or
+    references this version, so that both sides hold bit-identical values."""
+    return update_from_arrays(round_trip(update_to_arrays(update, ""), wire_dtype), "",
+                              update.scale)
 
 
 def module_shapes(model: torch.nn.Module, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:

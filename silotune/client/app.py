@@ -30,12 +30,12 @@ from silotune.client.train import (
 )
 from silotune.config import RunConfig
 from silotune.lm import encode
-from silotune.merge import module_shapes, update_from_arrays, update_to_arrays
+from silotune.merge import as_received, module_shapes, update_from_arrays
 from silotune.privacy.accounting import AccountingStep, BudgetExhausted
 from silotune.simulations.federation import FederatedTask, federated_task, silo_name
-from silotune.strategies.base import AdapterError, LoraFactors, peft_key
+from silotune.strategies.base import AdapterError, LoraFactors, is_factor, peft_key
 from silotune.strategies.rules import seeded_start
-from silotune.transport import compress_arrays, peft_b, round_trip, upload_reference
+from silotune.transport import compress_arrays, peft_b, upload_reference
 from silotune.wire import from_record, to_record
 
 log = logging.getLogger(__name__)
@@ -153,9 +153,9 @@ def _train(msg: Message, context: Context, silo: Silo) -> Message:
     if keep_local:
         context.state[P.LOCAL_FACTORS] = to_record(
             {k: v for k, v in result.adapter.items()
-             if any(f".lora_{f}." in k for f in keep_local)})
+             if is_factor(k, keep_local)})
     upload = P.as_tuple(cfg[P.UPLOAD_FACTORS])
-    sent = {k: v for k, v in result.adapter.items() if any(f".lora_{f}." in k for f in upload)}
+    sent = {k: v for k, v in result.adapter.items() if is_factor(k, upload)}
     density = P.as_float(cfg[P.UPLOAD_DENSITY], P.UPLOAD_DENSITY)
     if density < 1.0:  # send the change from the start, top-k ternary (ComPEFT-style)
         sent = compress_arrays(sent, upload_reference(start, alpha / rank, keep_local),
@@ -171,8 +171,7 @@ def _planned_start(cfg: ConfigRecord, arrays: dict[str, np.ndarray],
     arrays, or regenerated from its seed and decoded through the same wire dtype."""
     if P.INIT_SEED in cfg:
         seeded = seeded_start(shapes, rank, P.as_int(cfg[P.INIT_SEED], P.INIT_SEED))
-        decoded = round_trip(update_to_arrays(seeded, ""), str(cfg[P.WIRE_DTYPE]))
-        return dict(update_from_arrays(decoded, "", 1.0).modules)
+        return dict(as_received(seeded, str(cfg[P.WIRE_DTYPE])).modules)
     return dict(update_from_arrays(arrays, P.INIT_PREFIX, 1.0).modules)
 
 

@@ -23,6 +23,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from torch.utils.data import DataLoader, TensorDataset
 
 from silotune.lm import IGNORE_INDEX, EncodedExample, per_sequence_loss
+from silotune.strategies.base import is_factor
 
 
 class LivenessError(RuntimeError):
@@ -92,7 +93,7 @@ def attach_lora(base: torch.nn.Module, cfg: LocalTrainConfig) -> torch.nn.Module
     if cfg.init is not None:
         _load_factors(peft_model, cfg.init)
     for name, param in peft_model.named_parameters():
-        if any(f".lora_{factor}." in name for factor in cfg.frozen):
+        if is_factor(name, cfg.frozen):
             param.requires_grad_(False)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     stray = [n for n in trainable if "lora_" not in n]
@@ -171,10 +172,10 @@ def _train_local(base: torch.nn.Module, examples: Sequence[EncodedExample], pad_
         losses = _train_dp(model, optimizer, loader, cfg, dp, q)
     after = _lora_state(model)
     moved = max(float(np.abs(after[k] - before[k]).max()) for k in after)
-    for factor in cfg.frozen:
-        if any(not np.array_equal(after[k], before[k]) for k in after
-               if f".lora_{factor}." in k):
-            raise RuntimeError(f"frozen factor lora_{factor} changed during training")
+    changed = [k for k in after if is_factor(k, cfg.frozen)
+               and not np.array_equal(after[k], before[k])]
+    if changed:
+        raise RuntimeError(f"frozen factors changed during training: {changed[:3]}")
     if moved == 0.0:
         raise LivenessError("LoRA factors did not change during training; refusing to "
                             "report this round (check that the optimizer sees the LoRA "

@@ -30,12 +30,12 @@ from silotune import strategies
 from silotune.assets import resolve_model
 from silotune.config import RunConfig
 from silotune.lm import evaluate, load_model
-from silotune.merge import apply_update, module_shapes, update_from_arrays, update_to_arrays
+from silotune.merge import apply_update, as_received, module_shapes, update_to_arrays
 from silotune.server.report import write_report
 from silotune.server.validate import Expected, validate_reply
 from silotune.simulations.federation import federated_task
 from silotune.strategies.base import AdapterError, LowRankUpdate, SiloAdapter, SiloPlan
-from silotune.transport import decompress_arrays, round_trip, upload_reference
+from silotune.transport import decompress_arrays, upload_reference
 from silotune.wire import from_record, to_record
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,8 @@ class _GlobalState:
     def add(self, update: LowRankUpdate, wire_dtype: str) -> LowRankUpdate:
         """Record `update` as the silos will decode it; return that version to merge."""
         version = len(self.fingerprints) + 1
-        prefix = f"{P.UPDATE_PREFIX}{version}/"
-        new = round_trip(update_to_arrays(update, prefix), wire_dtype)
+        received = as_received(update, wire_dtype)
+        new = update_to_arrays(received, f"{P.UPDATE_PREFIX}{version}/")
         digest = hashlib.sha256()
         for key in sorted(new):
             digest.update(key.encode())
@@ -74,7 +74,7 @@ class _GlobalState:
         self.arrays.update(new)
         self.scales[str(version)] = update.scale
         self.fingerprints.append(digest.hexdigest())
-        return update_from_arrays(new, prefix, update.scale)
+        return received
 
 
 def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> dict[str, Any]:
@@ -263,8 +263,8 @@ def _on_wire(plan: SiloPlan, wire_dtype: str) -> SiloPlan:
     """The plan with its start as the silo will decode it (so both sides agree exactly)."""
     if plan.init is None:
         return plan
-    sent = round_trip(update_to_arrays(LowRankUpdate(plan.init), ""), wire_dtype)
-    return dataclasses.replace(plan, init=update_from_arrays(sent, "", 1.0).modules)
+    return dataclasses.replace(plan, init=as_received(LowRankUpdate(plan.init),
+                                                      wire_dtype).modules)
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -147,6 +147,11 @@ def peft_key(module: str, factor: str) -> str:
     return f"base_model.model.{module}.lora_{factor}.weight"
 
 
+def is_factor(name: str, factors: tuple[str, ...]) -> bool:
+    """Whether a PEFT key or parameter name belongs to one of `factors` ("A", "B")."""
+    return any(f".lora_{factor}." in name for factor in factors)
+
+
 def example_weights(adapters: Sequence[SiloAdapter]) -> np.ndarray:
     """p_k = n_k / sum_j n_j over the participating silos (FLoRA, FedAvg)."""
     counts = np.array([a.num_examples for a in adapters], dtype=np.float64)
