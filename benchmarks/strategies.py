@@ -100,24 +100,27 @@ def main() -> None:
     rows: list[dict[str, object]] = [{
         "header": True, "machine": platform.machine(), "python": platform.python_version(),
         "config": cfg.to_json_dict()}]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(row: dict[str, object]) -> None:  # written as it goes: a long run keeps its rows
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        args.out.write_text(json.dumps(rows, indent=1) + "\n")
+
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.rules:
-            rows.append(run_rule(name, cfg, Path(tmp) / name))
-            print(json.dumps(rows[-1]), flush=True)
+            add(run_rule(name, cfg, Path(tmp) / name))
         task = federated_task(cfg)
         pooled = pd.concat(task.silos, ignore_index=True)
         start = time.monotonic()
-        rows.append({"strategy": "centralised (no DP)",
-                     "accuracy": train_alone(cfg, pooled, dp=False, out=Path(tmp)),
-                     "seconds": round(time.monotonic() - start, 1)})
+        add({"strategy": "centralised (no DP)",
+             "accuracy": train_alone(cfg, pooled, dp=False, out=Path(tmp)),
+             "seconds": round(time.monotonic() - start, 1)})
         start = time.monotonic()
         alone = [train_alone(cfg, frame, dp=True, out=Path(tmp) / f"alone-{i}")
                  for i, frame in enumerate(task.silos)]
-        rows.append({"strategy": "local-only (mean over silos)",
-                     "accuracy": float(np.mean(alone)),
-                     "seconds": round(time.monotonic() - start, 1)})
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+        add({"strategy": "local-only (mean over silos)", "accuracy": float(np.mean(alone)),
+             "per_silo": alone, "seconds": round(time.monotonic() - start, 1)})
     print(f"wrote {args.out}")
 
 

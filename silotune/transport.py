@@ -7,8 +7,10 @@ kept entries (the "STC-style" choice of the reference code, ``replace_factor = -
 Under per-silo DP-SGD this is post-processing of the released adapter: no privacy cost.
 
 Encoding of one compressed tensor, a single uint8 array (one Flower `Array` per tensor):
-``header (ndim, shape..., k as uint32; scale as float32) | indices (uint16 when the tensor
-has < 65,536 entries, else uint32) | signs (np.packbits)``.
+``header (ndim, shape..., k, layout as uint32; scale as float32) | positions | signs
+(np.packbits)``. The positions of the kept entries take the smaller of two layouts: their
+indices (16 or 32 bits each: sparse tensors) or a bitmask over all entries (1 bit each:
+densities above ~1/16), so a tensor costs about min(17 k, n + k) bits instead of 32 n.
 """
 
 from __future__ import annotations
@@ -50,32 +52,58 @@ def compress(tau: np.ndarray, density: float) -> np.ndarray:
     idx = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:])  # (k,)
     kept = flat[idx]
     scale = np.float32(np.abs(kept).mean())
-    index_dtype = np.uint16 if flat.size < 2**16 else np.uint32
-    header = np.array([tau.ndim, *tau.shape, k], dtype=np.uint32)
+    index_dtype = _index_dtype(flat.size)
+    if k * np.dtype(index_dtype).itemsize <= (flat.size + 7) // 8:
+        layout, positions = _INDICES, idx.astype(index_dtype).view(np.uint8)
+    else:
+        mask = np.zeros(flat.size, dtype=bool)
+        mask[idx] = True
+        layout, positions = _BITMASK, np.packbits(mask)
+    header = np.array([tau.ndim, *tau.shape, k, layout], dtype=np.uint32)
     return np.concatenate([
         header.view(np.uint8), np.array([scale], dtype=np.float32).view(np.uint8),
-        idx.astype(index_dtype).view(np.uint8), np.packbits(kept > 0)])
+        positions, np.packbits(kept > 0)])
 
 
 def decompress(blob: np.ndarray) -> np.ndarray:
     """Inverse of `compress`: a dense fp32 array with +-scale at the kept entries."""
     data = np.ascontiguousarray(blob, dtype=np.uint8)
+    corrupt = ValueError("corrupt compressed tensor (bad header, index out of range or "
+                         "truncated)")
+    if data.size < 4:
+        raise corrupt
     ndim = int(data[:4].view(np.uint32)[0])
-    head = data[: 4 * (ndim + 2)].view(np.uint32)
-    shape, k = tuple(int(d) for d in head[1: ndim + 1]), int(head[ndim + 1])
-    pos = 4 * (ndim + 2)
+    pos = 4 * (ndim + 3)
+    if ndim > 8 or data.size < pos + 4:
+        raise corrupt
+    head = data[:pos].view(np.uint32)
+    shape = tuple(int(d) for d in head[1: ndim + 1])
+    k, layout = int(head[ndim + 1]), int(head[ndim + 2])
     scale = float(data[pos: pos + 4].view(np.float32)[0])
     pos += 4
     size = int(np.prod(shape))
-    index_dtype = np.uint16 if size < 2**16 else np.uint32
-    width = np.dtype(index_dtype).itemsize * k
-    idx = data[pos: pos + width].view(index_dtype).astype(np.int64)
+    if layout == _INDICES:
+        index_dtype = _index_dtype(size)
+        width = np.dtype(index_dtype).itemsize * k
+        idx = data[pos: pos + width].view(index_dtype).astype(np.int64)
+    elif layout == _BITMASK:
+        width = (size + 7) // 8
+        idx = np.flatnonzero(np.unpackbits(data[pos: pos + width])[:size])
+    else:
+        raise corrupt
     signs = np.unpackbits(data[pos + width:])[:k].astype(np.float32) * 2.0 - 1.0
-    if idx.size != k or (k and idx.max() >= size):
-        raise ValueError("corrupt compressed tensor (index out of range or truncated)")
+    if idx.size != k or signs.size != k or (k and idx.max() >= size):
+        raise corrupt
     out = np.zeros(size, dtype=np.float32)
     out[idx] = scale * signs
     return out.reshape(shape)
+
+
+_INDICES, _BITMASK = 0, 1  # layouts of the kept entries' positions
+
+
+def _index_dtype(size: int) -> type[np.unsignedinteger]:
+    return np.uint16 if size < 2**16 else np.uint32
 
 
 def compress_arrays(arrays: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray],

@@ -32,12 +32,30 @@ def test_full_density_preserves_signs_and_support():
     np.testing.assert_array_equal(np.sign(out), np.sign(tau))
 
 
-def test_compressed_upload_is_over_8x_smaller_than_fp32():
+@pytest.mark.parametrize("density, at_least", [(0.1, 25), (0.5, 20), (0.9, 16)])
+def test_compressed_upload_is_much_smaller_than_fp32(density, at_least):
     rng = np.random.default_rng(1)
     factors = {"a": rng.normal(size=(8, 576)), "b": rng.normal(size=(576, 8))}
     dense = sum(v.astype(np.float32).nbytes for v in factors.values())
-    blobs = compress_arrays(factors, {}, density=0.1)
-    assert dense / sum(b.nbytes for b in blobs.values()) > 8
+    blobs = compress_arrays(factors, {}, density=density)
+    assert dense / sum(b.nbytes for b in blobs.values()) > at_least
+
+
+@pytest.mark.parametrize("density", [0.01, 0.05, 0.3, 0.5, 1.0])
+def test_both_position_layouts_decode_exactly(density):
+    """Sparse tensors send indices, dense ones a bitmask; either decodes the same."""
+    rng = np.random.default_rng(2)
+    tau = rng.normal(size=(40, 50)).astype(np.float32)
+    k = int(np.ceil(density * tau.size))
+    out = decompress(compress(tau, density))
+    kept = np.argsort(-np.abs(tau).ravel(), kind="stable")[:k]
+    assert np.count_nonzero(out) == k
+    np.testing.assert_array_equal(np.flatnonzero(out), np.sort(kept))
+    np.testing.assert_array_equal(np.sign(out.ravel()[kept]), np.sign(tau.ravel()[kept]))
+    np.testing.assert_allclose(np.abs(out.ravel()[kept]), np.abs(tau.ravel()[kept]).mean(),
+                               rtol=1e-6)
+    bits = 8 * compress(tau, density).nbytes
+    assert bits <= min(17 * k, tau.size + k) + 8 * 64  # positions + signs + header
 
 
 def test_changes_are_compressed_relative_to_the_start():
@@ -54,6 +72,8 @@ def test_bad_density_and_corrupt_blob():
     blob = compress(np.arange(10, dtype=np.float32), density=0.5)
     with pytest.raises(ValueError, match="corrupt"):
         decompress(blob[:-3])
+    with pytest.raises(ValueError, match="corrupt"):
+        decompress(blob[:5])
 
 
 def test_fp16_round_trip_is_what_the_receiver_decodes():
