@@ -15,12 +15,6 @@ from pathlib import Path
 from silotune.config import ConfigError, RunConfig
 
 _DEFAULTS = RunConfig()
-_PLANNED = {
-    "coordinator": "start the coordinator service (Flower SuperLink with TLS and node auth)",
-    "run": "submit a federation run to a deployed coordinator and stream its progress",
-    "agent": "run a silo client agent (Flower SuperNode) next to the silo's private data",
-    "certs": "create the CA, the coordinator's TLS certificate and silo key pairs",
-}
 
 
 def _epsilon(text: str) -> float:
@@ -119,8 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="rebuild report.html from a run's metrics.json")
     r.add_argument("run_dir", type=Path)
 
-    for name, text in _PLANNED.items():
-        sub.add_parser(name, help=f"{text} (not yet available)")
+    from silotune.deploy.cli import add_deploy_parsers
+
+    add_deploy_parsers(sub)
     return p
 
 
@@ -186,11 +181,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.job is None:
         parser.print_help()
         return 2
-    if args.job in _PLANNED:
-        print(f"silotune {args.job}: {_PLANNED[args.job]}. Not available yet in this "
-              "version; use `silotune simulate` for now.", file=sys.stderr)
-        return 2
     from silotune.assets import AssetError
+    from silotune.client.node import NodeConfigError
+    from silotune.deploy.certs import CertsError
+    from silotune.deploy.cli import run_deploy_job
+    from silotune.deploy.connection import DeployError
     from silotune.privacy.accounting import BudgetExhausted
     from silotune.strategies import UnknownStrategyError
     from silotune.strategies.base import AdapterError
@@ -200,12 +195,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _simulate(args)
         if args.job == "audit":
             return _audit(args)
+        if args.job in ("certs", "coordinator", "agent", "run"):
+            return run_deploy_job(args)
         from silotune.server.report import write_report
 
         print(f"wrote {write_report(args.run_dir)}")
         return 0
     except (ConfigError, UnknownStrategyError, AssetError, AdapterError,
-            BudgetExhausted) as err:
+            BudgetExhausted, DeployError, CertsError, NodeConfigError) as err:
         print(f"silotune {args.job}: error: {err}", file=sys.stderr)
         return 2
 

@@ -61,6 +61,8 @@ class RunConfig:
     max_update_norm: float = 1000.0  # replies with ||s B A||_F above this are excluded
     seed: int = 0
     out_dir: str = "runs/latest"
+    round_timeout: float = 3600.0  # seconds to wait for a round's replies; late silos dropped
+    resume: bool = False  # continue from out_dir/checkpoint (server/checkpoint.py)
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -92,6 +94,7 @@ class RunConfig:
         _check(0.0 < self.upload_density <= 1.0, "upload_density", self.upload_density,
                "(0, 1]; 1 means no compression")
         _check(self.max_update_norm > 0, "max_update_norm", self.max_update_norm, "> 0")
+        _check(self.round_timeout > 0, "round_timeout", self.round_timeout, "> 0 seconds")
 
     @property
     def private(self) -> bool:
@@ -155,6 +158,12 @@ def _coerce(key: str, value: Any) -> Any:
             return float(value)
         if kind == "str":
             return str(value)
+        if kind == "bool":
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            if not isinstance(value, bool):
+                raise ValueError(value)
+            return value
     except (TypeError, ValueError) as err:
         raise ConfigError(f"config key '{key}': cannot read {value!r} as {kind}") from err
     return value

@@ -41,6 +41,7 @@ LEARNING_RATE: Final = "learning-rate"
 BASE_FINGERPRINTS: Final = "base-fingerprints"  # JSON list: sha256 of each merged round
 UPDATE_SCALES: Final = "update-scales"  # JSON: {"<round>": scale} of the broadcast updates
 RUN_SEED: Final = "run-seed"
+FEDERATION_ID: Final = "federation-id"  # stable across coordinator restarts (resume)
 FROZEN_FACTORS: Final = "frozen-factors"  # comma-separated, e.g. "A" (FFA-LoRA)
 UPLOAD_FACTORS: Final = "upload-factors"  # factors the silo sends back, e.g. "A,B"
 INIT_SEED: Final = "init-seed"  # the silo's start is seeded_start(shapes, rank, seed)

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from silotune import protocol as P
-from silotune.assets import resolve_model
+from silotune.assets import load_dataset_frame, resolve_model
+from silotune.client import node, replay
 from silotune.client.base_store import STORE
 from silotune.client.silo import SiloPrivacy, SiloPrivacyConfig
 from silotune.client.train import (
@@ -50,17 +52,24 @@ class Silo:
     silo_id: str
     index: int
     run: RunConfig
-    task: FederatedTask
+    task: FederatedTask | None  # simulation: the run's split; None for a deployed silo
     privacy: SiloPrivacyConfig
+    data: pd.DataFrame | None = None  # a deployed silo's own data (node config data-path)
 
     @property
-    def frame(self):
+    def frame(self) -> pd.DataFrame:
+        if self.data is not None:
+            return self.data
+        assert self.task is not None  # one of data / task is always set
         return self.task.silos[self.index]
 
 
 def silo_from_context(context: Context, preset: RunConfig | None) -> Silo:
-    """Simulated silo `partition-id` of the run (run config from `preset` or Flower)."""
+    """Simulated silo `partition-id` of the run (run config from `preset` or Flower), or
+    a deployed silo described by its node config (`silotune agent`, client/node.py)."""
     run = preset or RunConfig.from_mapping(context.run_config)
+    if node.is_deployed(context.node_config):
+        return _deployed_silo(node.from_node_config(context.node_config), run)
     index = int(context.node_config.get("partition-id", 0))
     num = int(context.node_config.get("num-partitions", run.num_silos))
     if num != run.num_silos:
@@ -72,6 +81,19 @@ def silo_from_context(context: Context, preset: RunConfig | None) -> Silo:
                                 ledger_path=out / "ledgers" / f"{silo_id}.jsonl",
                                 key_path=out / "silos" / silo_id / "ledger-signing-key.pem")
     return Silo(silo_id, index, run, federated_task(run), privacy)
+
+
+def _deployed_silo(settings: node.NodeSettings, run: RunConfig) -> Silo:
+    """A deployed silo: its own data, budget and state directory (never the run's)."""
+    data = load_dataset_frame(str(settings.data_path), text_column=run.text_column,
+                              label_column=run.label_column)
+    privacy = SiloPrivacyConfig(
+        silo_id=settings.silo_id,
+        target_epsilon=run.target_epsilon if settings.epsilon is None else settings.epsilon,
+        delta=run.target_delta if settings.delta is None else settings.delta,
+        max_grad_norm=run.max_grad_norm, ledger_path=settings.ledger_path,
+        key_path=settings.key_path)
+    return Silo(settings.silo_id, settings.index, run, None, privacy, data)
 
 
 def build_client_app(preset: RunConfig | None = None,
@@ -92,7 +114,8 @@ def build_client_app(preset: RunConfig | None = None,
         silo = silo_from_context(context, preset)
         try:
             return _train(msg, context, silo)
-        except (BudgetExhausted, LivenessError, AdapterError, ValueError) as err:
+        except (BudgetExhausted, LivenessError, AdapterError, ValueError,
+                RoundAlreadyTrainedError) as err:
             log.warning("%s refused round: %s", silo.silo_id, err)
             return Message(Error(code=ERROR_REFUSED, reason=f"{type(err).__name__}: {err}"),
                            reply_to=msg)
@@ -100,11 +123,29 @@ def build_client_app(preset: RunConfig | None = None,
     return app
 
 
+class RoundAlreadyTrainedError(RuntimeError):
+    """The silo's ledger already holds this round, and its reply was not kept."""
+
+
 def _train(msg: Message, context: Context, silo: Silo) -> Message:
     cfg = msg.content.config_records[P.CONFIG]
     round_ = P.as_int(cfg[P.ROUND], P.ROUND)
     scales = json.loads(str(cfg[P.UPDATE_SCALES]))
     fingerprints = [str(f) for f in json.loads(str(cfg[P.BASE_FINGERPRINTS]))]
+    # The federation id outlives coordinator restarts; the Flower run id does not.
+    federation = str(cfg.get(P.FEDERATION_ID, context.run_id))
+    state_dir = silo.privacy.key_path.parent
+    if silo.privacy.private:
+        kept = replay.load_reply(state_dir, federation, round_, fingerprints)
+        if kept is not None:  # asked again after a coordinator restart: no second spend
+            log.warning("%s: round %d of %s was already trained; sending the kept reply",
+                        silo.silo_id, round_, federation)
+            return _reply(msg, kept, str(cfg[P.WIRE_DTYPE]))
+        if any(e.get("type") == "train" and e.get("run_id") == federation
+               and e.get("round") == round_ for e in SiloPrivacy(silo.privacy).ledger.entries()):
+            raise RoundAlreadyTrainedError(
+                f"round {round_} of {federation} is already in this silo's ledger and its "
+                "reply was not kept; the silo will not train (and spend budget on) it twice")
     record = msg.content.array_records.get(P.ARRAYS)
     arrays = from_record(record) if record is not None else {}
     updates = [update_from_arrays(arrays, f"{P.UPDATE_PREFIX}{t}/", float(scales[str(t)]))
@@ -135,13 +176,13 @@ def _train(msg: Message, context: Context, silo: Silo) -> Message:
         privacy = SiloPrivacy(silo.privacy)
         q = sample_rate_for(len(examples), local.batch_size)
         planned = P.as_int(cfg[P.PLANNED_ROUNDS], P.PLANNED_ROUNDS) * local.local_steps
-        sigma = privacy.noise_multiplier(str(context.run_id), q, planned)
+        sigma = privacy.noise_multiplier(federation, q, planned)
         step = AccountingStep(noise_multiplier=sigma, sample_rate=q, steps=local.local_steps)
         privacy.check_round(step)  # refuse before any training
         result = train_local(base, examples, int(tok.pad_token_id), local,
                              DPConfig(noise_multiplier=sigma,
                                       max_grad_norm=silo.privacy.max_grad_norm))
-        report, entry = privacy.record_round(step=step, run_id=str(context.run_id),
+        report, entry = privacy.record_round(step=step, run_id=federation,
                                              round_=round_, frame=frame,
                                              liveness=result.liveness)
         metrics.update({P.EPSILON: report.epsilon, P.DELTA: silo.privacy.delta,
@@ -160,8 +201,16 @@ def _train(msg: Message, context: Context, silo: Silo) -> Message:
     if density < 1.0:  # send the change from the start, top-k ternary (ComPEFT-style)
         sent = compress_arrays(sent, upload_reference(start, alpha / rank, keep_local),
                                density)
-    reply = RecordDict({P.ARRAYS: to_record(sent, str(cfg[P.WIRE_DTYPE])),
-                        P.METRICS: MetricRecord(metrics), P.INFO: info})
+    kept = replay.StoredReply(sent, dict(metrics), dict(info))
+    if silo.privacy.private:
+        replay.save_reply(state_dir, federation, round_, fingerprints, kept)
+    return _reply(msg, kept, str(cfg[P.WIRE_DTYPE]))
+
+
+def _reply(msg: Message, kept: replay.StoredReply, wire_dtype: str) -> Message:
+    reply = RecordDict({P.ARRAYS: to_record(kept.arrays, wire_dtype),
+                        P.METRICS: MetricRecord(kept.metrics),
+                        P.INFO: ConfigRecord(kept.info)})
     return Message(reply, reply_to=msg)
 
 

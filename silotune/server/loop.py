@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import random
@@ -30,7 +29,14 @@ from silotune import strategies
 from silotune.assets import resolve_model
 from silotune.config import RunConfig
 from silotune.lm import evaluate, load_model
-from silotune.merge import apply_update, as_received, module_shapes, update_to_arrays
+from silotune.merge import (
+    apply_update,
+    as_received,
+    module_shapes,
+    update_from_arrays,
+    update_to_arrays,
+)
+from silotune.server import checkpoint
 from silotune.server.report import write_report
 from silotune.server.validate import Expected, validate_reply
 from silotune.simulations.federation import federated_task
@@ -42,7 +48,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 NODE_WAIT_SECONDS = 120.0
 NODE_SETTLE_SECONDS = 10.0
-ROUND_TIMEOUT_SECONDS = 3600.0
+REJOIN_HELLO_SECONDS = 60.0
 
 
 @dataclass
@@ -67,14 +73,15 @@ class _GlobalState:
         version = len(self.fingerprints) + 1
         received = as_received(update, wire_dtype)
         new = update_to_arrays(received, f"{P.UPDATE_PREFIX}{version}/")
-        digest = hashlib.sha256()
-        for key in sorted(new):
-            digest.update(key.encode())
-            digest.update(new[key].tobytes())
         self.arrays.update(new)
         self.scales[str(version)] = update.scale
-        self.fingerprints.append(digest.hexdigest())
+        self.fingerprints.append(checkpoint.round_digest(new))
         return received
+
+    def updates(self) -> list[LowRankUpdate]:
+        """The merged rounds' updates, in order (as the silos decode them)."""
+        return [update_from_arrays(self.arrays, f"{P.UPDATE_PREFIX}{t}/", self.scales[str(t)])
+                for t in range(1, len(self.fingerprints) + 1)]
 
 
 def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> dict[str, Any]:
@@ -96,31 +103,50 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
         res = evaluate(scored, tok, texts, gold, task.labels, cfg.eval_batch_size)
         return res.accuracy, res.loss
 
-    t0 = time.monotonic()
-    base_accuracy, base_loss = held_out(None)
-    progress(f"[base] held-out accuracy {base_accuracy:.3f}, loss {base_loss:.3f} "
-             f"({len(texts)} examples, {len(task.labels)} labels, "
-             f"{time.monotonic() - t0:.0f} s)")
+    resumed = checkpoint.load(out / "checkpoint", cfg) if cfg.resume else None
+    state = _GlobalState()
+    rng = random.Random(cfg.seed)  # public: fixes which silos are sampled
+    if resumed is None:
+        t0 = time.monotonic()
+        base_accuracy, base_loss = held_out(None)
+        progress(f"[base] held-out accuracy {base_accuracy:.3f}, loss {base_loss:.3f} "
+                 f"({len(texts)} examples, {len(task.labels)} labels, "
+                 f"{time.monotonic() - t0:.0f} s)")
+        federation_id = checkpoint.new_federation_id()
+        metrics: dict[str, Any] = {
+            "config": cfg.to_json_dict(), "private": cfg.private,
+            "base_accuracy": base_accuracy, "base_loss": base_loss, "rounds": []}
+    else:
+        state = _GlobalState(resumed.arrays, resumed.scales, resumed.fingerprints,
+                             resumed.adapter)
+        for update in state.updates():  # the global base as of the checkpoint
+            apply_update(model, update)
+        rng.setstate(resumed.rng_state)
+        federation_id, metrics = resumed.federation_id, resumed.metrics
+        progress(f"[resume] {federation_id}: rounds 1-{resumed.round} of {cfg.rounds} "
+                 f"restored from {out / 'checkpoint'}")
+    metrics["federation_id"] = federation_id
+    last = metrics["rounds"][-1] if metrics["rounds"] else {}
+    epsilon: dict[str, float] = dict(last.get("epsilon", {}))
+    limits: dict[str, float] = dict(last.get("epsilon_limit", {}))
     silos = _hello(grid, cfg)
     rule.setup({s: v.rank for s, v in silos.items()}, shapes, cfg.seed)
+    for s, rank in (resumed.ranks if resumed else {}).items():
+        if s in silos:
+            silos[s].rank = rank
     progress(f"[hello] {len(silos)} silos: " + ", ".join(
         f"{s} (n={v.num_examples}, r={v.rank})" for s, v in sorted(silos.items())))
-    metrics: dict[str, Any] = {
-        "config": cfg.to_json_dict(), "private": cfg.private,
-        "base_accuracy": base_accuracy, "base_loss": base_loss, "rounds": []}
-    state = _GlobalState()
-    epsilon: dict[str, float] = {}
-    limits: dict[str, float] = {}
-    rng = random.Random(cfg.seed)  # public: fixes which silos are sampled
-    for round_ in range(1, cfg.rounds + 1):
+    for round_ in range(len(metrics["rounds"]) + 1, cfg.rounds + 1):
+        _rejoin(grid, silos)
         start = time.monotonic()
         k = min(len(silos), max(cfg.min_replies, round(cfg.fraction_train * len(silos))))
         sampled = sorted(rng.sample(sorted(silos), k))
         plans = {s: _on_wire(rule.plan(s, silos[s].rank, state.adapter, round_),
                              cfg.wire_dtype) for s in sampled}
-        messages = [_train_message(cfg, round_, silos[s], plans[s], state) for s in sampled]
+        messages = [_train_message(cfg, round_, silos[s], plans[s], state, federation_id)
+                    for s in sampled]
         bytes_down = sum(m.content.array_records[P.ARRAYS].count_bytes() for m in messages)
-        replies = grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_SECONDS)
+        replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
         adapters, excluded, bytes_up = _collect(cfg, silos, shapes, plans, replies)
         for a_silo, reply_metrics in adapters.values():
             if P.EPSILON in reply_metrics:
@@ -147,7 +173,11 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
                "ranks": {s: v.rank for s, v in sorted(silos.items())}}
         metrics["rounds"].append(row)
         _write_json(out / "metrics.json", metrics)
-        _write_checkpoint(out / "checkpoint", round_, state)
+        checkpoint.save(out / "checkpoint", checkpoint.Checkpoint(
+            round=round_, federation_id=federation_id, config=cfg.to_json_dict(),
+            arrays=state.arrays, scales=state.scales, fingerprints=state.fingerprints,
+            adapter=state.adapter, rng_state=rng.getstate(),
+            ranks={s: v.rank for s, v in silos.items()}, metrics=metrics))
         eps_text = f", epsilon max {max(epsilon.values()):.3f}" if epsilon else ""
         progress(f"[round {round_}/{cfg.rounds}] accuracy {accuracy:.3f}, loss {loss:.3f}"
                  f"{eps_text}, {len(valid)}/{len(sampled)} silos, "
@@ -176,9 +206,16 @@ def _hello(grid: Grid, cfg: RunConfig) -> dict[str, _Silo]:
     if len(nodes) < cfg.min_replies:
         raise RuntimeError(f"only {len(nodes)} silos connected within {NODE_WAIT_SECONDS:.0f}"
                            f" s; need at least {cfg.min_replies}")
+    found = _ask_hello(grid, nodes, NODE_WAIT_SECONDS)
+    return {s: _Silo(node, n, cfg.rank_of(i))
+            for i, (s, (node, n)) in enumerate(sorted(found.items()))}
+
+
+def _ask_hello(grid: Grid, nodes: Iterable[int], timeout: float) -> dict[str, tuple[int, int]]:
+    """silo id -> (node id, example count) of the `nodes` that answer the hello."""
     asks = [Message(RecordDict(), dst_node_id=n, message_type=P.QUERY_HELLO) for n in nodes]
     found: dict[str, tuple[int, int]] = {}
-    for reply in grid.send_and_receive(asks, timeout=NODE_WAIT_SECONDS):
+    for reply in grid.send_and_receive(asks, timeout=timeout):
         if reply.has_error():
             log.warning("node %s failed the hello: %s", reply.metadata.src_node_id,
                         reply.error.reason)
@@ -189,14 +226,28 @@ def _hello(grid: Grid, cfg: RunConfig) -> dict[str, _Silo]:
         if silo in found:
             raise RuntimeError(f"two nodes claim silo id '{silo}'; silo ids must be unique")
         found[silo] = (reply.metadata.src_node_id, n)
-    return {s: _Silo(node, n, cfg.rank_of(i))
-            for i, (s, (node, n)) in enumerate(sorted(found.items()))}
+    return found
+
+
+def _rejoin(grid: Grid, silos: dict[str, _Silo]) -> None:
+    """Find silos that came back under a new node id (an agent restarted without node
+    authentication registers anew); a silo that keeps its node id (registered key)
+    simply answers the next round. Silos unknown at the start are not added."""
+    known = {v.node_id for v in silos.values()}
+    new = sorted(set(grid.get_node_ids()) - known)
+    if not new:
+        return
+    for silo, (node, n) in _ask_hello(grid, new, REJOIN_HELLO_SECONDS).items():
+        if silo in silos:
+            log.warning("silo %s rejoined as node %s", silo, node)
+            silos[silo].node_id, silos[silo].num_examples = node, n
 
 
 def _train_message(cfg: RunConfig, round_: int, silo: _Silo, plan: SiloPlan,
-                   state: _GlobalState) -> Message:
+                   state: _GlobalState, federation_id: str) -> Message:
     config = ConfigRecord({
-        P.ROUND: round_, P.RANK: plan.rank, P.ALPHA: _alpha(cfg, plan.rank),
+        P.ROUND: round_, P.FEDERATION_ID: federation_id,
+        P.RANK: plan.rank, P.ALPHA: _alpha(cfg, plan.rank),
         P.TARGETS: ",".join(cfg.lora_targets), P.LOCAL_STEPS: cfg.local_steps,
         P.PLANNED_ROUNDS: cfg.rounds, P.BATCH_SIZE: cfg.batch_size,
         P.LEARNING_RATE: cfg.learning_rate, P.RUN_SEED: cfg.seed,
@@ -271,15 +322,3 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
     tmp.replace(path)
-
-
-def _write_checkpoint(folder: Path, round_: int, state: _GlobalState) -> None:
-    """Global update history (enough to rebuild the global base from the original)."""
-    tmp = folder / "updates.tmp.npz"
-    np.savez(tmp, allow_pickle=False, **state.arrays)
-    tmp.replace(folder / "updates.npz")
-    if state.adapter is not None:
-        np.savez(tmp, allow_pickle=False, **update_to_arrays(state.adapter, ""))
-        tmp.replace(folder / "adapter.npz")
-    _write_json(folder / "state.json", {"round": round_, "scales": state.scales,
-                                        "fingerprints": state.fingerprints})

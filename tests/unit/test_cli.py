@@ -59,9 +59,10 @@ def test_out_of_range_flag_names_the_key(capsys, tmp_path):
     assert code == 2 and "rounds" in text
 
 
-def test_planned_job_says_so(capsys):
-    code, text = _run(capsys, "coordinator")
-    assert code == 2 and "Not available yet" in text
+def test_coordinator_without_certificates_refuses(capsys, tmp_path):
+    code, text = _run(capsys, "coordinator", "--state-dir", str(tmp_path / "state"))
+    assert code == 2 and "--insecure" in text and "silotune certs" in text
+    assert not (tmp_path / "state").exists()  # refused before creating anything
 
 
 def test_audit_missing_ledger(capsys, tmp_path):

@@ -1,0 +1,1 @@
+"""Deployment: TLS material, coordinator service, silo agents, run submission."""

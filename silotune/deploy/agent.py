@@ -1,0 +1,184 @@
+"""`silotune agent`: one silo's Flower SuperNode, next to the silo's private data.
+
+Before starting ``flower-supernode`` the agent checks, with errors that name the flag to
+fix (notes/flower.md §7.5):
+
+1. its node private key exists and is an EC key Flower accepts (``--key``);
+2. the CA certificate exists and is a certificate (``--ca``);
+3. the coordinator is reachable: TCP connect, retried with exponential backoff, each
+   attempt logged, giving up with a message after ``--max-attempts``;
+4. the coordinator's TLS certificate verifies against the CA for the address dialled
+   (a wrong CA or a certificate for another host name fails here, clearly).
+
+Then it runs the SuperNode with the silo's node config (client/node.py) and watches its
+log: a SuperNode that fails to activate although the coordinator is reachable and
+trusted was refused by node authentication, so the agent stops with "register this key"
+instead of Flower's bare exit code 305.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from silotune.client.node import NodeSettings
+from silotune.deploy import certs
+from silotune.deploy.connection import Connection, DeployError, flower_env, flower_tool
+
+Log = Callable[[str], None]
+CONNECT_TIMEOUT_SECONDS = 5.0
+MAX_BACKOFF_SECONDS = 30.0
+# What flower-supernode 1.41 prints once connected, and when the SuperLink refuses it.
+_ACTIVATED_MARKER = "SuperNode ID:"
+_REFUSED_MARKER = "Failed to activate SuperNode"
+
+
+class AgentError(DeployError):
+    """The agent cannot (or can no longer) serve its silo; the message says why."""
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """One silo agent: where the coordinator is, its credentials and its node config."""
+
+    connection: Connection
+    key: Path | None  # the silo's node private key (None only with insecure)
+    node: NodeSettings
+    max_attempts: int = 8  # connection attempts before giving up
+    backoff_seconds: float = 1.0  # first wait; doubles up to MAX_BACKOFF_SECONDS
+    runtime_port: int | None = None  # local SuperNode <-> ClientApp port (default 9094)
+
+
+def preflight(settings: AgentSettings, log: Log = print) -> None:
+    """Checks 1-4 of the module docstring; raises `AgentError` or `certs.CertsError`."""
+    conn = settings.connection
+    if not conn.insecure:
+        if settings.key is None:
+            raise AgentError("no node private key given: pass --key node.key (from "
+                             "`silotune certs --silo ID`), registered with the coordinator")
+        certs.load_node_key(settings.key)
+        assert conn.ca is not None  # Connection requires it unless insecure
+        certs.load_ca(conn.ca)
+    if not settings.node.data_path.is_file():
+        raise AgentError(f"silo data {settings.node.data_path} does not exist; pass --data "
+                         "with the silo's training file (.jsonl, .json, .csv or .parquet)")
+    settings.node.state_dir.mkdir(parents=True, exist_ok=True)
+    wait_for_coordinator(settings, log)
+    if not conn.insecure:
+        check_tls(conn)
+
+
+def wait_for_coordinator(settings: AgentSettings, log: Log = print) -> None:
+    """TCP-connect to the coordinator, with exponential backoff; give up after
+    `settings.max_attempts` attempts."""
+    conn, wait = settings.connection, settings.backoff_seconds
+    for attempt in range(1, settings.max_attempts + 1):
+        try:
+            with socket.create_connection((conn.host, conn.port),
+                                          timeout=CONNECT_TIMEOUT_SECONDS):
+                return
+        except OSError as err:
+            reason = err.strerror or type(err).__name__
+            if attempt == settings.max_attempts:
+                raise AgentError(
+                    f"coordinator {conn.address} unreachable after {attempt} attempts "
+                    f"({reason}); check --coordinator, that `silotune coordinator` runs "
+                    "there and listens on a reachable --host, and firewalls") from err
+            log(f"[agent] coordinator {conn.address} unreachable ({reason}); attempt "
+                f"{attempt}/{settings.max_attempts}, retrying in {wait:.0f} s")
+            time.sleep(wait)
+            wait = min(MAX_BACKOFF_SECONDS, wait * 2)
+
+
+def check_tls(conn: Connection) -> None:
+    """Verify the coordinator's certificate against the CA for the address dialled."""
+    assert conn.ca is not None
+    context = ssl.create_default_context(cafile=str(conn.ca))
+    try:
+        with socket.create_connection((conn.host, conn.port),
+                                      timeout=CONNECT_TIMEOUT_SECONDS) as sock, \
+                context.wrap_socket(sock, server_hostname=conn.host):
+            return
+    except ssl.SSLCertVerificationError as err:
+        raise AgentError(
+            f"the coordinator's TLS certificate at {conn.address} does not verify against "
+            f"--ca {conn.ca} ({err.verify_message}): use the consortium's ca.crt, and "
+            "make sure the coordinator's certificate names this address (`silotune certs "
+            "--host`)") from err
+    except ssl.SSLError as err:
+        raise AgentError(f"TLS handshake with {conn.address} failed ({err.reason}); is the "
+                         "coordinator running with TLS (not --insecure)?") from err
+    except OSError as err:
+        raise AgentError(f"coordinator {conn.address} closed the connection during the "
+                         f"TLS check ({err})") from err
+
+
+def supernode_command(settings: AgentSettings) -> list[str]:
+    """The ``flower-supernode`` command line for `settings`."""
+    conn = settings.connection
+    cmd = [flower_tool("flower-supernode"), "--superlink", conn.address,
+           "--node-config", settings.node.to_node_config()]
+    if settings.runtime_port is not None:
+        cmd += ["--port", str(settings.runtime_port)]
+    if conn.insecure:
+        return [*cmd, "--insecure"]
+    assert conn.ca is not None and settings.key is not None
+    return [*cmd, "--root-certificates", str(conn.ca),
+            "--auth-supernode-private-key", str(settings.key)]
+
+
+def run(settings: AgentSettings, log: Log = print) -> int:
+    """Preflight, then run the SuperNode until it stops; returns its exit code."""
+    preflight(settings, log)
+    node = settings.node
+    log(f"[agent] silo {node.silo_id}: data {node.data_path}, state {node.state_dir}, "
+        f"budget epsilon {node.epsilon if node.epsilon is not None else '(run target)'}, "
+        f"coordinator {settings.connection.address}"
+        + (" INSECURE" if settings.connection.insecure else " (TLS, node key)"))
+    home = node.state_dir / "flwr"
+    home.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(supernode_command(settings), env=flower_env(home),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    activated, refused = False, False
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            activated = activated or _ACTIVATED_MARKER in line
+            refused = refused or (not activated and _REFUSED_MARKER in line)
+        code = proc.wait()
+    finally:
+        forward(signal.SIGTERM, None)
+    if code != 0 and refused:
+        raise AgentError(_refused_message(settings))
+    return code
+
+
+def _refused_message(settings: AgentSettings) -> str:
+    if settings.connection.insecure:
+        return (f"the coordinator {settings.connection.address} refused this SuperNode; "
+                "is it running with TLS (then drop --insecure and pass --ca and --key)?")
+    return (f"the coordinator {settings.connection.address} is reachable and its certificate "
+            f"verifies, but it refused this silo's key {settings.key}: the key is not "
+            "registered. Send node.pub to the coordinator's operator, who runs `silotune "
+            "coordinator register-silo node.pub`, then start the agent again")

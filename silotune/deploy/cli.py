@@ -1,0 +1,158 @@
+"""Arguments of the deployment jobs: certs, coordinator, agent, run (thin wrappers)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from silotune.client.node import PROFILES, NodeSettings
+from silotune.deploy.certs import CertsError
+from silotune.deploy.connection import Connection, DeployError
+
+
+def _connection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator", default="127.0.0.1:9093", metavar="HOST:PORT",
+                   help="the coordinator's address as the silos dial it (%(default)s)")
+    p.add_argument("--ca", type=Path, metavar="CA_CRT",
+                   help="the consortium CA certificate (ca.crt from `silotune certs`)")
+    p.add_argument("--insecure", action="store_true",
+                   help="no TLS (only for a coordinator started with --insecure)")
+
+
+def add_deploy_parsers(sub: Any) -> None:
+    """Add the certs, coordinator, agent and run sub-commands to `sub`."""
+    c = sub.add_parser(
+        "certs", help="create the CA, the coordinator's TLS certificate and silo key pairs",
+        description="Create TLS and node-authentication material with safe permissions "
+        "(private keys 0600). Existing files are kept, never overwritten.")
+    c.add_argument("--out", type=Path, required=True, help="folder for the material")
+    c.add_argument("--host", action="append", default=[], metavar="NAME_OR_IP",
+                   help="a host name or IP the silos dial to reach the coordinator "
+                   "(repeat for several); creates the CA and coordinator certificate")
+    c.add_argument("--silo", action="append", default=[], metavar="ID",
+                   help="create silos/ID/node.key and node.pub (repeat for several)")
+
+    co = sub.add_parser(
+        "coordinator", help="start the coordinator service (Flower SuperLink with TLS, node "
+        "authentication and a persistent state database)",
+        description="Start the coordinator (Flower SuperLink) in the foreground. Refuses "
+        "to start without TLS certificates unless --insecure is given.")
+    co.add_argument("--state-dir", type=Path, default=Path("coordinator-state"),
+                    help="state database and Flower config (%(default)s)")
+    co.add_argument("--certs", type=Path, help="folder made by `silotune certs --host ...`")
+    co.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on; 0.0.0.0 for silos on other machines "
+                    "(%(default)s)")
+    co.add_argument("--port", type=int, default=9093, help="port to listen on (%(default)s)")
+    co.add_argument("--insecure", action="store_true",
+                    help="run WITHOUT TLS and node authentication (tests only; warns)")
+    co_sub = co.add_subparsers(dest="action", metavar="ACTION")
+    reg = co_sub.add_parser("register-silo", help="allow a silo's node key to join")
+    reg.add_argument("public_key", type=Path, metavar="PUBKEY", help="the silo's node.pub")
+    reg.add_argument("--name", help="a name for the silo in `flwr supernode list`")
+
+    a = sub.add_parser(
+        "agent", help="run a silo client agent (Flower SuperNode) next to the silo's "
+        "private data",
+        description="Run one silo's agent. Checks the key, the CA and the coordinator "
+        "(with retries and backoff) before starting the Flower SuperNode.")
+    _connection_args(a)
+    a.add_argument("--key", type=Path, help="the silo's node private key (node.key)")
+    a.add_argument("--silo-id", required=True, help="the silo's name in metrics and ledgers")
+    a.add_argument("--data", type=Path, required=True,
+                   help="the silo's private training data (.jsonl/.json/.csv/.parquet)")
+    a.add_argument("--state-dir", type=Path, required=True,
+                   help="the silo's ledger, signing key and last reply")
+    a.add_argument("--epsilon", type=float,
+                   help="the silo's total epsilon budget (default: the run's target)")
+    a.add_argument("--delta", type=float, help="the silo's DP delta (default: the run's)")
+    a.add_argument("--profile", choices=PROFILES, default="cpu",
+                   help="resource profile (%(default)s)")
+    a.add_argument("--max-attempts", type=int, default=8,
+                   help="connection attempts before giving up (%(default)s)")
+    a.add_argument("--backoff", type=float, default=1.0,
+                   help="first wait between attempts in seconds, doubling (%(default)s)")
+    a.add_argument("--runtime-port", type=int,
+                   help="local SuperNode-ClientApp port, unique per agent on one machine "
+                   "(Flower's default 9094)")
+
+    r = sub.add_parser(
+        "run", help="submit a federation run to a deployed coordinator and stream its "
+        "progress",
+        description="Submit the silotune app to a coordinator with the given run config "
+        "(keys of [tool.flwr.app.config], e.g. -c num-server-rounds=3) and stream its "
+        "log. OUT is a folder on the coordinator's machine.")
+    _connection_args(r)
+    r.add_argument("-c", "--config", action="append", default=[], metavar="KEY=VALUE",
+                   help="a run-config value (repeat), e.g. -c target-epsilon=4")
+    r.add_argument("--out", type=Path, required=True,
+                   help="output folder on the coordinator's machine")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the run whose checkpoint is in OUT/checkpoint")
+    r.add_argument("--app", type=Path, help="the silotune app folder (default: this "
+                   "checkout)")
+
+
+def run_deploy_job(args: argparse.Namespace) -> int:
+    """Run the deployment job `args.job`; returns the exit code."""
+    if args.job == "certs":
+        return _certs(args)
+    if args.job == "coordinator":
+        return _coordinator(args)
+    if args.job == "agent":
+        return _agent(args)
+    return _run(args)
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from silotune.deploy.certs import create_material
+
+    if not args.host and not args.silo:
+        raise CertsError("nothing to create: pass --host NAME_OR_IP (CA and coordinator "
+                         "certificate) and/or --silo ID (a silo's node key pair)")
+    for line in create_material(args.out, args.host, args.silo).lines():
+        print(line)
+    return 0
+
+
+def _coordinator(args: argparse.Namespace) -> int:
+    from silotune.deploy.coordinator import CoordinatorSettings, register_silo, start
+
+    settings = CoordinatorSettings(state_dir=args.state_dir, certs_dir=args.certs,
+                                   host=args.host, port=args.port, insecure=args.insecure)
+    if args.action == "register-silo":
+        return register_silo(settings, args.public_key, args.name)
+    return start(settings)
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from silotune.deploy.agent import AgentSettings, run
+
+    node = NodeSettings(silo_id=args.silo_id, data_path=args.data, state_dir=args.state_dir,
+                        epsilon=args.epsilon, delta=args.delta, profile=args.profile)
+    settings = AgentSettings(
+        connection=Connection(args.coordinator, args.ca, args.insecure), key=args.key,
+        node=node, max_attempts=max(1, args.max_attempts), backoff_seconds=args.backoff,
+        runtime_port=args.runtime_port)
+    return run(settings, lambda line: print(line, flush=True))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from silotune.deploy.submit import build_config, submit
+
+    overrides: dict[str, Any] = {}
+    for item in args.config:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise DeployError(f"-c {item!r}: expected KEY=VALUE, e.g. -c num-server-rounds=3")
+        overrides[key.strip()] = value.strip().strip('"')
+    cfg = build_config(overrides, args.out, args.resume)
+    if not cfg.private:
+        print("[run] NON-PRIVATE run (target-epsilon = inf): no DP guarantee for any silo "
+              "that follows the run's target", flush=True)
+    code = submit(cfg, Connection(args.coordinator, args.ca, args.insecure), args.app)
+    print(f"[run] flwr run exited with {code}; results in {cfg.out_dir} on the coordinator",
+          file=sys.stderr if code else sys.stdout)
+    return code

@@ -1,0 +1,164 @@
+"""The coordinator's checkpoint after every round, and resuming from it.
+
+Flower's `Strategy.start` cannot resume (notes/flower.md §2, §7.6), so the round loop
+writes, after each completed round, everything needed to continue as if never stopped:
+
+- ``updates.npz``: the merged global updates ``round-<t>/<module>.lora_{A,B}`` (append
+  only: the global base is the original base plus these, in order);
+- ``adapter.npz``: the global adapter that FedIT-family rules carry on top of the base;
+- ``state.json`` (written last, atomically): the round, the federation id the silos
+  record in their ledgers, the update scales and fingerprints, the sampling RNG state,
+  each silo's current rank, the run config and the metrics so far.
+
+A restarted coordinator given ``resume = true`` (``silotune run --resume``) loads this,
+rebuilds the global base and continues at the next round with the same federation id,
+so no silo trains a completed round again and a non-private run ends with the same
+global state as an uninterrupted one (the RNG state covers silo sampling; training is
+seeded by the public run seed; DP noise never is, DESIGN.md convention 11).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from silotune.config import ConfigError, RunConfig
+from silotune.merge import update_from_arrays, update_to_arrays
+from silotune.strategies.base import LowRankUpdate
+
+STATE = "state.json"
+UPDATES = "updates.npz"
+ADAPTER = "adapter.npz"
+VERSION = 1
+# Keys that may differ between the interrupted run and its resumption.
+_FREE_KEYS = frozenset({"out_dir", "resume"})
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is unreadable, torn, or belongs to another run."""
+
+
+@dataclass
+class Checkpoint:
+    """The global state after round `round` (see the module docstring)."""
+
+    round: int
+    federation_id: str
+    config: dict[str, Any]
+    arrays: dict[str, np.ndarray]  # the update history, "round-<t>/<module>.lora_{A,B}"
+    scales: dict[str, float]  # "<t>" -> scale of round t's update
+    fingerprints: list[str]  # sha256 of each merged round, in order
+    adapter: LowRankUpdate | None
+    rng_state: Any  # random.Random.getstate() of the silo sampler
+    ranks: dict[str, int]
+    metrics: dict[str, Any]  # metrics.json as of this round
+
+
+def new_federation_id() -> str:
+    """A fresh id for one federation, kept across coordinator restarts."""
+    return f"fed-{secrets.token_hex(8)}"
+
+
+def save(folder: Path, ckpt: Checkpoint) -> None:
+    """Write `ckpt` under `folder`; ``state.json`` last, so a crash leaves the previous
+    round's state readable (the update history only grows)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "checkpoint.tmp.npz"
+    np.savez(tmp, allow_pickle=False, **ckpt.arrays)
+    tmp.replace(folder / UPDATES)
+    adapter_digest = None
+    if ckpt.adapter is not None:
+        adapter_arrays = update_to_arrays(ckpt.adapter, "")
+        np.savez(tmp, allow_pickle=False, **adapter_arrays)
+        tmp.replace(folder / ADAPTER)
+        adapter_digest = _digest(adapter_arrays)
+    state = {
+        "version": VERSION, "round": ckpt.round, "federation_id": ckpt.federation_id,
+        "scales": ckpt.scales, "fingerprints": ckpt.fingerprints,
+        "adapter_scale": ckpt.adapter.scale if ckpt.adapter is not None else None,
+        "adapter_sha256": adapter_digest,
+        "rng_state": [ckpt.rng_state[0], list(ckpt.rng_state[1]), ckpt.rng_state[2]],
+        "ranks": ckpt.ranks, "config": ckpt.config, "metrics": ckpt.metrics}
+    text = json.dumps(state, indent=1, allow_nan=False) + "\n"
+    (folder / "state.tmp").write_text(text)
+    (folder / "state.tmp").replace(folder / STATE)
+
+
+def load(folder: Path, cfg: RunConfig) -> Checkpoint | None:
+    """The checkpoint in `folder` for run `cfg`, or None when there is none yet.
+
+    Raises
+    ------
+    CheckpointError
+        The files are unreadable or inconsistent.
+    ConfigError
+        The checkpoint was written by a run with a different configuration.
+    """
+    path = folder / STATE
+    if not path.exists():
+        return None
+    try:
+        state = json.loads(path.read_text())
+        with np.load(folder / UPDATES, allow_pickle=False) as data:
+            stored = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read the checkpoint in {folder}: {err}") from err
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {state.get('version')}, this "
+                              f"silotune reads version {VERSION}")
+    _check_config(state["config"], cfg, folder)
+    round_ = int(state["round"])
+    # Updates of a round after `round_` may exist if the coordinator died while saving.
+    arrays = {k: v for k, v in stored.items()
+              if int(k[len("round-"):].partition("/")[0]) <= round_}
+    fingerprints = [str(f) for f in state["fingerprints"]]
+    for t, expected in enumerate(fingerprints, start=1):
+        found = _digest({k: v for k, v in arrays.items() if k.startswith(f"round-{t}/")})
+        if found != expected:
+            raise CheckpointError(f"{folder / UPDATES}: round {t}'s update does not match "
+                                  "its fingerprint in state.json; the checkpoint is damaged")
+    adapter = None
+    if state["adapter_sha256"] is not None:
+        with np.load(folder / ADAPTER, allow_pickle=False) as data:
+            adapter_arrays = {k: data[k] for k in data.files}
+        if _digest(adapter_arrays) != state["adapter_sha256"]:
+            raise CheckpointError(f"{folder / ADAPTER} does not match state.json (the "
+                                  "coordinator stopped while saving); it cannot be resumed")
+        adapter = update_from_arrays(adapter_arrays, "", float(state["adapter_scale"]))
+    version, internal, gauss = state["rng_state"]
+    return Checkpoint(
+        round=round_, federation_id=str(state["federation_id"]), config=state["config"],
+        arrays=arrays, scales={str(k): float(v) for k, v in state["scales"].items()},
+        fingerprints=fingerprints, adapter=adapter,
+        rng_state=(version, tuple(internal), gauss),
+        ranks={str(k): int(v) for k, v in state["ranks"].items()}, metrics=state["metrics"])
+
+
+def round_digest(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over name-sorted arrays (names and bytes): a round update's fingerprint."""
+    return _digest(arrays)
+
+
+def _digest(arrays: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        digest.update(key.encode())
+        digest.update(np.ascontiguousarray(arrays[key]).tobytes())
+    return digest.hexdigest()
+
+
+def _check_config(saved: dict[str, Any], cfg: RunConfig, folder: Path) -> None:
+    now = cfg.to_json_dict()
+    differ = sorted(k for k in set(saved) | set(now)
+                    if k not in _FREE_KEYS and saved.get(k) != now.get(k))
+    if differ:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ)
+        raise ConfigError(f"the checkpoint in {folder} belongs to a run with another "
+                          f"configuration ({detail}); resume with the same settings, or "
+                          "start a new run with another out-dir")
