@@ -22,17 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 RUNS: dict[str, list[str]] = {
+    "private-only": ["--per-label", "0"],
     "feedback": ["--weighting", "feedback"],
     "uniform": ["--weighting", "uniform"],
-    "private-only": ["--per-label", "0"],
 }
 
 
@@ -65,18 +65,23 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "crosslm.json")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs/crosslm-benchmark"),
+                        help="where each run's folder (metrics, synthetic.jsonl, ledgers) "
+                        "is kept (%(default)s)")
     parser.add_argument("extra", nargs="*", help="flags passed to every run (after --)")
     args = parser.parse_args()
     common = ["--rounds", str(args.rounds), *args.extra]
     rows: list[dict[str, Any]] = [{
         "header": True, "machine": platform.machine(), "python": platform.python_version(),
         "command": "silotune simulate --mode crosslm " + " ".join(common)}]
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.runs:
-            rows.append(run(name, common, Path(tmp) / name))
-            print(json.dumps(rows[-1]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    for name in args.runs:
+        out = args.runs_dir / name
+        if out.exists():
+            shutil.rmtree(out)  # a fresh run: fresh ledgers, fresh SLMs
+        rows.append(run(name, common, out))
+        print(json.dumps(rows[-1]), flush=True)
+        args.out.write_text(json.dumps(rows, indent=1) + "\n")  # partial results survive
     print(f"wrote {args.out}")
 
 

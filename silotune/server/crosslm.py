@@ -44,6 +44,7 @@ from silotune.strategies.crosslm import (
     summarise,
 )
 from silotune.synthetic import (
+    SUBJECTS,
     LLMUpdateConfig,
     SyntheticExample,
     generate_examples,
@@ -56,6 +57,7 @@ TRAIN_SLM = f"{MessageType.TRAIN}.{P.TRAIN_SLM}"
 QUERY_SCORE = f"{MessageType.QUERY}.{P.QUERY_SCORE}"
 FEEDBACK_METRICS = frozenset({P.SCORES, P.NUM_EXAMPLES, P.SLM_DP})
 FEEDBACK_INFO = frozenset({P.SILO_ID, P.LEDGER_HEAD})
+GENERAL_TEXTS = 20  # held-out BBC News openings for the LLM's general-text perplexity
 
 
 def validate_feedback(reply: Message, expected: int, private_run: bool) -> tuple[list[float], int]:
@@ -94,7 +96,8 @@ def run_crosslm(grid: Grid, cfg: RunConfig, progress: Progress = print) -> dict[
     task = federated_task(cfg)
     labels = list(task.labels)
     texts, gold = list(task.test["text"]), list(task.test["label"])
-    general = general_text()
+    general = general_text(GENERAL_TEXTS)
+    subject = SUBJECTS.get(cfg.dataset, "text")
 
     def llm_eval() -> tuple[float, float, float]:
         res = evaluate(llm, tok, texts, gold, labels, cfg.eval_batch_size)
@@ -125,7 +128,8 @@ def run_crosslm(grid: Grid, cfg: RunConfig, progress: Progress = print) -> dict[
         excluded: list[dict[str, str]] = []
         if round_ > 0 and cfg.crosslm_per_label > 0:
             examples = generate_examples(llm, tok, labels, cfg.crosslm_per_label,
-                                         cfg.max_new_tokens, seed=cfg.seed * 1009 + round_)
+                                         cfg.max_new_tokens, seed=cfg.seed * 1009 + round_,
+                                         subject=subject)
             feedback, excluded = _feedback(grid, cfg, silos, round_, labels, examples, row)
             if feedback is None:
                 progress(f"[round {round_}] no valid feedback: LLM unchanged, no synthetic "
@@ -136,7 +140,7 @@ def run_crosslm(grid: Grid, cfg: RunConfig, progress: Progress = print) -> dict[
                 weights = example_weights(feedback, cfg.crosslm_weighting)
                 llm, llm_loss = update_llm(llm, tok, examples, weights, LLMUpdateConfig(
                     steps=cfg.llm_steps, learning_rate=cfg.llm_learning_rate,
-                    seed=cfg.seed * 1009 + round_))
+                    seed=cfg.seed * 1009 + round_, subject=subject))
                 kept = [e for e, k in zip(examples, keep, strict=True) if k]
                 row.update(summarise(feedback, keep).to_dict())
                 row["llm_train_loss"] = llm_loss

@@ -25,6 +25,7 @@ from silotune.server.crosslm import QUERY_SCORE, TRAIN_SLM, validate_feedback
 from silotune.strategies.crosslm import FeedbackRefusedError
 from tests.conftest import TOY_LABELS
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _task_identity():
     """Flower stamps new Messages with the running task's ids; act as run 7, node 1."""
