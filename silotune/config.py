@@ -60,6 +60,18 @@ class RunConfig:
     upload_density: float = 1.0  # < 1: ComPEFT-style top-k ternary compression of uploads
     max_update_norm: float = 1000.0  # replies with ||s B A||_F above this are excluded
     seed: int = 0
+    # Run mode: "lora" (federated LoRA) or "crosslm" (mutual enhancement of the central
+    # LLM `model` and silo SLMs `slm`, silotune/server/crosslm.py).
+    mode: str = "lora"
+    slm: str = "minilm-l6"  # crosslm: silo classifier (registered name or encoder folder)
+    slm_steps: int = 20  # crosslm: DP-SGD steps per SLM training (and synthetic steps)
+    slm_learning_rate: float = 0.05
+    crosslm_per_label: int = 4  # synthetic examples per label per round (0: private only)
+    crosslm_threshold: float = 0.1  # keep synthetic examples with feedback >= this
+    crosslm_weighting: str = "feedback"  # LLM update: "feedback" or "uniform" (ablation)
+    llm_steps: int = 10  # crosslm: LoRA steps of the central LLM per round
+    llm_learning_rate: float = 1e-3
+    max_new_tokens: int = 20
     out_dir: str = "runs/latest"
     round_timeout: float = 3600.0  # seconds to wait for a round's replies; late silos dropped
     resume: bool = False  # continue from out_dir/checkpoint (server/checkpoint.py)
@@ -93,6 +105,21 @@ class RunConfig:
                "fp16 or fp32")
         _check(0.0 < self.upload_density <= 1.0, "upload_density", self.upload_density,
                "(0, 1]; 1 means no compression")
+        _check(self.mode in ("lora", "crosslm"), "mode", self.mode, "lora or crosslm")
+        _check(self.slm_steps >= 1, "slm_steps", self.slm_steps, ">= 1")
+        _check(0.0 < self.slm_learning_rate < 1.0, "slm_learning_rate",
+               self.slm_learning_rate, "(0, 1)")
+        _check(self.crosslm_per_label >= 0, "crosslm_per_label", self.crosslm_per_label,
+               ">= 0 (0: SLMs on private data only)")
+        _check(0.0 <= self.crosslm_threshold <= 1.0, "crosslm_threshold",
+               self.crosslm_threshold, "[0, 1]")
+        _check(self.crosslm_weighting in ("feedback", "uniform"), "crosslm_weighting",
+               self.crosslm_weighting, "feedback or uniform")
+        _check(self.llm_steps >= 1, "llm_steps", self.llm_steps, ">= 1")
+        _check(0.0 < self.llm_learning_rate < 1.0, "llm_learning_rate",
+               self.llm_learning_rate, "(0, 1)")
+        _check(1 <= self.max_new_tokens <= 512, "max_new_tokens", self.max_new_tokens,
+               "[1, 512]")
         _check(self.max_update_norm > 0, "max_update_norm", self.max_update_norm, "> 0")
         _check(self.round_timeout > 0, "round_timeout", self.round_timeout, "> 0 seconds")
 

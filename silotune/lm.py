@@ -72,13 +72,17 @@ def collate(batch: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Ten
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over sequences of each sequence's mean answer-token cross-entropy."""
+def per_sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each sequence's mean answer-token cross-entropy, (B,)."""
     lg, lb = logits[:, :-1].float(), labels[:, 1:]  # (B, T-1, V), (B, T-1)
     tok = F.cross_entropy(lg.reshape(-1, lg.size(-1)), lb.reshape(-1),
                           ignore_index=IGNORE_INDEX, reduction="none").view(lb.shape)
-    per_seq = tok.sum(1) / (lb != IGNORE_INDEX).sum(1).clamp(min=1)  # (B,)
-    return per_seq.mean()
+    return tok.sum(1) / (lb != IGNORE_INDEX).sum(1).clamp(min=1)  # (B,)
+
+
+def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over sequences of each sequence's mean answer-token cross-entropy."""
+    return per_sequence_losses(logits, labels).mean()
 
 
 def scored_label_ids(tokenizer: PreTrainedTokenizerBase, labels: Sequence[str]) -> list[list[int]]:

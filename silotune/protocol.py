@@ -72,3 +72,14 @@ def as_float(value: object, key: str) -> float:
 def as_tuple(value: object) -> tuple[str, ...]:
     """A comma-separated record value as a tuple of names ("" gives ())."""
     return tuple(part for part in str(value).split(",") if part)
+
+# CrossLM mode (silotune/server/crosslm.py <-> silotune/client/crosslm.py).
+TRAIN_SLM: Final = "slm"  # handler name: message type "train.slm" (SLM training)
+QUERY_SCORE: Final = "score"  # handler name: message type "query.score" (feedback)
+SYNTHETIC: Final = "synthetic"  # JSON [[text, label], ...]: the LLM's public synthetic data
+LABELS: Final = "labels"  # JSON list of the task's labels, in the SLM head's order
+PRIVATE_RUN: Final = "private-run"  # 1, or 0 when the run is marked non-private
+SLM_STEPS: Final = "slm-steps"
+SLM_ACCURACY: Final = "slm-accuracy"  # the silo's SLM on held-out private-style data
+SCORES: Final = "scores"  # p_SLM(y_j | x_j) per synthetic example: a feedback reply's payload
+SLM_DP: Final = "slm-dp"  # 1 when the scoring SLM was trained with DP-SGD

@@ -73,3 +73,30 @@ def toy_dataset_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("toy-data") / "toy.jsonl"
     toy_frame().to_json(path, orient="records", lines=True)
     return path
+
+
+def build_tiny_encoder(path: Path) -> Path:
+    """Save a 2-layer random BERT encoder and a word-level tokenizer (a CrossLM SLM)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    words = set(TOY_LABELS) | set(_FILLER) | {w for ws in _TOY_WORDS.values() for w in ws}
+    vocab = {"[PAD]": 0, "[UNK]": 1}
+    for w in sorted(words):
+        vocab.setdefault(w, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=64, pad_token_id=0)
+    BertModel(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_encoder(tmp_path_factory.mktemp("tiny-bert"))

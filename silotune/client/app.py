@@ -120,6 +120,9 @@ def build_client_app(preset: RunConfig | None = None,
             return Message(Error(code=ERROR_REFUSED, reason=f"{type(err).__name__}: {err}"),
                            reply_to=msg)
 
+    from silotune.client.crosslm import register_crosslm  # CrossLM mode: train.slm, query.score
+
+    register_crosslm(app, preset)
     return app
 
 

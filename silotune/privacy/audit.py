@@ -15,6 +15,10 @@ cross-check of the reported value (notes/privacy.md §3, §6):
 * accountant ``rdp`` (PRV failed): ``eps_pld - 1e-6 <= eps <= eps_rdp (1 + 1e-6)``: the
   reported RDP bound equals a fresh RDP bound and is not below the tight PLD bound.
 
+CrossLM ``feedback`` entries (score releases) are checked by ``verify_ledger`` through
+``silotune.privacy.feedback.check_feedback_entry``: scores only, epsilon_cost exactly 0,
+made by the latest DP-trained model, whose cumulative epsilon they repeat.
+
 Only the final cumulative value is cross-checked with PLD (about 0.5 s per ledger);
 every entry is already recomputed with PRV/RDP by ``verify_ledger``.
 
@@ -72,12 +76,14 @@ class LedgerAudit:
     ok: bool
     signer_key_id: str | None = None
     cross_check_ok: bool | None = field(default=None)
+    feedback_entries: int = 0  # CrossLM score releases (0 epsilon, checked by verify_ledger)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (non-finite numbers become None; safe with ``allow_nan=False``)."""
         return {
             "path": str(self.path), "silo_id": self.silo_id, "ok": self.ok,
             "entries": self.entries, "train_entries": self.train_entries,
+            "feedback_entries": self.feedback_entries,
             "epsilon": _finite(self.epsilon), "epsilon_limit": _finite(self.epsilon_limit),
             "delta": _finite(self.delta), "accountant": self.accountant,
             "independent": {k: _finite(v) for k, v in self.independent.items()},
@@ -280,7 +286,8 @@ def audit_ledger(path: Path | str, public_key: Ed25519PublicKey | None = None) -
                        train_entries=len(train), epsilon=epsilon, epsilon_limit=limit,
                        delta=delta, accountant=accountant, independent=independent,
                        problems=problems, history=_plot_history([e for _, e in train]),
-                       ok=not problems, signer_key_id=signer_id, cross_check_ok=cross_ok)
+                       ok=not problems, signer_key_id=signer_id, cross_check_ok=cross_ok,
+                       feedback_entries=sum(e.get("type") == "feedback" for e in entries))
 
 
 # --------------------------------------------------------------------------- output
@@ -302,7 +309,9 @@ def format_table(audits: Sequence[LedgerAudit]) -> str:
             check = f"{'ok' if a.cross_check_ok else 'FAILED'}" + \
                 (f" (PLD {pld:.4f})" if pld is not None else "")
         rows.append((a.silo_id or a.path.stem,
-                     f"{a.entries} ({a.train_entries} train)" if a.entries else "0",
+                     f"{a.entries} ({a.train_entries} train"
+                     + (f", {a.feedback_entries} feedback)" if a.feedback_entries else ")")
+                     if a.entries else "0",
                      f"{_fmt(a.epsilon)} / {_fmt(a.epsilon_limit, 'g')}",
                      _fmt(a.delta, "g"), a.accountant or "-", check,
                      "OK" if a.ok else "FAILED"))

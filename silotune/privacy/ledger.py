@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from silotune.privacy.accounting import AccountingStep, compute_epsilon, compute_epsilon_rdp
+from silotune.privacy.feedback import check_feedback_entry
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +243,8 @@ def verify_ledger(path: Path, public_key: Ed25519PublicKey | None = None) -> lis
     signature (against ``public_key`` if given, which must then match ``signer_public_key``),
     and for ``type == "train"`` entries: epsilon recomputed from ``accounting_history``
     (PRV or RDP per ``accountant``, within 1e-6 relative), the stored RDP cross-check,
-    epsilon never decreasing, epsilon <= ``epsilon_limit`` and histories only growing.
+    epsilon never decreasing, epsilon <= ``epsilon_limit`` and histories only growing;
+    for ``type == "feedback"`` entries (CrossLM), `check_feedback_entry`.
     """
     path = Path(path)
     if not path.exists():
@@ -253,6 +255,7 @@ def verify_ledger(path: Path, public_key: Ed25519PublicKey | None = None) -> lis
         return [str(exc)]
     problems: list[str] = []
     state: dict[Any, tuple[str, float, list[Any]]] = {}
+    last_train: dict[str, Any] | None = None
     prev = GENESIS_HASH
     for i, e in enumerate(entries):
         label = f"seq {e.get('seq', f'? (line {i + 1})')}"
@@ -288,4 +291,7 @@ def verify_ledger(path: Path, public_key: Ed25519PublicKey | None = None) -> lis
                 _check_train(e, label, state, problems)
             except (AttributeError, KeyError, TypeError, ValueError) as exc:
                 problems.append(f"{label}: train fields: malformed ({exc!r})")
+            last_train = e
+        elif e.get("type") == "feedback":  # CrossLM: a post-processing release, 0 epsilon
+            check_feedback_entry(e, label, last_train, problems)
     return problems

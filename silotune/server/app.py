@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from silotune.config import RunConfig
+from silotune.server.crosslm import run_crosslm
 from silotune.server.loop import Progress, run_federation
+
+# Run modes (RunConfig.mode): the coordinator's workflow for each.
+WORKFLOWS: dict[str, Callable[[Grid, RunConfig, Progress], dict[str, Any]]] = {
+    "lora": run_federation,
+    "crosslm": run_crosslm,
+}
 
 
 def build_server_app(preset: RunConfig | None = None, progress: Progress = print) -> ServerApp:
@@ -17,7 +27,7 @@ def build_server_app(preset: RunConfig | None = None, progress: Progress = print
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = preset or RunConfig.from_mapping(context.run_config)
-        run_federation(grid, cfg, progress)
+        WORKFLOWS[cfg.mode](grid, cfg, progress)
 
     return app
 

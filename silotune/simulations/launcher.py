@@ -25,6 +25,11 @@ def simulate(cfg: RunConfig, progress: Progress = print) -> dict[str, Any]:
     ranks = {silo_name(i): cfg.rank_of(i) for i in range(cfg.num_silos)}
     strategies.create(cfg.strategy).setup(ranks, {}, cfg.seed)  # e.g. equal-rank rules
     resolve_model(cfg.model, progress=progress)  # convert once, before workers race for it
+    if cfg.mode == "crosslm":
+        from silotune.assets import general_text, resolve_slm
+
+        resolve_slm(cfg.slm)  # a missing SLM or text package fails here, not in a worker
+        general_text(count=1)
     task = federated_task(cfg)
     sizes = ", ".join(str(len(p)) for p in task.silos)
     progress(f"[data] {cfg.dataset}: {len(task.labels)} labels, held-out {len(task.test)}, "

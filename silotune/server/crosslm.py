@@ -1,0 +1,253 @@
+"""The coordinator's CrossLM workflow on Flower's Grid (``--mode crosslm``).
+
+Round 0: every silo trains its SLM on its private data with DP-SGD ("train.slm").
+Rounds 1..R (strategies/crosslm.py has the math, notes/algorithms.md §7 the design):
+
+1. the central LLM generates `crosslm_per_label` texts for every label;
+2. every silo scores them with its SLM ("query.score") and returns the scores only;
+3. the scores are combined (w_k = n_k / sum n), the LLM gets a feedback-weighted LoRA
+   update (merged), the examples with feedback >= threshold are kept;
+4. every silo trains its SLM on the kept synthetic set plus its private data.
+
+Each round records SLM accuracy (mean and per silo, held-out), LLM task accuracy
+(zero-shot, label likelihood) and perplexity on held-out general text, the synthetic set
+size and mean score into ``metrics.json``; the synthetic sets go to ``synthetic.jsonl``.
+With ``crosslm_per_label = 0`` the same schedule trains the SLMs on private data alone
+(the baseline).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from silotune import protocol as P
+from silotune.assets import general_text, resolve_model
+from silotune.config import RunConfig
+from silotune.lm import evaluate, load_model
+from silotune.server.loop import ROUND_TIMEOUT_SECONDS, Progress, _hello, _write_json
+from silotune.server.report import write_report
+from silotune.simulations.federation import federated_task
+from silotune.strategies.crosslm import (
+    FeedbackRefusedError,
+    aggregate_feedback,
+    check_feedback_allowed,
+    example_weights,
+    keep_mask,
+    summarise,
+)
+from silotune.synthetic import (
+    SUBJECTS,
+    LLMUpdateConfig,
+    SyntheticExample,
+    generate_examples,
+    perplexity,
+    update_llm,
+)
+
+log = logging.getLogger(__name__)
+TRAIN_SLM = f"{MessageType.TRAIN}.{P.TRAIN_SLM}"
+QUERY_SCORE = f"{MessageType.QUERY}.{P.QUERY_SCORE}"
+FEEDBACK_METRICS = frozenset({P.SCORES, P.NUM_EXAMPLES, P.SLM_DP})
+FEEDBACK_INFO = frozenset({P.SILO_ID, P.LEDGER_HEAD})
+GENERAL_TEXTS = 20  # held-out BBC News openings for the LLM's general-text perplexity
+
+
+def validate_feedback(reply: Message, expected: int, private_run: bool) -> tuple[list[float], int]:
+    """The scores and example count of a score reply; raises ValueError (or
+    FeedbackRefusedError) when it carries anything but scores, has the wrong length, values
+    outside [0, 1], or comes from a non-DP SLM in a private run."""
+    content = reply.content
+    if content.array_records:
+        raise ValueError("feedback reply carries arrays (weights or gradients); only scores "
+                         "are accepted")
+    metrics = content.metric_records.get(P.METRICS)
+    if metrics is None or set(content.metric_records) != {P.METRICS}:
+        raise ValueError("feedback reply must hold exactly one metric record 'metrics'")
+    extra = set(metrics) - FEEDBACK_METRICS
+    info = content.config_records.get(P.INFO)
+    extra |= set(content.config_records) - {P.INFO}
+    extra |= set(info or {}) - FEEDBACK_INFO
+    if extra:
+        raise ValueError(f"feedback reply carries unexpected fields {sorted(extra)}")
+    check_feedback_allowed(bool(P.as_int(metrics.get(P.SLM_DP, 0), P.SLM_DP)), private_run)
+    scores = metrics.get(P.SCORES)
+    if not isinstance(scores, list) or len(scores) != expected:
+        raise ValueError(f"feedback reply has {len(scores) if isinstance(scores, list) else 0}"
+                         f" scores, expected {expected}")
+    values = [float(s) for s in scores]
+    if not all(0.0 <= v <= 1.0 for v in values):
+        raise ValueError("feedback scores must be probabilities in [0, 1]")
+    return values, P.as_int(metrics.get(P.NUM_EXAMPLES), P.NUM_EXAMPLES)
+
+
+def run_crosslm(grid: Grid, cfg: RunConfig, progress: Progress = print) -> dict[str, Any]:
+    """Run `cfg.rounds` CrossLM rounds; write metrics.json, synthetic.jsonl, report."""
+    out = Path(cfg.out_dir)
+    (out / "ledgers").mkdir(parents=True, exist_ok=True)
+    llm, tok = load_model(resolve_model(cfg.model, progress=progress))
+    task = federated_task(cfg)
+    labels = list(task.labels)
+    texts, gold = list(task.test["text"]), list(task.test["label"])
+    general = general_text(GENERAL_TEXTS)
+    subject = SUBJECTS.get(cfg.dataset, "text")
+
+    def llm_eval() -> tuple[float, float, float]:
+        res = evaluate(llm, tok, texts, gold, labels, cfg.eval_batch_size)
+        return res.accuracy, res.loss, perplexity(llm, tok, general)
+
+    t0 = time.monotonic()
+    base_acc, base_loss, base_ppl = llm_eval()
+    progress(f"[base LLM] task accuracy {base_acc:.3f}, general-text perplexity "
+             f"{base_ppl:.2f} ({len(texts)} held-out examples, {len(general)} general "
+             f"texts, {time.monotonic() - t0:.0f} s)")
+    silos = _hello(grid, cfg)
+    counts = {s: v.num_examples for s, v in silos.items()}
+    progress(f"[hello] {len(silos)} silos: " + ", ".join(
+        f"{s} (n={n})" for s, n in sorted(counts.items())))
+    metrics: dict[str, Any] = {
+        "config": cfg.to_json_dict(), "private": cfg.private, "mode": "crosslm",
+        "base_accuracy": base_acc, "base_loss": base_loss, "base_perplexity": base_ppl,
+        "rounds": []}
+    synthetic_file = out / "synthetic.jsonl"
+    synthetic_file.unlink(missing_ok=True)
+    kept: list[SyntheticExample] = []
+    epsilon: dict[str, float] = {}
+    limits: dict[str, float] = {}
+    llm_now = {"accuracy": base_acc, "loss": base_loss, "perplexity": base_ppl}
+    for round_ in range(0, cfg.rounds + 1):
+        start = time.monotonic()
+        row: dict[str, Any] = {"round": round_, "bytes_up": 0, "bytes_down": 0}
+        excluded: list[dict[str, str]] = []
+        if round_ > 0 and cfg.crosslm_per_label > 0:
+            examples = generate_examples(llm, tok, labels, cfg.crosslm_per_label,
+                                         cfg.max_new_tokens, seed=cfg.seed * 1009 + round_,
+                                         subject=subject)
+            feedback, excluded = _feedback(grid, cfg, silos, round_, labels, examples, row)
+            if feedback is None:
+                progress(f"[round {round_}] no valid feedback: LLM unchanged, no synthetic "
+                         "data kept")
+                kept = []
+            else:
+                keep = keep_mask(feedback, cfg.crosslm_threshold)
+                weights = example_weights(feedback, cfg.crosslm_weighting)
+                llm, llm_loss = update_llm(llm, tok, examples, weights, LLMUpdateConfig(
+                    steps=cfg.llm_steps, learning_rate=cfg.llm_learning_rate,
+                    seed=cfg.seed * 1009 + round_, subject=subject))
+                kept = [e for e, k in zip(examples, keep, strict=True) if k]
+                row.update(summarise(feedback, keep).to_dict())
+                row["llm_train_loss"] = llm_loss
+                with synthetic_file.open("a", encoding="utf-8") as f:
+                    for e, s, k in zip(examples, feedback, keep, strict=True):
+                        f.write(json.dumps({"round": round_, "text": e.text, "label": e.label,
+                                            "score": float(s), "kept": bool(k)}) + "\n")
+            acc, loss, ppl = llm_eval()
+            llm_now = {"accuracy": acc, "loss": loss, "perplexity": ppl}
+        row.update(llm_now)  # the LLM as it is after this round (unchanged in round 0)
+        slm, slm_excluded = _train_slms(grid, cfg, silos, round_, labels, kept, epsilon,
+                                        limits, row)
+        excluded += slm_excluded
+        row.update({
+            "slm_accuracy": slm,
+            "slm_accuracy_mean": float(np.mean(list(slm.values()))) if slm else 0.0,
+            "epsilon": dict(sorted(epsilon.items())),
+            "epsilon_limit": dict(sorted(limits.items())), "excluded": excluded,
+            "seconds": round(time.monotonic() - start, 3)})
+        metrics["rounds"].append(row)
+        _write_json(out / "metrics.json", metrics)
+        progress(f"[round {round_}/{cfg.rounds}] LLM accuracy {row['accuracy']:.3f}, "
+                 f"perplexity {row['perplexity']:.2f}, synthetic kept "
+                 f"{row.get('synthetic_kept', 0)}/{row.get('synthetic_size', 0)} (mean score "
+                 f"{row.get('mean_score', 0.0):.3f}), SLM accuracy mean "
+                 f"{row['slm_accuracy_mean']:.3f}, {row['seconds']:.0f} s"
+                 + (f", excluded {excluded}" if excluded else ""))
+    write_report(out)
+    return metrics
+
+
+def _feedback(grid: Grid, cfg: RunConfig, silos: dict[str, Any], round_: int,
+              labels: list[str], examples: list[SyntheticExample], row: dict[str, Any]
+              ) -> tuple[np.ndarray | None, list[dict[str, str]]]:
+    """Ask every silo to score `examples`; aggregate the valid replies. Adds the bytes
+    sent (request JSON) and received (8 bytes a score) to `row`."""
+    request = json.dumps([[e.text, e.label] for e in examples])
+    row["bytes_down"] += len(request.encode()) * len(silos)
+    config = ConfigRecord({P.ROUND: round_, P.LABELS: json.dumps(labels),
+                           P.SYNTHETIC: request, P.PRIVATE_RUN: int(cfg.private)})
+    by_node = {v.node_id: s for s, v in silos.items()}
+    asks = [Message(RecordDict({P.CONFIG: config}), dst_node_id=v.node_id,
+                    message_type=QUERY_SCORE) for _, v in sorted(silos.items())]
+    scores: dict[str, list[float]] = {}
+    counts: dict[str, int] = {}
+    excluded: list[dict[str, str]] = []
+    for reply in grid.send_and_receive(asks, timeout=ROUND_TIMEOUT_SECONDS):
+        silo = by_node.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
+        if reply.has_error():
+            excluded.append({"silo": silo, "reason": str(reply.error.reason)})
+            continue
+        try:
+            scores[silo], counts[silo] = validate_feedback(reply, len(examples), cfg.private)
+            row["bytes_up"] += 8 * len(scores[silo])
+        except (FeedbackRefusedError, ValueError) as err:
+            excluded.append({"silo": silo, "reason": f"feedback refused: {err}"})
+    if not scores:
+        return None, excluded
+    return aggregate_feedback(scores, counts), excluded
+
+
+def _train_slms(grid: Grid, cfg: RunConfig, silos: dict[str, Any], round_: int,
+                labels: list[str], kept: list[SyntheticExample], epsilon: dict[str, float],
+                limits: dict[str, float], row: dict[str, Any]
+                ) -> tuple[dict[str, float], list[dict[str, str]]]:
+    """Every silo trains its SLM (kept synthetic set + private data); held-out accuracy.
+    Updates `epsilon` and `limits` per silo and the bytes sent in `row`."""
+    synthetic = json.dumps([[e.text, e.label] for e in kept])
+    row["bytes_down"] += len(synthetic.encode()) * len(silos)
+    config = ConfigRecord({
+        P.ROUND: round_, P.LABELS: json.dumps(labels), P.SYNTHETIC: synthetic,
+        P.SLM_STEPS: cfg.slm_steps, P.BATCH_SIZE: cfg.batch_size,
+        P.LEARNING_RATE: cfg.slm_learning_rate, P.PLANNED_ROUNDS: cfg.rounds + 1})
+    by_node = {v.node_id: s for s, v in silos.items()}
+    asks = [Message(RecordDict({P.CONFIG: config}), dst_node_id=v.node_id,
+                    message_type=TRAIN_SLM) for _, v in sorted(silos.items())]
+    accuracy: dict[str, float] = {}
+    excluded: list[dict[str, str]] = []
+    for reply in grid.send_and_receive(asks, timeout=ROUND_TIMEOUT_SECONDS):
+        silo = by_node.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
+        if reply.has_error():
+            excluded.append({"silo": silo, "reason": str(reply.error.reason)})
+            continue
+        m = reply.content.metric_records[P.METRICS]
+        accuracy[silo] = P.as_float(m[P.SLM_ACCURACY], P.SLM_ACCURACY)
+        if P.EPSILON in m:
+            epsilon[silo] = P.as_float(m[P.EPSILON], P.EPSILON)
+            limits[silo] = P.as_float(m[P.EPSILON_LIMIT], P.EPSILON_LIMIT)
+    return dict(sorted(accuracy.items())), excluded
+
+
+def format_crosslm_table(metrics: dict[str, Any]) -> str:
+    """Plain-text summary of a CrossLM run: one row per round (0 = private data only)."""
+    header = ["round", "LLM acc", "LLM ppl", "SLM acc mean", "kept/size", "mean score",
+              "eps max", "seconds"]
+    rows = [header, ["base", f"{metrics['base_accuracy']:.3f}",
+                     f"{metrics['base_perplexity']:.2f}", "-", "-", "-", "-", "-"]]
+    for r in metrics["rounds"]:
+        eps = list(r["epsilon"].values())
+        rows.append([str(r["round"]), f"{r['accuracy']:.3f}", f"{r['perplexity']:.2f}",
+                     f"{r['slm_accuracy_mean']:.3f}",
+                     f"{r.get('synthetic_kept', 0)}/{r.get('synthetic_size', 0)}",
+                     f"{r.get('mean_score', 0.0):.3f}", f"{max(eps):.3f}" if eps else "-",
+                     f"{r['seconds']:.0f}"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    last = metrics["rounds"][-1]["slm_accuracy"] if metrics["rounds"] else {}
+    lines.append("final SLM accuracy per silo: "
+                 + ", ".join(f"{s} {a:.3f}" for s, a in sorted(last.items())))
+    return "\n".join(lines)
