@@ -79,6 +79,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-update-norm", type=float, default=d.max_update_norm,
                    help="exclude replies whose update norm ||s B A|| exceeds this "
                    "(%(default)s)")
+    from silotune.simulations.partition import PARTITIONERS
+
+    s.add_argument("--partition", default=d.partition, choices=sorted(PARTITIONERS),
+                   help="how the training rows are split over silos: dirichlet (label "
+                   "skew), iid, natural (whole label groups, e.g. ICD chapters, per silo), "
+                   "size (silo sizes skewed) (%(default)s)")
+    s.add_argument("--alpha", type=float, default=d.dirichlet_alpha,
+                   help="Dirichlet concentration of the dirichlet and size partitions; "
+                   "small = strong skew (%(default)s)")
+    s.add_argument("--ray-address", metavar="HOST:PORT",
+                   help="run the silos on this existing Ray cluster (started with `ray "
+                   "start --head`) instead of a private Ray on this machine")
     s.add_argument("--test-size", type=int, default=d.test_size,
                    help="held-out examples for evaluation (%(default)s)")
     s.add_argument("--seed", type=int, default=d.seed,
@@ -137,8 +149,9 @@ def _simulate(args: argparse.Namespace) -> int:
                                                                  ).lora_ranks,
         test_size=args.test_size, seed=args.seed, out_dir=args.out,
         wire_dtype=args.wire_dtype, upload_density=args.compress,
-        max_update_norm=args.max_update_norm)
-    metrics = simulate(cfg)
+        max_update_norm=args.max_update_norm, partition=args.partition,
+        dirichlet_alpha=args.alpha)
+    metrics = simulate(cfg, ray_address=args.ray_address)
     print()
     print(format_summary_table(metrics))
     print(f"\nwrote {Path(args.out) / 'metrics.json'}, {Path(args.out) / 'report.html'}, "

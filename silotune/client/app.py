@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
@@ -32,6 +34,7 @@ from silotune.config import RunConfig
 from silotune.lm import encode
 from silotune.merge import as_received, module_shapes, update_from_arrays
 from silotune.privacy.accounting import AccountingStep, BudgetExhausted
+from silotune.simulations.cluster import worker_node
 from silotune.simulations.federation import FederatedTask, federated_task, silo_name
 from silotune.strategies.base import AdapterError, LoraFactors, is_factor, peft_key
 from silotune.strategies.rules import seeded_start
@@ -53,9 +56,10 @@ class Silo:
     task: FederatedTask
     privacy: SiloPrivacyConfig
 
-    @property
-    def frame(self):
-        return self.task.silos[self.index]
+    @cached_property
+    def frame(self) -> pd.DataFrame:
+        """This silo's private rows (loaded on first use, then kept for the call)."""
+        return self.task.silo_frame(self.index)
 
 
 def silo_from_context(context: Context, preset: RunConfig | None) -> Silo:
@@ -130,7 +134,7 @@ def _train(msg: Message, context: Context, silo: Silo) -> Message:
         init_seed=P.as_int(cfg[P.RUN_SEED], P.RUN_SEED) * 100_003 + round_ * 1009 + silo.index)
 
     metrics: dict[str, int | float | list[int] | list[float]] = {P.NUM_EXAMPLES: len(examples)}
-    info = ConfigRecord({P.SILO_ID: silo.silo_id})
+    info = ConfigRecord({P.SILO_ID: silo.silo_id, P.WORKER_NODE: worker_node()})
     if silo.privacy.private:
         privacy = SiloPrivacy(silo.privacy)
         q = sample_rate_for(len(examples), local.batch_size)

@@ -31,7 +31,9 @@ from silotune.assets import resolve_model
 from silotune.config import RunConfig
 from silotune.lm import evaluate, load_model
 from silotune.merge import apply_update, as_received, module_shapes, update_to_arrays
+from silotune.progress import track
 from silotune.server.report import write_report
+from silotune.server.roster import Roster, Silo
 from silotune.server.validate import Expected, validate_reply
 from silotune.simulations.federation import federated_task
 from silotune.strategies.base import AdapterError, LowRankUpdate, SiloAdapter, SiloPlan
@@ -40,16 +42,7 @@ from silotune.wire import from_record, to_record
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
-NODE_WAIT_SECONDS = 120.0
-NODE_SETTLE_SECONDS = 10.0
 ROUND_TIMEOUT_SECONDS = 3600.0
-
-
-@dataclass
-class _Silo:
-    node_id: int
-    num_examples: int
-    rank: int
 
 
 @dataclass
@@ -101,28 +94,30 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
     progress(f"[base] held-out accuracy {base_accuracy:.3f}, loss {base_loss:.3f} "
              f"({len(texts)} examples, {len(task.labels)} labels, "
              f"{time.monotonic() - t0:.0f} s)")
-    silos = _hello(grid, cfg)
-    rule.setup({s: v.rank for s, v in silos.items()}, shapes, cfg.seed)
-    progress(f"[hello] {len(silos)} silos: " + ", ".join(
-        f"{s} (n={v.num_examples}, r={v.rank})" for s, v in sorted(silos.items())))
+    roster = Roster(grid, cfg)
+    rule.setup(roster.ranks(), shapes, cfg.seed)
+    progress(f"[silos] {len(roster)} connected; each is contacted the first time it is "
+             "sampled")
     metrics: dict[str, Any] = {
         "config": cfg.to_json_dict(), "private": cfg.private,
         "base_accuracy": base_accuracy, "base_loss": base_loss, "rounds": []}
     state = _GlobalState()
-    epsilon: dict[str, float] = {}
+    epsilon: dict[str, float] = {}  # silos that have trained so far, not every silo
     limits: dict[str, float] = {}
     rng = random.Random(cfg.seed)  # public: fixes which silos are sampled
-    for round_ in range(1, cfg.rounds + 1):
+    silos = roster.silos
+    for round_ in track(range(1, cfg.rounds + 1), "rounds", emit=progress):
         start = time.monotonic()
-        k = min(len(silos), max(cfg.min_replies, round(cfg.fraction_train * len(silos))))
-        sampled = sorted(rng.sample(sorted(silos), k))
+        k = min(len(roster), max(cfg.min_replies, round(cfg.fraction_train * len(roster))))
+        sampled, unreachable = roster.sample(rng, k)
         plans = {s: _on_wire(rule.plan(s, silos[s].rank, state.adapter, round_),
                              cfg.wire_dtype) for s in sampled}
         messages = [_train_message(cfg, round_, silos[s], plans[s], state) for s in sampled]
         bytes_down = sum(m.content.array_records[P.ARRAYS].count_bytes() for m in messages)
         replies = grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_SECONDS)
-        adapters, excluded, bytes_up = _collect(cfg, silos, shapes, plans, replies)
-        for a_silo, reply_metrics in adapters.values():
+        adapters, excluded, bytes_up = _collect(cfg, roster, shapes, plans, replies)
+        excluded = unreachable + excluded
+        for a_silo, reply_metrics, _ in adapters.values():
             if P.EPSILON in reply_metrics:
                 epsilon[a_silo.silo] = float(reply_metrics[P.EPSILON])
                 limits[a_silo.silo] = float(reply_metrics[P.EPSILON_LIMIT])
@@ -144,7 +139,8 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
                "bytes_up": bytes_up, "bytes_down": bytes_down,
                "seconds": round(time.monotonic() - start, 3), "excluded": excluded,
                "participants": sorted(adapters),
-               "ranks": {s: v.rank for s, v in sorted(silos.items())}}
+               "ranks": {s: silos[s].rank for s in sampled},
+               "workers": {s: adapters[s][2] for s in sorted(adapters)}}
         metrics["rounds"].append(row)
         _write_json(out / "metrics.json", metrics)
         _write_checkpoint(out / "checkpoint", round_, state)
@@ -156,44 +152,7 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
     return metrics
 
 
-def _hello(grid: Grid, cfg: RunConfig) -> dict[str, _Silo]:
-    """Wait for the silos to connect, then ask each for its id and example count.
-
-    Waits for `cfg.num_silos` nodes, or goes on with those present once the count has
-    been stable for NODE_SETTLE_SECONDS (at least `cfg.min_replies` of them).
-    """
-    deadline = time.monotonic() + NODE_WAIT_SECONDS
-    nodes = sorted(grid.get_node_ids())
-    stable_since = time.monotonic()
-    while len(nodes) < cfg.num_silos and time.monotonic() < deadline:
-        if len(nodes) >= cfg.min_replies and time.monotonic() - stable_since > NODE_SETTLE_SECONDS:
-            log.warning("going on with %d of %d expected silos", len(nodes), cfg.num_silos)
-            break
-        time.sleep(0.5)
-        now = sorted(grid.get_node_ids())
-        if now != nodes:
-            nodes, stable_since = now, time.monotonic()
-    if len(nodes) < cfg.min_replies:
-        raise RuntimeError(f"only {len(nodes)} silos connected within {NODE_WAIT_SECONDS:.0f}"
-                           f" s; need at least {cfg.min_replies}")
-    asks = [Message(RecordDict(), dst_node_id=n, message_type=P.QUERY_HELLO) for n in nodes]
-    found: dict[str, tuple[int, int]] = {}
-    for reply in grid.send_and_receive(asks, timeout=NODE_WAIT_SECONDS):
-        if reply.has_error():
-            log.warning("node %s failed the hello: %s", reply.metadata.src_node_id,
-                        reply.error.reason)
-            continue
-        silo = str(reply.content.config_records[P.INFO][P.SILO_ID])
-        count = reply.content.metric_records[P.METRICS][P.NUM_EXAMPLES]
-        n = P.as_int(count, P.NUM_EXAMPLES)
-        if silo in found:
-            raise RuntimeError(f"two nodes claim silo id '{silo}'; silo ids must be unique")
-        found[silo] = (reply.metadata.src_node_id, n)
-    return {s: _Silo(node, n, cfg.rank_of(i))
-            for i, (s, (node, n)) in enumerate(sorted(found.items()))}
-
-
-def _train_message(cfg: RunConfig, round_: int, silo: _Silo, plan: SiloPlan,
+def _train_message(cfg: RunConfig, round_: int, silo: Silo, plan: SiloPlan,
                    state: _GlobalState) -> Message:
     config = ConfigRecord({
         P.ROUND: round_, P.RANK: plan.rank, P.ALPHA: _alpha(cfg, plan.rank),
@@ -214,16 +173,18 @@ def _train_message(cfg: RunConfig, round_: int, silo: _Silo, plan: SiloPlan,
     return Message(content, dst_node_id=silo.node_id, message_type=MessageType.TRAIN)
 
 
-def _collect(cfg: RunConfig, silos: dict[str, _Silo], shapes: dict[str, tuple[int, int]],
+def _collect(cfg: RunConfig, roster: Roster, shapes: dict[str, tuple[int, int]],
              plans: dict[str, SiloPlan], replies: Iterable[Message],
-             ) -> tuple[dict[str, tuple[SiloAdapter, dict[str, Any]]], list[dict[str, str]], int]:
+             ) -> tuple[dict[str, tuple[SiloAdapter, dict[str, Any], str]],
+                        list[dict[str, str]], int]:
+    """Validated adapters by silo, with the reply metrics and the worker that trained it;
+    the excluded silos with reasons; and the bytes uploaded."""
     sampled = sorted(plans)
-    by_node = {silos[s].node_id: s for s in sampled}
-    adapters: dict[str, tuple[SiloAdapter, dict[str, Any]]] = {}
+    adapters: dict[str, tuple[SiloAdapter, dict[str, Any], str]] = {}
     excluded: list[dict[str, str]] = []
     bytes_up = 0
     for reply in replies:
-        silo = by_node.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
+        silo = roster.silo_of_node(reply.metadata.src_node_id)
         if reply.has_error():
             excluded.append({"silo": silo, "reason": str(reply.error.reason)})
             continue
@@ -245,7 +206,9 @@ def _collect(cfg: RunConfig, silos: dict[str, _Silo], shapes: dict[str, tuple[in
         except (AdapterError, ValueError, KeyError) as err:
             excluded.append({"silo": silo, "reason": str(err)})
             continue
-        adapters[silo] = (adapter, dict(metrics))
+        info = reply.content.config_records.get(P.INFO)
+        worker = str(info.get(P.WORKER_NODE, "")) if info is not None else ""
+        adapters[silo] = (adapter, dict(metrics), worker)
     answered = set(adapters) | {e["silo"] for e in excluded}
     excluded += [{"silo": s, "reason": "no reply before the round timeout"}
                  for s in sampled if s not in answered]
