@@ -159,6 +159,10 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet(line: str) -> None:
+    """Progress sink that drops the line."""
+
+
 def _audit(args: argparse.Namespace) -> int:
     import json
 
@@ -169,13 +173,21 @@ def _audit(args: argparse.Namespace) -> int:
         load_public_key,
         plot_epsilon,
     )
+    from silotune.progress import Tracker
 
     try:
         key = load_public_key(args.public_key) if args.public_key is not None else None
     except KeyFileError as err:
         print(f"silotune audit: error: {err}", file=sys.stderr)
         return 2
-    audits = [audit_ledger(path, key) for path in args.ledgers]
+    audits = []
+    # progress on stderr for several ledgers (a bar on a terminal); --json stays pure JSON
+    show = len(args.ledgers) > 1 and not args.json
+    with Tracker(len(args.ledgers), "audit", emit=None if show else _quiet,
+                 bar=None if show else False) as tracker:
+        for path in args.ledgers:
+            audits.append(audit_ledger(path, key))
+            tracker.advance(path.name)
     if args.json:
         print(json.dumps([a.to_dict() for a in audits], indent=2, allow_nan=False))
     else:

@@ -1,10 +1,12 @@
 """The coordinator's round loop (FLoRA by default), on Flower's Grid.
 
-One round (DESIGN.md): sample silos; send each the updates of all merged rounds plus its
-own configuration; validate the replies and exclude bad ones; aggregate with the
-configured rule; merge into the global base; evaluate on the held-out split; write
-metrics and a checkpoint. Flower's `Strategy.start` is not used because the loop needs a
-hello handshake, per-silo configuration and replay of the global update history.
+One round (DESIGN.md): sample silos (a hello to those sampled for the first time: the
+roster never contacts unsampled silos, so 10,000 silos cost what 10 do); send each the
+updates of all merged rounds plus its own configuration; validate the replies and
+exclude bad ones; aggregate with the configured rule; merge into the global base;
+evaluate on the held-out split; write metrics and a checkpoint. Flower's
+`Strategy.start` is not used because the loop needs the hello handshake, per-silo
+configuration and replay of the global update history.
 """
 
 from __future__ import annotations

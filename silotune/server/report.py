@@ -169,6 +169,7 @@ def _plot_epsilon(fig: Figure, m: dict[str, Any]) -> None:
         ax.set_ylim(bottom=0)
         ax.legend(fontsize="small")
         return
+    shared = {v for r in m["rounds"] for v in r["epsilon_limit"].values()}
     for i, silo in enumerate(silos):
         color = f"C{i % 10}"
         pts = [(r["round"], r["epsilon"][silo]) for r in m["rounds"] if silo in r["epsilon"]]
@@ -176,10 +177,12 @@ def _plot_epsilon(fig: Figure, m: dict[str, Any]) -> None:
                if silo in r["epsilon_limit"]]
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", color=color, label=silo)
-        if lim:
+        if lim and len(shared) > 1:
             ax.plot(*zip(*lim, strict=True), linestyle="--", color=color, label=f"{silo} limit")
+    if len(shared) == 1:  # one limit for every silo: one line
+        ax.axhline(shared.pop(), linestyle="--", color="grey", label="limit (every silo)")
     ax.set_ylim(bottom=0)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
 
 
 def _plot_bytes(fig: Figure, m: dict[str, Any]) -> None:
@@ -216,13 +219,16 @@ def _plot_excluded(fig: Figure, m: dict[str, Any]) -> None:
         ax.text(0.5, 0.5, "no silo excluded", ha="center", va="center", fontsize=14,
                 transform=ax.transAxes)
     ax.set(xlabel="round", ylabel="silos excluded", title="excluded silos per round, by cause")
+    if xs:
+        ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)
     ax.set_ylim(bottom=0, top=max(1, *bottom) * 1.15 if bottom else 1)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _render_png(plot: Any, m: dict[str, Any], path: Path) -> bytes:
     """Draw one plot on a fresh Agg figure (no pyplot state), save it to ``path``, return bytes."""
-    fig = Figure(figsize=(10, 4) if plot is _plot_accuracy else (7, 4), layout="tight")
+    wide = plot in (_plot_accuracy, _plot_epsilon)  # two panels; a legend at the side
+    fig = Figure(figsize=(10, 4) if wide else (7, 4), layout="tight")
     FigureCanvasAgg(fig)
     plot(fig, m)
     for ax in fig.axes:  # rounds are integers
