@@ -31,6 +31,21 @@ setup() {
   echo "[silotune] set-up done"
 }
 
+# The report test opens report.html in headless Chromium; install it where it is missing
+# and apt-get can (a fresh Debian CI machine). Without it that test is skipped.
+ensure_chromium() {
+  if command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then
+    return 0
+  fi
+  echo "[silotune] installing chromium for the report rendering test ..."
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
+  { $sudo apt-get install -y -q chromium >/dev/null 2>&1 ||
+    { $sudo apt-get update -q >/dev/null 2>&1 &&
+      $sudo apt-get install -y -q chromium >/dev/null 2>&1; }; } ||
+    echo "[silotune] could not install chromium; the report rendering test will be skipped"
+}
+
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0
 
@@ -43,6 +58,7 @@ case "$cmd" in
     ;;
   test)
     setup
+    ensure_chromium
     "$VENV/bin/ruff" check silotune tests benchmarks
     "$VENV/bin/mypy" silotune
     # pytest exits 5 when it collects nothing; set -e turns that into a failure.

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from silotune.progress import Tracker
+
 __all__ = [
     "DATASETS", "ICD10_CHAPTER_LABELS", "MODELS", "AssetError", "ModelAsset", "cache_root",
     "icd10_chapters_frame", "load_dataset_frame", "resolve_model",
@@ -157,19 +159,25 @@ def _convert_gguf(
     out.parent.mkdir(parents=True, exist_ok=True)
     progress(f"converting {name} GGUF once to {out} (about 30 s) ...")
     start = time.perf_counter()
+    steps = Tracker(4, f"convert {name}", emit=progress)  # a bar on a terminal
     kwargs = {"gguf_file": gguf.name, "local_files_only": True}
     tok = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    steps.advance("tokenizer")
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    steps.advance("GGUF de-quantised")
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # a GGUF-loaded model refuses save_pretrained
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model = model.to(torch.bfloat16)
+    steps.advance("bf16 model built")
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        steps.advance("saved")
+        steps.close()
         try:
             os.rename(tmp, out)
         except OSError:

@@ -73,6 +73,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-update-norm", type=float, default=d.max_update_norm,
                    help="exclude replies whose update norm ||s B A|| exceeds this "
                    "(%(default)s)")
+    from silotune.simulations.partition import PARTITIONERS
+
+    s.add_argument("--partition", default=d.partition, choices=sorted(PARTITIONERS),
+                   help="how the training rows are split over silos: dirichlet (label "
+                   "skew), iid, natural (whole label groups, e.g. ICD chapters, per silo), "
+                   "size (silo sizes skewed) (%(default)s)")
+    s.add_argument("--alpha", type=float, default=d.dirichlet_alpha,
+                   help="Dirichlet concentration of the dirichlet and size partitions; "
+                   "small = strong skew (%(default)s)")
+    s.add_argument("--ray-address", metavar="HOST:PORT",
+                   help="run the silos on this existing Ray cluster (started with `ray "
+                   "start --head`) instead of a private Ray on this machine")
     s.add_argument("--test-size", type=int, default=d.test_size,
                    help="held-out examples for evaluation (%(default)s)")
     s.add_argument("--seed", type=int, default=d.seed,
@@ -156,12 +168,13 @@ def _simulate(args: argparse.Namespace) -> int:
                                                                  ).lora_ranks,
         test_size=args.test_size, seed=args.seed, out_dir=args.out,
         wire_dtype=args.wire_dtype, upload_density=args.compress,
-        max_update_norm=args.max_update_norm, mode=args.mode, slm=args.slm,
+        max_update_norm=args.max_update_norm, partition=args.partition,
+        dirichlet_alpha=args.alpha, mode=args.mode, slm=args.slm,
         slm_steps=args.slm_steps, slm_learning_rate=args.slm_lr,
         crosslm_per_label=args.per_label, crosslm_threshold=args.threshold,
         crosslm_weighting=args.weighting, llm_steps=args.llm_steps,
         llm_learning_rate=args.llm_lr, max_new_tokens=args.max_new_tokens)
-    metrics = simulate(cfg)
+    metrics = simulate(cfg, ray_address=args.ray_address)
     print()
     if cfg.mode == "crosslm":
         from silotune.server.crosslm import format_crosslm_table
@@ -174,6 +187,10 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet(line: str) -> None:
+    """Progress sink that drops the line."""
+
+
 def _audit(args: argparse.Namespace) -> int:
     import json
 
@@ -184,13 +201,21 @@ def _audit(args: argparse.Namespace) -> int:
         load_public_key,
         plot_epsilon,
     )
+    from silotune.progress import Tracker
 
     try:
         key = load_public_key(args.public_key) if args.public_key is not None else None
     except KeyFileError as err:
         print(f"silotune audit: error: {err}", file=sys.stderr)
         return 2
-    audits = [audit_ledger(path, key) for path in args.ledgers]
+    audits = []
+    # progress on stderr for several ledgers (a bar on a terminal); --json stays pure JSON
+    show = len(args.ledgers) > 1 and not args.json
+    with Tracker(len(args.ledgers), "audit", emit=None if show else _quiet,
+                 bar=None if show else False) as tracker:
+        for path in args.ledgers:
+            audits.append(audit_ledger(path, key))
+            tracker.advance(path.name)
     if args.json:
         print(json.dumps([a.to_dict() for a in audits], indent=2, allow_nan=False))
     else:

@@ -53,7 +53,8 @@ class RunConfig:
     target_epsilon: float = 8.0
     target_delta: float = 1e-5
     max_grad_norm: float = 1.0
-    dirichlet_alpha: float = 0.5
+    dirichlet_alpha: float = 0.5  # skew of the "dirichlet" (labels) and "size" partitions
+    partition: str = "dirichlet"  # how rows are split over silos: iid, dirichlet, natural, size
     test_size: int = 330
     eval_batch_size: int = 32
     wire_dtype: str = "fp16"
@@ -98,6 +99,10 @@ class RunConfig:
         _check(0.0 < self.target_delta < 0.1, "target_delta", self.target_delta, "(0, 0.1)")
         _check(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "> 0")
         _check(self.dirichlet_alpha > 0, "dirichlet_alpha", self.dirichlet_alpha, "> 0")
+        from silotune.simulations.partition import PARTITIONERS
+
+        _check(self.partition in PARTITIONERS, "partition", self.partition,
+               ", ".join(sorted(PARTITIONERS)))
         _check(self.test_size >= 1, "test_size", self.test_size, ">= 1")
         _check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, ">= 1")
         _check(self.seed >= 0, "seed", self.seed, ">= 0")

@@ -27,6 +27,7 @@ DELTA: Final = "delta"
 STEPS: Final = "steps"
 EPSILON_LIMIT: Final = "epsilon-limit"
 LEDGER_HEAD: Final = "ledger-head"
+WORKER_NODE: Final = "worker-node"  # info: the machine (Ray node id) that ran the silo
 
 # Config keys in a train message.
 ROUND: Final = "round"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from silotune.config import RunConfig
 from silotune.lm import encode
 from silotune.merge import as_received, module_shapes, update_from_arrays
 from silotune.privacy.accounting import AccountingStep, BudgetExhausted
+from silotune.simulations.cluster import worker_node
 from silotune.simulations.federation import FederatedTask, federated_task, silo_name
 from silotune.strategies.base import AdapterError, LoraFactors, is_factor, peft_key
 from silotune.strategies.rules import seeded_start
@@ -56,12 +58,14 @@ class Silo:
     privacy: SiloPrivacyConfig
     data: pd.DataFrame | None = None  # a deployed silo's own data (node config data-path)
 
-    @property
+    @cached_property
     def frame(self) -> pd.DataFrame:
+        """This silo's private rows (loaded on first use, then kept for the call)."""
         if self.data is not None:
             return self.data
-        assert self.task is not None  # one of data / task is always set
-        return self.task.silos[self.index]
+        if self.task is None:
+            raise RuntimeError(f"silo {self.silo_id} has neither a data path nor a task")
+        return self.task.silo_frame(self.index)
 
 
 def silo_from_context(context: Context, preset: RunConfig | None) -> Silo:
@@ -174,7 +178,7 @@ def _train(msg: Message, context: Context, silo: Silo) -> Message:
         init_seed=P.as_int(cfg[P.RUN_SEED], P.RUN_SEED) * 100_003 + round_ * 1009 + silo.index)
 
     metrics: dict[str, int | float | list[int] | list[float]] = {P.NUM_EXAMPLES: len(examples)}
-    info = ConfigRecord({P.SILO_ID: silo.silo_id})
+    info = ConfigRecord({P.SILO_ID: silo.silo_id, P.WORKER_NODE: worker_node()})
     if silo.privacy.private:
         privacy = SiloPrivacy(silo.privacy)
         q = sample_rate_for(len(examples), local.batch_size)

@@ -1,10 +1,12 @@
 """The coordinator's round loop (FLoRA by default), on Flower's Grid.
 
-One round (DESIGN.md): sample silos; send each the updates of all merged rounds plus its
-own configuration; validate the replies and exclude bad ones; aggregate with the
-configured rule; merge into the global base; evaluate on the held-out split; write
-metrics and a checkpoint. Flower's `Strategy.start` is not used because the loop needs a
-hello handshake, per-silo configuration and replay of the global update history.
+One round (DESIGN.md): sample silos (a hello to those sampled for the first time: the
+roster never contacts unsampled silos, so 10,000 silos cost what 10 do); send each the
+updates of all merged rounds plus its own configuration; validate the replies and
+exclude bad ones; aggregate with the configured rule; merge into the global base;
+evaluate on the held-out split; write metrics and a checkpoint. Flower's
+`Strategy.start` is not used because the loop needs the hello handshake, per-silo
+configuration and replay of the global update history.
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ from silotune.merge import (
     update_from_arrays,
     update_to_arrays,
 )
+from silotune.progress import track
 from silotune.server import checkpoint
 from silotune.server.report import write_report
+from silotune.server.roster import Roster, Silo
 from silotune.server.validate import Expected, validate_reply
 from silotune.simulations.federation import federated_task
 from silotune.strategies.base import AdapterError, LowRankUpdate, SiloAdapter, SiloPlan
@@ -46,16 +50,6 @@ from silotune.wire import from_record, to_record
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
-NODE_WAIT_SECONDS = 120.0
-NODE_SETTLE_SECONDS = 10.0
-REJOIN_HELLO_SECONDS = 60.0
-
-
-@dataclass
-class _Silo:
-    node_id: int
-    num_examples: int
-    rank: int
 
 
 @dataclass
@@ -127,28 +121,28 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
                  f"restored from {out / 'checkpoint'}")
     metrics["federation_id"] = federation_id
     last = metrics["rounds"][-1] if metrics["rounds"] else {}
-    epsilon: dict[str, float] = dict(last.get("epsilon", {}))
+    epsilon: dict[str, float] = dict(last.get("epsilon", {}))  # silos that trained so far
     limits: dict[str, float] = dict(last.get("epsilon_limit", {}))
-    silos = _hello(grid, cfg)
-    rule.setup({s: v.rank for s, v in silos.items()}, shapes, cfg.seed)
-    for s, rank in (resumed.ranks if resumed else {}).items():
-        if s in silos:
-            silos[s].rank = rank
-    progress(f"[hello] {len(silos)} silos: " + ", ".join(
-        f"{s} (n={v.num_examples}, r={v.rank})" for s, v in sorted(silos.items())))
-    for round_ in range(len(metrics["rounds"]) + 1, cfg.rounds + 1):
-        _rejoin(grid, silos)
+    roster = Roster(grid, cfg, ranks=resumed.ranks if resumed else None)
+    rule.setup(roster.ranks(), shapes, cfg.seed)
+    progress(f"[silos] {len(roster)} connected; each is contacted the first time it is "
+             "sampled")
+    silos = roster.silos
+    first = len(metrics["rounds"]) + 1
+    for round_ in track(range(first, cfg.rounds + 1), "rounds", emit=progress):
+        roster.rejoin()
         start = time.monotonic()
-        k = min(len(silos), max(cfg.min_replies, round(cfg.fraction_train * len(silos))))
-        sampled = sorted(rng.sample(sorted(silos), k))
+        k = min(len(roster), max(cfg.min_replies, round(cfg.fraction_train * len(roster))))
+        sampled, unreachable = roster.sample(rng, k)
         plans = {s: _on_wire(rule.plan(s, silos[s].rank, state.adapter, round_),
                              cfg.wire_dtype) for s in sampled}
         messages = [_train_message(cfg, round_, silos[s], plans[s], state, federation_id)
                     for s in sampled]
         bytes_down = sum(m.content.array_records[P.ARRAYS].count_bytes() for m in messages)
         replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
-        adapters, excluded, bytes_up = _collect(cfg, silos, shapes, plans, replies)
-        for a_silo, reply_metrics in adapters.values():
+        adapters, excluded, bytes_up = _collect(cfg, roster, shapes, plans, replies)
+        excluded = unreachable + excluded
+        for a_silo, reply_metrics, _ in adapters.values():
             if P.EPSILON in reply_metrics:
                 epsilon[a_silo.silo] = float(reply_metrics[P.EPSILON])
                 limits[a_silo.silo] = float(reply_metrics[P.EPSILON_LIMIT])
@@ -170,7 +164,8 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
                "bytes_up": bytes_up, "bytes_down": bytes_down,
                "seconds": round(time.monotonic() - start, 3), "excluded": excluded,
                "participants": sorted(adapters),
-               "ranks": {s: v.rank for s, v in sorted(silos.items())}}
+               "ranks": {s: silos[s].rank for s in sampled},
+               "workers": {s: adapters[s][2] for s in sorted(adapters)}}
         metrics["rounds"].append(row)
         _write_json(out / "metrics.json", metrics)
         checkpoint.save(out / "checkpoint", checkpoint.Checkpoint(
@@ -186,64 +181,7 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
     return metrics
 
 
-def _hello(grid: Grid, cfg: RunConfig) -> dict[str, _Silo]:
-    """Wait for the silos to connect, then ask each for its id and example count.
-
-    Waits for `cfg.num_silos` nodes, or goes on with those present once the count has
-    been stable for NODE_SETTLE_SECONDS (at least `cfg.min_replies` of them).
-    """
-    deadline = time.monotonic() + NODE_WAIT_SECONDS
-    nodes = sorted(grid.get_node_ids())
-    stable_since = time.monotonic()
-    while len(nodes) < cfg.num_silos and time.monotonic() < deadline:
-        if len(nodes) >= cfg.min_replies and time.monotonic() - stable_since > NODE_SETTLE_SECONDS:
-            log.warning("going on with %d of %d expected silos", len(nodes), cfg.num_silos)
-            break
-        time.sleep(0.5)
-        now = sorted(grid.get_node_ids())
-        if now != nodes:
-            nodes, stable_since = now, time.monotonic()
-    if len(nodes) < cfg.min_replies:
-        raise RuntimeError(f"only {len(nodes)} silos connected within {NODE_WAIT_SECONDS:.0f}"
-                           f" s; need at least {cfg.min_replies}")
-    found = _ask_hello(grid, nodes, NODE_WAIT_SECONDS)
-    return {s: _Silo(node, n, cfg.rank_of(i))
-            for i, (s, (node, n)) in enumerate(sorted(found.items()))}
-
-
-def _ask_hello(grid: Grid, nodes: Iterable[int], timeout: float) -> dict[str, tuple[int, int]]:
-    """silo id -> (node id, example count) of the `nodes` that answer the hello."""
-    asks = [Message(RecordDict(), dst_node_id=n, message_type=P.QUERY_HELLO) for n in nodes]
-    found: dict[str, tuple[int, int]] = {}
-    for reply in grid.send_and_receive(asks, timeout=timeout):
-        if reply.has_error():
-            log.warning("node %s failed the hello: %s", reply.metadata.src_node_id,
-                        reply.error.reason)
-            continue
-        silo = str(reply.content.config_records[P.INFO][P.SILO_ID])
-        count = reply.content.metric_records[P.METRICS][P.NUM_EXAMPLES]
-        n = P.as_int(count, P.NUM_EXAMPLES)
-        if silo in found:
-            raise RuntimeError(f"two nodes claim silo id '{silo}'; silo ids must be unique")
-        found[silo] = (reply.metadata.src_node_id, n)
-    return found
-
-
-def _rejoin(grid: Grid, silos: dict[str, _Silo]) -> None:
-    """Find silos that came back under a new node id (an agent restarted without node
-    authentication registers anew); a silo that keeps its node id (registered key)
-    simply answers the next round. Silos unknown at the start are not added."""
-    known = {v.node_id for v in silos.values()}
-    new = sorted(set(grid.get_node_ids()) - known)
-    if not new:
-        return
-    for silo, (node, n) in _ask_hello(grid, new, REJOIN_HELLO_SECONDS).items():
-        if silo in silos:
-            log.warning("silo %s rejoined as node %s", silo, node)
-            silos[silo].node_id, silos[silo].num_examples = node, n
-
-
-def _train_message(cfg: RunConfig, round_: int, silo: _Silo, plan: SiloPlan,
+def _train_message(cfg: RunConfig, round_: int, silo: Silo, plan: SiloPlan,
                    state: _GlobalState, federation_id: str) -> Message:
     config = ConfigRecord({
         P.ROUND: round_, P.FEDERATION_ID: federation_id,
@@ -265,16 +203,18 @@ def _train_message(cfg: RunConfig, round_: int, silo: _Silo, plan: SiloPlan,
     return Message(content, dst_node_id=silo.node_id, message_type=MessageType.TRAIN)
 
 
-def _collect(cfg: RunConfig, silos: dict[str, _Silo], shapes: dict[str, tuple[int, int]],
+def _collect(cfg: RunConfig, roster: Roster, shapes: dict[str, tuple[int, int]],
              plans: dict[str, SiloPlan], replies: Iterable[Message],
-             ) -> tuple[dict[str, tuple[SiloAdapter, dict[str, Any]]], list[dict[str, str]], int]:
+             ) -> tuple[dict[str, tuple[SiloAdapter, dict[str, Any], str]],
+                        list[dict[str, str]], int]:
+    """Validated adapters by silo, with the reply metrics and the worker that trained it;
+    the excluded silos with reasons; and the bytes uploaded."""
     sampled = sorted(plans)
-    by_node = {silos[s].node_id: s for s in sampled}
-    adapters: dict[str, tuple[SiloAdapter, dict[str, Any]]] = {}
+    adapters: dict[str, tuple[SiloAdapter, dict[str, Any], str]] = {}
     excluded: list[dict[str, str]] = []
     bytes_up = 0
     for reply in replies:
-        silo = by_node.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
+        silo = roster.silo_of_node(reply.metadata.src_node_id)
         if reply.has_error():
             excluded.append({"silo": silo, "reason": str(reply.error.reason)})
             continue
@@ -296,7 +236,9 @@ def _collect(cfg: RunConfig, silos: dict[str, _Silo], shapes: dict[str, tuple[in
         except (AdapterError, ValueError, KeyError) as err:
             excluded.append({"silo": silo, "reason": str(err)})
             continue
-        adapters[silo] = (adapter, dict(metrics))
+        info = reply.content.config_records.get(P.INFO)
+        worker = str(info.get(P.WORKER_NODE, "")) if info is not None else ""
+        adapters[silo] = (adapter, dict(metrics), worker)
     answered = set(adapters) | {e["silo"] for e in excluded}
     excluded += [{"silo": s, "reason": "no reply before the round timeout"}
                  for s in sampled if s not in answered]

@@ -23,6 +23,17 @@ from matplotlib.ticker import MaxNLocator
 NON_PRIVATE_LABEL = "NON-PRIVATE (epsilon = inf)"
 NO_DP_TEXT = "non-private run: no DP guarantee"
 PLOT_NAMES = ("accuracy", "epsilon", "bytes", "excluded")
+MAX_SILO_LINES = 12  # more silos: the epsilon plot shows their range, not one line each
+# The page may load nothing from anywhere: only its own inline style and script, and
+# images from data: URIs (a viewer that honours CSP cannot make a network request).
+_CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+        "script-src 'unsafe-inline'")
+# After load, mark each plot with its rendered size and the body with the number of
+# plots drawn, so a headless browser test can check that every plot rendered.
+_RENDER_CHECK = """<script>window.addEventListener("load",function(){var n=0;
+document.querySelectorAll("img").forEach(function(i){var ok=i.complete&&i.naturalWidth>0;
+i.setAttribute("data-rendered",ok?i.naturalWidth+"x"+i.naturalHeight:"no");if(ok)n++;});
+document.body.setAttribute("data-plots-rendered",String(n));});</script>"""
 _ROUND_HEADER = ["round", "accuracy", "loss", "eps max", "eps min", "bytes up", "bytes down",
                  "seconds", "excluded"]
 _ROUND_NUMBERS = ("accuracy", "loss", "bytes_up", "bytes_down", "seconds")
@@ -129,7 +140,12 @@ def _plot_accuracy(fig: Figure, m: dict[str, Any]) -> None:
 
 
 def _plot_epsilon(fig: Figure, m: dict[str, Any]) -> None:
-    """Cumulative epsilon per silo over rounds, with a dashed line at each silo's limit."""
+    """Cumulative epsilon per silo over rounds, with a dashed line at each silo's limit.
+
+    Beyond MAX_SILO_LINES silos, one line per silo is unreadable: the plot shows the
+    largest, median and smallest epsilon over the silos that have trained, and the
+    smallest limit.
+    """
     ax = fig.subplots()
     ax.set(xlabel="round", ylabel="cumulative epsilon", title="privacy budget per silo")
     silos = _silos(m["rounds"])
@@ -138,6 +154,22 @@ def _plot_epsilon(fig: Figure, m: dict[str, Any]) -> None:
         ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=14, transform=ax.transAxes)
         ax.set_axis_off()
         return
+    if len(silos) > MAX_SILO_LINES:
+        rows = [r for r in m["rounds"] if r["epsilon"]]
+        xs = [r["round"] for r in rows]
+        values = [sorted(r["epsilon"].values()) for r in rows]
+        ax.fill_between(xs, [v[0] for v in values], [v[-1] for v in values], alpha=0.25,
+                        label=f"min to max over {len(silos)} silos")
+        ax.plot(xs, [v[len(v) // 2] for v in values], marker="o", label="median silo")
+        limits = [(r["round"], min(r["epsilon_limit"].values())) for r in m["rounds"]
+                  if r["epsilon_limit"]]
+        if limits:
+            ax.plot(*zip(*limits, strict=True), linestyle="--", color="C3",
+                    label="smallest limit")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize="small")
+        return
+    shared = {v for r in m["rounds"] for v in r["epsilon_limit"].values()}
     for i, silo in enumerate(silos):
         color = f"C{i % 10}"
         pts = [(r["round"], r["epsilon"][silo]) for r in m["rounds"] if silo in r["epsilon"]]
@@ -145,10 +177,12 @@ def _plot_epsilon(fig: Figure, m: dict[str, Any]) -> None:
                if silo in r["epsilon_limit"]]
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", color=color, label=silo)
-        if lim:
+        if lim and len(shared) > 1:
             ax.plot(*zip(*lim, strict=True), linestyle="--", color=color, label=f"{silo} limit")
+    if len(shared) == 1:  # one limit for every silo: one line
+        ax.axhline(shared.pop(), linestyle="--", color="grey", label="limit (every silo)")
     ax.set_ylim(bottom=0)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
 
 
 def _plot_bytes(fig: Figure, m: dict[str, Any]) -> None:
@@ -161,18 +195,40 @@ def _plot_bytes(fig: Figure, m: dict[str, Any]) -> None:
     ax.legend()
 
 
+def exclusion_cause(reason: str) -> str:
+    """Short cause of an exclusion for the legend: the error type or first clause
+    (``"BudgetExhausted: ..."`` -> ``"BudgetExhausted"``)."""
+    head = reason.split(":", 1)[0].strip() or "unknown"
+    return head if len(head) <= 40 else head[:39] + "…"
+
+
 def _plot_excluded(fig: Figure, m: dict[str, Any]) -> None:
-    """Number of silos excluded from aggregation per round."""
+    """Silos excluded from aggregation per round, stacked by cause."""
     ax = fig.subplots()
-    ax.bar([r["round"] for r in m["rounds"]], [len(r["excluded"]) for r in m["rounds"]],
-           color="C3")
-    ax.set(xlabel="round", ylabel="silos excluded", title="excluded silos per round")
+    xs = [r["round"] for r in m["rounds"]]
+    causes = sorted({exclusion_cause(e["reason"]) for r in m["rounds"] for e in r["excluded"]})
+    bottom = [0] * len(xs)
+    for i, cause in enumerate(causes):
+        counts = [sum(exclusion_cause(e["reason"]) == cause for e in r["excluded"])
+                  for r in m["rounds"]]
+        ax.bar(xs, counts, bottom=bottom, color=f"C{(i + 3) % 10}", label=cause)
+        bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
+    if causes:
+        ax.legend(fontsize="small", title="why")
+    else:
+        ax.text(0.5, 0.5, "no silo excluded", ha="center", va="center", fontsize=14,
+                transform=ax.transAxes)
+    ax.set(xlabel="round", ylabel="silos excluded", title="excluded silos per round, by cause")
+    if xs:
+        ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)
+    ax.set_ylim(bottom=0, top=max(1, *bottom) * 1.15 if bottom else 1)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _render_png(plot: Any, m: dict[str, Any], path: Path) -> bytes:
     """Draw one plot on a fresh Agg figure (no pyplot state), save it to ``path``, return bytes."""
-    fig = Figure(figsize=(10, 4) if plot is _plot_accuracy else (7, 4), layout="tight")
+    wide = plot in (_plot_accuracy, _plot_epsilon)  # two panels; a legend at the side
+    fig = Figure(figsize=(10, 4) if wide else (7, 4), layout="tight")
     FigureCanvasAgg(fig)
     plot(fig, m)
     for ax in fig.axes:  # rounds are integers
@@ -246,7 +302,9 @@ def write_report(run_dir: Path) -> Path:
                       for k, v in rows) + f"<tr><th>privacy</th><td>{privacy}</td></tr>\n"
     title = f"silotune run report: {run_dir.resolve().name}"
     parts = [f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
+             f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
+             f"<title>{html.escape(title)}</title><style>{_CSS}</style>{_RENDER_CHECK}"
+             "</head><body>\n"
              f"<h1>{html.escape(title)}</h1>\n"]
     if not m["private"]:
         parts.append(f'<div class="banner">{html.escape(NON_PRIVATE_LABEL)}: '

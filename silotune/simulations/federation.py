@@ -9,22 +9,39 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from silotune.assets import load_dataset_frame
 from silotune.config import RunConfig
-from silotune.simulations.partition import partition, split_holdout
+from silotune.simulations.partition import load_silo, make_partitioner, split_holdout
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
 
 
 @dataclass(frozen=True)
 class FederatedTask:
+    """The held-out split and a lazy view of every silo's partition.
+
+    Silo rows are materialised on demand (`silo_frame`), so a process that serves a few
+    sampled silos out of 10,000 holds one row-to-silo assignment, not 10,000 frames.
+    """
+
     labels: tuple[str, ...]  # every class, sorted: the answer options scored at evaluation
     test: pd.DataFrame  # held out: no silo trains on these rows
-    silos: tuple[pd.DataFrame, ...]  # one private training partition per silo
+    num_silos: int
+    partitioner: Partitioner  # Flower Datasets partitioner over the training rows
 
     def silo_id(self, index: int) -> str:
         return silo_name(index)
+
+    def silo_frame(self, index: int) -> pd.DataFrame:
+        """Silo `index`'s private training rows."""
+        if not 0 <= index < self.num_silos:
+            raise ValueError(f"silo index {index} out of range [0, {self.num_silos})")
+        return load_silo(self.partitioner, index)
 
 
 def silo_name(index: int) -> str:
@@ -35,17 +52,17 @@ def silo_name(index: int) -> str:
 def federated_task(cfg: RunConfig) -> FederatedTask:
     """The split for `cfg` (cached per process: silos on one worker share it)."""
     return _cached(cfg.dataset, cfg.text_column, cfg.label_column, cfg.num_silos,
-                   cfg.dirichlet_alpha, cfg.test_size, cfg.seed)
+                   cfg.partition, cfg.dirichlet_alpha, cfg.test_size, cfg.seed)
 
 
 @lru_cache(maxsize=4)
 def _cached(dataset: str, text_column: str, label_column: str, num_silos: int,
-            alpha: float, test_size: int, seed: int) -> FederatedTask:
+            method: str, alpha: float, test_size: int, seed: int) -> FederatedTask:
     frame = load_dataset_frame(dataset, text_column=text_column, label_column=label_column)
     fraction = min(0.5, test_size / len(frame))
     train, test = split_holdout(frame, test_fraction=fraction, seed=seed, max_test=test_size)
-    parts = partition(train, num_partitions=num_silos, method="dirichlet", alpha=alpha,
-                      seed=seed, min_partition_size=min(10, len(train) // num_silos))
+    parts = make_partitioner(train, num_partitions=num_silos, method=method, alpha=alpha,
+                             seed=seed, min_partition_size=min(10, len(train) // num_silos))
     labels = tuple(sorted(frame["label"].unique()))
     return FederatedTask(labels=labels, test=test.reset_index(drop=True),
-                         silos=tuple(p.reset_index(drop=True) for p in parts))
+                         num_silos=num_silos, partitioner=parts)

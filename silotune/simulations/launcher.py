@@ -17,13 +17,23 @@ from silotune.assets import resolve_model
 from silotune.client.app import build_client_app
 from silotune.config import RunConfig
 from silotune.server.loop import Progress
+from silotune.simulations.cluster import backend_config
 from silotune.simulations.federation import federated_task, silo_name
 
+SHOW_SIZES = 8  # silo sizes printed at start-up (the first few)
 
-def simulate(cfg: RunConfig, progress: Progress = print) -> dict[str, Any]:
-    """Run the federation `cfg` in the Flower Simulation Engine; return metrics.json."""
-    ranks = {silo_name(i): cfg.rank_of(i) for i in range(cfg.num_silos)}
+
+def simulate(cfg: RunConfig, progress: Progress = print,
+             ray_address: str | None = None) -> dict[str, Any]:
+    """Run the federation `cfg` in the Flower Simulation Engine; return metrics.json.
+
+    `ray_address` (``HOST:PORT``) runs the silos on an existing Ray cluster instead of a
+    private Ray on this machine (see `silotune.simulations.cluster`).
+    """
+    ranks = {silo_name(i): cfg.rank_of(i) for i in range(min(cfg.num_silos,
+                                                             len(cfg.lora_ranks)))}
     strategies.create(cfg.strategy).setup(ranks, {}, cfg.seed)  # e.g. equal-rank rules
+    backend = backend_config(ray_address)
     resolve_model(cfg.model, progress=progress)  # convert once, before workers race for it
     if cfg.mode == "crosslm":
         from silotune.assets import general_text, resolve_slm
@@ -31,9 +41,11 @@ def simulate(cfg: RunConfig, progress: Progress = print) -> dict[str, Any]:
         resolve_slm(cfg.slm)  # a missing SLM or text package fails here, not in a worker
         general_text(count=1)
     task = federated_task(cfg)
-    sizes = ", ".join(str(len(p)) for p in task.silos)
+    shown = min(task.num_silos, SHOW_SIZES)
+    sizes = ", ".join(str(len(task.silo_frame(i))) for i in range(shown))
+    more = f", ... ({task.num_silos} silos)" if task.num_silos > shown else ""
     progress(f"[data] {cfg.dataset}: {len(task.labels)} labels, held-out {len(task.test)}, "
-             f"silo sizes {sizes}")
+             f"{cfg.partition} partition, silo sizes {sizes}{more}")
     if not cfg.private:
         progress("[privacy] NON-PRIVATE run (epsilon = inf): no DP guarantee for any silo")
     out = Path(cfg.out_dir)
@@ -49,16 +61,13 @@ def simulate(cfg: RunConfig, progress: Progress = print) -> dict[str, Any]:
     # Flower warns that run_simulation is deprecated in favour of `flwr run`; silotune
     # runs the same engine in-process on purpose (no background SuperLink to clean up).
     logging.getLogger("flwr").setLevel(logging.ERROR)
-    cpus = max(1, os.cpu_count() or 1)
+    if ray_address:
+        progress(f"[ray] joining the Ray cluster at {ray_address}")
     run_simulation(
         server_app=build_server_app(cfg, progress),
         client_app=build_client_app(cfg),
         num_supernodes=cfg.num_silos,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": cpus, "num_gpus": 0, "logging_level": "WARNING",
-                          "log_to_driver": True, "include_dashboard": False},
-        },
+        backend_config=backend,
     )
     metrics_path = out / "metrics.json"
     if not metrics_path.exists():

@@ -6,7 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from silotune.simulations.partition import PARTITIONERS, partition, split_holdout
+from silotune.simulations.partition import (
+    PARTITIONERS,
+    load_silo,
+    make_partitioner,
+    partition,
+    skewed_sizes,
+    split_holdout,
+)
 
 
 def _frame(sizes: dict[str, int]) -> pd.DataFrame:
@@ -65,7 +72,8 @@ def test_holdout_bad_arguments(df: pd.DataFrame) -> None:
 
 
 @pytest.mark.parametrize("method", sorted(PARTITIONERS))
-def test_partitions_disjoint_and_covering(df: pd.DataFrame, method: str) -> None:
+def test_partitions_disjoint_and_covering(method: str) -> None:
+    df = _frame({"a": 60, "b": 40, "c": 30, "d": 20, "e": 12, "f": 10})
     parts = partition(df, num_partitions=4, method=method, alpha=1.0, seed=0)
     assert len(parts) == 4
     ids = [_ids(p) for p in parts]
@@ -118,3 +126,60 @@ def test_dirichlet_unsatisfiable_min_size_is_explained() -> None:
     data = _frame({"a": 50, "b": 50})
     with pytest.raises(ValueError, match="larger alpha"):
         partition(data, num_partitions=10, alpha=0.1, seed=0, min_partition_size=10)
+
+
+def test_lazy_partitioner_gives_the_same_silos() -> None:
+    data = _frame({f"l{k}": 30 for k in range(4)})
+    for method in sorted(PARTITIONERS):
+        parts = partition(data, num_partitions=6, method=method, seed=2)
+        lazy = make_partitioner(data, num_partitions=6, method=method, seed=2)
+        for i in (5, 0, 3):  # any order, on demand
+            assert load_silo(lazy, i).equals(parts[i]), method
+
+
+def test_natural_groups_fewer_silos_than_groups() -> None:
+    data = _frame({f"l{k}": 20 + 5 * k for k in range(10)})
+    parts = partition(data, num_partitions=4, method="natural", seed=0)
+    owners = {label: [i for i, p in enumerate(parts) if label in set(p["label"])]
+              for label in data["label"].unique()}
+    assert all(len(o) == 1 for o in owners.values())  # each group whole on one silo
+    for label, (owner,) in owners.items():  # with all of its rows
+        assert (parts[owner]["label"] == label).sum() == (data["label"] == label).sum()
+    sizes = sorted(len(p) for p in parts)
+    assert sum(sizes) == len(data) and sizes[-1] - sizes[0] <= 65  # greedy keeps balance
+
+
+def test_natural_groups_more_silos_than_groups() -> None:
+    data = _frame({"big": 120, "mid": 60, "small": 20})
+    parts = partition(data, num_partitions=10, method="natural", seed=0, min_partition_size=5)
+    assert all(p["label"].nunique() == 1 for p in parts)  # one group per silo
+    per_group = pd.Series([p["label"].iloc[0] for p in parts]).value_counts()
+    assert per_group.to_dict() == {"big": 6, "mid": 3, "small": 1}  # proportional to size
+    assert set().union(*(_ids(p) for p in parts)) == _ids(data)
+    assert sum(len(p) for p in parts) == len(data)
+
+
+def test_natural_groups_too_small_is_explained() -> None:
+    with pytest.raises(ValueError, match=r"natural-group.*fewer silos"):
+        partition(_frame({"a": 100, "b": 3}), num_partitions=2, method="natural", seed=0)
+
+
+def test_size_alpha_controls_quantity_skew() -> None:
+    data = _frame({f"l{k}": 200 for k in range(5)})
+    labels = sorted(data["label"].unique())
+
+    def spread(alpha: float) -> float:
+        sizes = np.array([len(p) for p in partition(data, num_partitions=10, method="size",
+                                                    alpha=alpha, seed=0)])
+        return float(sizes.std() / sizes.mean())
+
+    assert spread(0.1) > 1.0 > 0.15 > spread(100.0)  # few big silos vs near-equal sizes
+    near_iid = partition(data, num_partitions=10, method="size", alpha=100.0, seed=0)
+    assert _mean_tv(near_iid, labels) < 0.2  # labels stay mixed: only the sizes are skewed
+
+
+def test_skewed_sizes_sum_and_minimum() -> None:
+    sizes = skewed_sizes(1000, 50, alpha=0.05, seed=1, min_size=3)
+    assert sum(sizes) == 1000 and min(sizes) >= 3 and max(sizes) > 100
+    with pytest.raises(ValueError, match="cannot fill"):
+        skewed_sizes(10, 5, alpha=1.0, seed=0, min_size=3)

@@ -65,7 +65,10 @@ def test_report_html_is_self_contained_with_four_embedded_pngs(tmp_path: Path) -
     assert text.count("<img") == 4
     assert "http://" not in text and "https://" not in text
     assert "<a " not in text and "href" not in text
-    assert "<script" not in text and "<link" not in text and "@import" not in text
+    assert "<link" not in text and "@import" not in text
+    # one inline script (the render check), nothing loaded; CSP forbids any fetch
+    assert text.count("<script") == 1 and "<script src" not in text
+    assert "default-src 'none'" in text
     assert re.findall(r'src="(?!data:image/png;base64,)', text) == []
     # strings from the metrics are escaped
     assert "<lora_B>" not in text and "&lt;lora_B&gt;" in text

@@ -1,0 +1,172 @@
+"""The coordinator's view of the silos: every node, but only sampled silos contacted.
+
+With 10,000 simulated silos and 10 sampled per round, asking every node for its id and
+size before round 1 would cost 10,000 ClientApp calls (each loading its data) and keep
+10,000 records in the coordinator. The roster instead holds the node ids in a fixed
+order (a flat list of ints) and says hello to a node only the first time it is sampled;
+what it learns (silo id, example count, rank) is kept for those silos alone.
+
+Order: nodes are ordered by registration time, then id. Flower's simulation engine
+registers node ``i`` for partition ``i`` in turn, so position ``i`` is silo ``i`` and a
+seeded sample of positions picks the same silos in every run with the same seed
+(`RunConfig.seed` is public and fixes silo sampling).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from flwr.app import Message, RecordDict
+from flwr.proto.node_pb2 import NodeInfo
+from flwr.serverapp import Grid
+
+from silotune import protocol as P
+from silotune.config import RunConfig
+
+log = logging.getLogger(__name__)
+NODE_WAIT_SECONDS = 120.0
+NODE_SETTLE_SECONDS = 10.0
+REJOIN_HELLO_SECONDS = 60.0
+
+
+@dataclass
+class Silo:
+    """What the coordinator knows about one contacted silo."""
+
+    node_id: int
+    position: int  # index in the roster (= partition id in simulation)
+    num_examples: int
+    rank: int  # current LoRA rank (HetLoRA may lower it)
+
+
+class Roster:
+    """Connected nodes in a fixed order; silos learned lazily by a hello when sampled."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig,
+                 ranks: Mapping[str, int] | None = None) -> None:
+        """`ranks`: current ranks of silos known from a checkpoint (a resumed run keeps
+        what HetLoRA pruned); other silos start at their position's configured rank."""
+        self.grid, self.cfg = grid, cfg
+        self.nodes: list[int] = _ordered_nodes(grid, _wait_for_nodes(grid, cfg))
+        self.silos: dict[str, Silo] = {}  # contacted silos only, by silo id
+        self._by_node: dict[int, str] = {}
+        self._known_ranks = dict(ranks or {})
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def ranks(self) -> Mapping[str, int]:
+        """Starting rank of each rank class. Ranks cycle over positions, so the first
+        ``len(lora_ranks)`` positions show every rank a rule can meet (rules need the set
+        of ranks, e.g. to refuse mixed ranks, not one entry per silo)."""
+        return {f"position-{i}": self.cfg.rank_of(i)
+                for i in range(min(len(self.nodes), len(self.cfg.lora_ranks)))}
+
+    def sample(self, rng: random.Random, k: int) -> tuple[list[str], list[dict[str, str]]]:
+        """`k` silos drawn with `rng` (sorted ids), and the sampled nodes that failed to
+        answer their first hello (as excluded entries)."""
+        positions = sorted(rng.sample(range(len(self.nodes)), k))
+        new = [p for p in positions if self.nodes[p] not in self._by_node]
+        failed = self._hello(new) if new else []
+        chosen = sorted(self._by_node[self.nodes[p]] for p in positions
+                        if self.nodes[p] in self._by_node)
+        return chosen, failed
+
+    def silo_of_node(self, node_id: int) -> str:
+        return self._by_node.get(node_id, f"node-{node_id}")
+
+    def rejoin(self) -> None:
+        """Silos that came back under a new node id (an agent restarted without node
+        authentication registers anew) take their old place in the roster. Nodes that
+        claim no known silo are not added: the sampling frame stays fixed for the run."""
+        new = sorted(set(self.grid.get_node_ids()) - set(self.nodes))
+        if not new:
+            return
+        answers, _ = self._ask(new, REJOIN_HELLO_SECONDS)
+        for node, silo, count in answers:
+            known = self.silos.get(silo)
+            if known is None:
+                continue
+            log.warning("silo %s rejoined as node %s (was %s)", silo, node, known.node_id)
+            self._by_node.pop(known.node_id, None)
+            self.nodes[known.position] = node
+            self._by_node[node] = silo
+            known.node_id, known.num_examples = node, count
+
+    def _hello(self, positions: list[int]) -> list[dict[str, str]]:
+        position_of = {self.nodes[p]: p for p in positions}
+        answers, failed = self._ask(list(position_of), NODE_WAIT_SECONDS)
+        for node, silo, count in answers:
+            if silo in self.silos:
+                raise RuntimeError(f"two nodes claim silo id '{silo}'; silo ids must be unique")
+            position = position_of[node]
+            rank = self._known_ranks.get(silo, self.cfg.rank_of(position))
+            self.silos[silo] = Silo(node, position, count, rank)
+            self._by_node[node] = silo
+        return failed
+
+    def _ask(self, nodes: list[int], timeout: float,
+             ) -> tuple[list[tuple[int, str, int]], list[dict[str, str]]]:
+        """Hello to `nodes`: (node, silo id, example count) of those that answer, and the
+        others as excluded entries with the reason."""
+        asks = [Message(RecordDict(), dst_node_id=n, message_type=P.QUERY_HELLO)
+                for n in nodes]
+        answers: list[tuple[int, str, int]] = []
+        failed: list[dict[str, str]] = []
+        replied: set[int] = set()
+        for reply in self.grid.send_and_receive(asks, timeout=timeout):
+            node = reply.metadata.src_node_id
+            replied.add(node)
+            if reply.has_error():
+                log.warning("node %s failed the hello: %s", node, reply.error.reason)
+                failed.append({"silo": f"node-{node}",
+                               "reason": f"hello failed: {reply.error.reason}"})
+                continue
+            silo = str(reply.content.config_records[P.INFO][P.SILO_ID])
+            count = reply.content.metric_records[P.METRICS][P.NUM_EXAMPLES]
+            answers.append((node, silo, P.as_int(count, P.NUM_EXAMPLES)))
+        failed += [{"silo": f"node-{n}", "reason": "no hello reply"}
+                   for n in nodes if n not in replied]
+        return answers, failed
+
+
+def _wait_for_nodes(grid: Grid, cfg: RunConfig) -> set[int]:
+    """Wait for `cfg.num_silos` nodes, or go on with those present once the count has
+    been stable for NODE_SETTLE_SECONDS (at least `cfg.min_replies` of them)."""
+    deadline = time.monotonic() + NODE_WAIT_SECONDS
+    nodes = set(grid.get_node_ids())
+    stable_since = time.monotonic()
+    while len(nodes) < cfg.num_silos and time.monotonic() < deadline:
+        if len(nodes) >= cfg.min_replies and time.monotonic() - stable_since > NODE_SETTLE_SECONDS:
+            log.warning("going on with %d of %d expected silos", len(nodes), cfg.num_silos)
+            break
+        time.sleep(0.5)
+        now = set(grid.get_node_ids())
+        if now != nodes:
+            nodes, stable_since = now, time.monotonic()
+    if len(nodes) < cfg.min_replies:
+        raise RuntimeError(f"only {len(nodes)} silos connected within {NODE_WAIT_SECONDS:.0f}"
+                           f" s; need at least {cfg.min_replies}")
+    return nodes
+
+
+def _ordered_nodes(grid: Grid, nodes: set[int]) -> list[int]:
+    """`nodes` by registration time, then id (simulation: partition order)."""
+    def key(info: NodeInfo) -> tuple[datetime, int]:
+        try:
+            when = datetime.fromisoformat(info.registered_at)
+        except ValueError:
+            when = datetime.min
+        if when.tzinfo is not None:
+            when = when.astimezone(UTC).replace(tzinfo=None)
+        return when, info.node_id
+
+    infos = [i for i in grid.get_nodes() if i.node_id in nodes]
+    ordered = [i.node_id for i in sorted(infos, key=key)]
+    missing = sorted(nodes - set(ordered))  # a grid without node info: by id
+    return ordered + missing
