@@ -59,6 +59,10 @@ class RunConfig:
     wire_dtype: str = "fp16"
     upload_density: float = 1.0  # < 1: ComPEFT-style top-k ternary compression of uploads
     max_update_norm: float = 1000.0  # replies with ||s B A||_F above this are excluded
+    # Client-level DP (DP-FedAvg, unit = one silo): noise multiplier z (0 = off) and the
+    # clip norm C of each silo's whole update (silotune/privacy/client_level.py).
+    client_dp_noise: float = 0.0
+    client_dp_clip: float = 1.0
     seed: int = 0
     out_dir: str = "runs/latest"
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -92,6 +96,13 @@ class RunConfig:
         _check(0.0 < self.upload_density <= 1.0, "upload_density", self.upload_density,
                "(0, 1]; 1 means no compression")
         _check(self.max_update_norm > 0, "max_update_norm", self.max_update_norm, "> 0")
+        _check(math.isfinite(self.client_dp_noise) and self.client_dp_noise >= 0,
+               "client_dp_noise", self.client_dp_noise, ">= 0; 0 turns client-level DP off")
+        _check(math.isfinite(self.client_dp_clip) and self.client_dp_clip > 0,
+               "client_dp_clip", self.client_dp_clip, "> 0")
+        _check(self.client_dp_noise == 0 or self.strategy == "flora", "strategy",
+               self.strategy, "flora when client_dp_noise > 0 (the only rule whose merge is "
+               "linear in the silo updates)")
 
     @property
     def private(self) -> bool:

@@ -28,6 +28,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from silotune.privacy.accounting import AccountingStep, compute_epsilon, compute_epsilon_rdp
+from silotune.privacy.client_level import check_client_level_entry
+from silotune.privacy.one_run_audit import check_audit_entry
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +244,10 @@ def verify_ledger(path: Path, public_key: Ed25519PublicKey | None = None) -> lis
     signature (against ``public_key`` if given, which must then match ``signer_public_key``),
     and for ``type == "train"`` entries: epsilon recomputed from ``accounting_history``
     (PRV or RDP per ``accountant``, within 1e-6 relative), the stored RDP cross-check,
-    epsilon never decreasing, epsilon <= ``epsilon_limit`` and histories only growing.
+    epsilon never decreasing, epsilon <= ``epsilon_limit`` and histories only growing;
+    for ``audit`` entries (empirical one-run audits) the bound recomputed from its counts
+    and never above the accounted epsilon; for ``client_level`` entries (the coordinator's
+    ledger) epsilon recomputed from (z, N, k, releases) and releases counting up.
     """
     path = Path(path)
     if not path.exists():
@@ -253,6 +258,7 @@ def verify_ledger(path: Path, public_key: Ed25519PublicKey | None = None) -> lis
         return [str(exc)]
     problems: list[str] = []
     state: dict[Any, tuple[str, float, list[Any]]] = {}
+    last_client_level: dict[str, Any] | None = None
     prev = GENESIS_HASH
     for i, e in enumerate(entries):
         label = f"seq {e.get('seq', f'? (line {i + 1})')}"
@@ -283,9 +289,16 @@ def verify_ledger(path: Path, public_key: Ed25519PublicKey | None = None) -> lis
                                           bytes.fromhex(e["entry_hash"]))
         except (KeyError, TypeError, ValueError, InvalidSignature):
             problems.append(f"{label}: signature: invalid signature over entry_hash")
-        if e.get("type") == "train":
-            try:
+        kind = e.get("type")
+        try:
+            if kind == "train":
                 _check_train(e, label, state, problems)
-            except (AttributeError, KeyError, TypeError, ValueError) as exc:
-                problems.append(f"{label}: train fields: malformed ({exc!r})")
+            elif kind == "audit":
+                problems += [f"{label}: {p}" for p in check_audit_entry(e)]
+            elif kind == "client_level":
+                problems += [f"{label}: {p}"
+                             for p in check_client_level_entry(e, last_client_level)]
+                last_client_level = e
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            problems.append(f"{label}: {kind} fields: malformed ({exc!r})")
     return problems
