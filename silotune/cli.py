@@ -85,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--ray-address", metavar="HOST:PORT",
                    help="run the silos on this existing Ray cluster (started with `ray "
                    "start --head`) instead of a private Ray on this machine")
+    s.add_argument("--client-dp-noise", type=float, default=d.client_dp_noise, metavar="Z",
+                   help="client-level DP (DP-FedAvg, unit = one silo): noise multiplier of "
+                   "the coordinator's Gaussian noise; 0 = off (%(default)s)")
+    s.add_argument("--client-dp-clip", type=float, default=d.client_dp_clip, metavar="C",
+                   help="client-level DP: clip norm of each silo's update ||s B A|| "
+                   "(%(default)s)")
     s.add_argument("--test-size", type=int, default=d.test_size,
                    help="held-out examples for evaluation (%(default)s)")
     s.add_argument("--seed", type=int, default=d.seed,
@@ -145,6 +151,32 @@ def _parser() -> argparse.ArgumentParser:
                    help="print a JSON list (one object per ledger) instead of the table")
     a.add_argument("--plot", type=Path, metavar="FILE",
                    help="write a PNG of cumulative epsilon per round and silo")
+    e = a.add_argument_group(
+        "empirical audit (--empirical LEDGER --signing-key KEY)",
+        "Train once on the silo's data with m Dirac gradient canaries, each inserted with "
+        "probability 1/2 (Steinke, Nasr & Jagielski 2023), bound epsilon from below at "
+        "95%% confidence and append a signed 'audit' entry to LEDGER. The model, data and "
+        "LoRA settings are those of `silotune simulate` (same flags and defaults); sigma and "
+        "the clip norm default to the ledger's last train entry.")
+    e.add_argument("--empirical", action="store_true",
+                   help="run the empirical one-run audit on one silo (exactly one LEDGER)")
+    e.add_argument("--signing-key", type=Path, metavar="KEY",
+                   help="the silo's Ed25519 ledger key (OUT/silos/<silo>/ledger-signing-key.pem)")
+    e.add_argument("--silo-index", type=int, default=0, help="which silo (%(default)s)")
+    e.add_argument("--silos", type=int, default=_DEFAULTS.num_silos,
+                   help="silos in the federation split (%(default)s)")
+    e.add_argument("--model", default=_DEFAULTS.model, help="model (%(default)s)")
+    e.add_argument("--dataset", default=_DEFAULTS.dataset, help="dataset (%(default)s)")
+    e.add_argument("--seed", type=int, default=_DEFAULTS.seed,
+                   help="public seed of the data split (%(default)s)")
+    e.add_argument("--canaries", type=int, default=1000, help="m (%(default)s)")
+    e.add_argument("--noise-multiplier", type=float,
+                   help="sigma (default: the ledger's; 0 = no noise, a non-private control)")
+    e.add_argument("--clip", type=float, help="per-example clip norm (default: the ledger's)")
+    e.add_argument("--audit-steps", type=int, default=20,
+                   help="DP-SGD steps of the audit run (%(default)s)")
+    e.add_argument("--no-insert", action="store_true",
+                   help="draw the canaries but insert none (negative control: bound 0)")
 
     r = sub.add_parser("report", help="rebuild report.html from a run's metrics.json")
     r.add_argument("run_dir", type=Path)
@@ -169,7 +201,8 @@ def _simulate(args: argparse.Namespace) -> int:
         test_size=args.test_size, seed=args.seed, out_dir=args.out,
         wire_dtype=args.wire_dtype, upload_density=args.compress,
         max_update_norm=args.max_update_norm, partition=args.partition,
-        dirichlet_alpha=args.alpha, mode=args.mode, slm=args.slm,
+        dirichlet_alpha=args.alpha, client_dp_noise=args.client_dp_noise,
+        client_dp_clip=args.client_dp_clip, mode=args.mode, slm=args.slm,
         slm_steps=args.slm_steps, slm_learning_rate=args.slm_lr,
         crosslm_per_label=args.per_label, crosslm_threshold=args.threshold,
         crosslm_weighting=args.weighting, llm_steps=args.llm_steps,
@@ -189,6 +222,39 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _quiet(line: str) -> None:
     """Progress sink that drops the line."""
+
+
+def _audit_empirical(args: argparse.Namespace) -> int:
+    import json
+
+    from silotune.privacy.canary_audit import SiloAuditSpec, audit_silo
+
+    if len(args.ledgers) != 1 or args.signing_key is None:
+        print("silotune audit: error: --empirical needs exactly one LEDGER (the silo's) and "
+              "--signing-key (the silo's ledger key)", file=sys.stderr)
+        return 2
+    run = RunConfig(model=args.model, dataset=args.dataset, num_silos=args.silos,
+                    seed=args.seed)
+    spec = SiloAuditSpec(silo_index=args.silo_index, canaries=args.canaries,
+                         noise_multiplier=args.noise_multiplier, max_grad_norm=args.clip,
+                         steps=args.audit_steps, insert=not args.no_insert)
+    try:
+        audit, entry = audit_silo(run, spec, args.ledgers[0], args.signing_key)
+    except ValueError as err:
+        print(f"silotune audit: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(entry, indent=2, allow_nan=False))
+    else:
+        r = audit.result
+        acc = "no DP (sigma 0)" if audit.eps_accounted is None else \
+            f"{audit.eps_accounted:.4f}"
+        print(f"empirical audit of {entry['silo_id']}: epsilon lower bound "
+              f"{r.eps_lower_bound:.4f} (95% confidence; m={r.m}, {r.v} of {r.r} guesses "
+              f"correct, AUC {r.auc if r.auc is None else round(r.auc, 3)}), accounted "
+              f"epsilon {acc}: {'OK' if audit.sound else 'VIOLATION'}; appended as seq "
+              f"{entry['seq']} to {args.ledgers[0]}")
+    return 0 if audit.sound else 1
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -252,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.job == "simulate":
             return _simulate(args)
         if args.job == "audit":
-            return _audit(args)
+            return _audit_empirical(args) if args.empirical else _audit(args)
         if args.job in ("certs", "coordinator", "agent", "run"):
             return run_deploy_job(args)
         from silotune.server.report import write_report

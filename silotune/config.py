@@ -60,6 +60,10 @@ class RunConfig:
     wire_dtype: str = "fp16"
     upload_density: float = 1.0  # < 1: ComPEFT-style top-k ternary compression of uploads
     max_update_norm: float = 1000.0  # replies with ||s B A||_F above this are excluded
+    # Client-level DP (DP-FedAvg, unit = one silo): noise multiplier z (0 = off) and the
+    # clip norm C of each silo's whole update (silotune/privacy/client_level.py).
+    client_dp_noise: float = 0.0
+    client_dp_clip: float = 1.0
     seed: int = 0
     # Run mode: "lora" (federated LoRA) or "crosslm" (mutual enhancement of the central
     # LLM `model` and silo SLMs `slm`, silotune/server/crosslm.py).
@@ -127,6 +131,13 @@ class RunConfig:
                "[1, 512]")
         _check(self.max_update_norm > 0, "max_update_norm", self.max_update_norm, "> 0")
         _check(self.round_timeout > 0, "round_timeout", self.round_timeout, "> 0 seconds")
+        _check(math.isfinite(self.client_dp_noise) and self.client_dp_noise >= 0,
+               "client_dp_noise", self.client_dp_noise, ">= 0; 0 turns client-level DP off")
+        _check(math.isfinite(self.client_dp_clip) and self.client_dp_clip > 0,
+               "client_dp_clip", self.client_dp_clip, "> 0")
+        _check(self.client_dp_noise == 0 or self.strategy == "flora", "strategy",
+               self.strategy, "flora when client_dp_noise > 0 (the only rule whose merge is "
+               "linear in the silo updates)")
 
     @property
     def private(self) -> bool:

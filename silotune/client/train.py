@@ -14,10 +14,12 @@ import secrets
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from torch.utils.data import DataLoader, TensorDataset
@@ -50,6 +52,13 @@ class LocalTrainConfig:
 class DPConfig:
     noise_multiplier: float
     max_grad_norm: float
+
+
+class OptimizerHook(Protocol):
+    """Wraps the DP optimizer before training, e.g. to insert audit canaries
+    (silotune.privacy.canary_audit); called once, with the sampler's q."""
+
+    def attach(self, optimizer: DPOptimizer, sample_rate: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -134,23 +143,28 @@ _BENIGN = ("Secure RNG turned off", "Full backward hook is firing", "is_gradient
 
 
 def train_local(base: torch.nn.Module, examples: Sequence[EncodedExample], pad_id: int,
-                cfg: LocalTrainConfig, dp: DPConfig | None) -> LocalTrainResult:
+                cfg: LocalTrainConfig, dp: DPConfig | None,
+                hook: OptimizerHook | None = None) -> LocalTrainResult:
     """Train a fresh LoRA on `examples` for `cfg.local_steps` logical steps.
 
     With `dp`, DP-SGD (Opacus): Poisson sampling at q = 1/len(loader), per-example
     clipping to `dp.max_grad_norm`, Gaussian noise `dp.noise_multiplier * clip`. The
     noise comes from a generator seeded by the OS (never by the public run seed).
+    `hook` (DP only) wraps the DP optimizer before the first step.
     """
     if not examples:
         raise ValueError("this silo has no training examples")
+    if hook is not None and dp is None:
+        raise ValueError("an optimizer hook needs DP-SGD (pass a DPConfig)")
     with warnings.catch_warnings():
         for text in _BENIGN:
             warnings.filterwarnings("ignore", message=f".*{text}")
-        return _train_local(base, examples, pad_id, cfg, dp)
+        return _train_local(base, examples, pad_id, cfg, dp, hook)
 
 
 def _train_local(base: torch.nn.Module, examples: Sequence[EncodedExample], pad_id: int,
-                 cfg: LocalTrainConfig, dp: DPConfig | None) -> LocalTrainResult:
+                 cfg: LocalTrainConfig, dp: DPConfig | None,
+                 hook: OptimizerHook | None) -> LocalTrainResult:
     model = attach_lora(base, cfg)
     before = _lora_state(model)
     data = tensor_dataset(examples, pad_id)
@@ -169,7 +183,7 @@ def _train_local(base: torch.nn.Module, examples: Sequence[EncodedExample], pad_
             losses.append(loss.item())
         q = cfg.batch_size / len(data)
     else:
-        losses = _train_dp(model, optimizer, loader, cfg, dp, q)
+        losses = _train_dp(model, optimizer, loader, cfg, dp, q, hook)
     after = _lora_state(model)
     moved = max(float(np.abs(after[k] - before[k]).max()) for k in after)
     changed = [k for k in after if is_factor(k, cfg.frozen)
@@ -185,7 +199,8 @@ def _train_local(base: torch.nn.Module, examples: Sequence[EncodedExample], pad_
 
 
 def _train_dp(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-              cfg: LocalTrainConfig, dp: DPConfig, q: float) -> list[float]:
+              cfg: LocalTrainConfig, dp: DPConfig, q: float,
+              hook: OptimizerHook | None) -> list[float]:
     engine = PrivacyEngine(accountant="prv", secure_mode=False)
     noise = torch.Generator().manual_seed(secrets.randbits(63))  # coordinator can't know it
     hooks, dp_optimizer, dp_loader = engine.make_private(
@@ -195,6 +210,8 @@ def _train_dp(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: 
         noise_generator=noise)
     if abs(dp_loader.sample_rate - q) > 1e-12:
         raise RuntimeError(f"sampler q={dp_loader.sample_rate} differs from planned q={q}")
+    if hook is not None:
+        hook.attach(dp_optimizer, q)
 
     def steps_done() -> int:
         return sum(n for _, _, n in engine.accountant.history)

@@ -77,6 +77,9 @@ class LedgerAudit:
     signer_key_id: str | None = None
     cross_check_ok: bool | None = field(default=None)
     feedback_entries: int = 0  # CrossLM score releases (0 epsilon, checked by verify_ledger)
+    # Empirical one-run audits: {"seq", "m", "eps_lower_bound", "eps_accounted", "sound"}.
+    empirical: list[dict[str, Any]] = field(default_factory=list)
+    unit: str = "example"  # "silo" for the coordinator's client-level ledger
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (non-finite numbers become None; safe with ``allow_nan=False``)."""
@@ -90,6 +93,7 @@ class LedgerAudit:
             "cross_check_ok": self.cross_check_ok, "signer_key_id": self.signer_key_id,
             "problems": list(self.problems),
             "history": [[r, _finite(e)] for r, e in self.history],
+            "empirical": list(self.empirical), "privacy_unit": self.unit,
         }
 
 
@@ -282,12 +286,25 @@ def audit_ledger(path: Path | str, public_key: Ed25519PublicKey | None = None) -
         cross_ok = problem is None
         if problem:
             problems.append(f"{_label(last, i)}: {problem}")
+    client = [e for e in entries if e.get("type") == "client_level"]
+    unit = "example"
+    if client and not train:  # the coordinator's ledger: client-level DP, unit = silo
+        unit, silo_id = "silo", "client-level"
+        epsilon, delta = _finite(client[-1].get("epsilon")), _finite(client[-1].get("delta"))
+        accountant = str(client[-1].get("accountant"))
+        independent = {k: float(v) for k, v in dict(client[-1].get("eps_cross_check") or {})
+                       .items() if _finite(v) is not None}
+    empirical = [{"seq": e.get("seq"), "m": e.get("m"),
+                  "eps_lower_bound": _finite(e.get("eps_lower_bound")),
+                  "eps_accounted": _finite(e.get("eps_accounted")), "sound": e.get("sound")}
+                 for e in entries if e.get("type") == "audit"]
     return LedgerAudit(path=path, silo_id=silo_id, entries=len(entries),
                        train_entries=len(train), epsilon=epsilon, epsilon_limit=limit,
                        delta=delta, accountant=accountant, independent=independent,
                        problems=problems, history=_plot_history([e for _, e in train]),
                        ok=not problems, signer_key_id=signer_id, cross_check_ok=cross_ok,
-                       feedback_entries=sum(e.get("type") == "feedback" for e in entries))
+                       feedback_entries=sum(e.get("type") == "feedback" for e in entries),
+                       empirical=empirical, unit=unit)
 
 
 # --------------------------------------------------------------------------- output
@@ -318,6 +335,15 @@ def format_table(audits: Sequence[LedgerAudit]) -> str:
     widths = [max(len(r[c]) for r in (header, *rows)) for c in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
              for r in (header, *rows)]
+    for a in audits:
+        if a.unit == "silo":
+            lines.append(f"{a.path.name}: client-level DP, unit = one silo (a separate "
+                         "guarantee from the silos' record-level epsilon)")
+        for e in a.empirical:
+            acc = "no DP" if e["eps_accounted"] is None else f"{e['eps_accounted']:.4f}"
+            lines.append(f"{a.silo_id or a.path.stem}: empirical audit seq {e['seq']}: "
+                         f"lower bound {_fmt(e['eps_lower_bound'])} (m={e['m']}), accounted "
+                         f"{acc}")
     problems = [f"  {a.path}: {p}" for a in audits for p in a.problems]
     if problems:
         lines += ["", f"problems ({len(problems)}):", *problems]

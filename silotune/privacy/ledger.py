@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from silotune.privacy.accounting import AccountingStep, compute_epsilon, compute_epsilon_rdp
 from silotune.privacy.feedback import check_feedback_entry
+from silotune.privacy.client_level import check_client_level_entry
+from silotune.privacy.one_run_audit import check_audit_entry
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +246,10 @@ def verify_ledger(path: Path, public_key: Ed25519PublicKey | None = None) -> lis
     and for ``type == "train"`` entries: epsilon recomputed from ``accounting_history``
     (PRV or RDP per ``accountant``, within 1e-6 relative), the stored RDP cross-check,
     epsilon never decreasing, epsilon <= ``epsilon_limit`` and histories only growing;
-    for ``type == "feedback"`` entries (CrossLM), `check_feedback_entry`.
+    for ``type == "feedback"`` entries (CrossLM), `check_feedback_entry`;
+    for ``audit`` entries (empirical one-run audits) the bound recomputed from its counts
+    and never above the accounted epsilon; for ``client_level`` entries (the coordinator's
+    ledger) epsilon recomputed from (z, N, k, releases) and releases counting up.
     """
     path = Path(path)
     if not path.exists():
@@ -256,6 +261,7 @@ def verify_ledger(path: Path, public_key: Ed25519PublicKey | None = None) -> lis
     problems: list[str] = []
     state: dict[Any, tuple[str, float, list[Any]]] = {}
     last_train: dict[str, Any] | None = None
+    last_client_level: dict[str, Any] | None = None
     prev = GENESIS_HASH
     for i, e in enumerate(entries):
         label = f"seq {e.get('seq', f'? (line {i + 1})')}"
@@ -286,12 +292,20 @@ def verify_ledger(path: Path, public_key: Ed25519PublicKey | None = None) -> lis
                                           bytes.fromhex(e["entry_hash"]))
         except (KeyError, TypeError, ValueError, InvalidSignature):
             problems.append(f"{label}: signature: invalid signature over entry_hash")
-        if e.get("type") == "train":
-            try:
+        kind = e.get("type")
+        try:
+            if kind == "train":
                 _check_train(e, label, state, problems)
-            except (AttributeError, KeyError, TypeError, ValueError) as exc:
-                problems.append(f"{label}: train fields: malformed ({exc!r})")
+            elif kind == "feedback":  # CrossLM: a post-processing release, 0 epsilon
+                check_feedback_entry(e, label, last_train, problems)
+            elif kind == "audit":
+                problems += [f"{label}: {p}" for p in check_audit_entry(e)]
+            elif kind == "client_level":
+                problems += [f"{label}: {p}"
+                             for p in check_client_level_entry(e, last_client_level)]
+                last_client_level = e
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            problems.append(f"{label}: {kind} fields: malformed ({exc!r})")
+        if kind == "train":
             last_train = e
-        elif e.get("type") == "feedback":  # CrossLM: a post-processing release, 0 epsilon
-            check_feedback_entry(e, label, last_train, problems)
     return problems

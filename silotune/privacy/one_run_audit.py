@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 from scipy import optimize, special, stats
 
+from silotune.privacy.accounting import AccountingStep, compute_epsilon
+
 DEFAULT_K_FRACTIONS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5, 1.0)
 FPR_LEVELS: tuple[float, ...] = (0.001, 0.01, 0.1)
 _EPS_MAX = 100.0  # expit(100) == 1.0 in float64, so p(eps) >= 1 > significance there
@@ -245,3 +247,41 @@ def seed_commitment(seed: bytes) -> str:
     if not isinstance(seed, bytes | bytearray):
         raise ValueError(f"seed must be bytes, got {type(seed).__name__}")
     return hashlib.sha256(bytes(seed)).hexdigest()
+
+
+def check_audit_entry(entry: dict[str, Any]) -> list[str]:
+    """Problems with an ``audit`` ledger entry, each ``"field: what is wrong"``.
+
+    Recomputes the bound from (m, r, v, delta, significance / k_grid_size) (Theorem 3.1 of
+    arXiv 2305.08846) and, for a DP run, the accounted epsilon from (sigma, q, steps)
+    with PRV; fails if the bound exceeds the accounted epsilon (the pipeline leaks more
+    than it accounts: missing noise, wrong q or steps, or an opacus#820-class bug).
+    """
+    fields = ("m", "r", "v", "delta", "significance", "k_grid_size", "eps_lower_bound",
+              "noise_multiplier", "sample_rate", "steps", "eps_accounted")
+    missing = [f for f in fields if f not in entry]
+    if missing:
+        return [f"{missing}: missing from audit entry"]
+    problems = []
+    bound = epsilon_lower_bound(m=int(entry["m"]), r=int(entry["r"]), v=int(entry["v"]),
+                                delta=float(entry["delta"]),
+                                significance=float(entry["significance"])
+                                / int(entry["k_grid_size"]))
+    if not math.isclose(bound, float(entry["eps_lower_bound"]), rel_tol=1e-6, abs_tol=1e-9):
+        problems.append(f"eps_lower_bound: stored {entry['eps_lower_bound']} but (m, r, v) "
+                        f"give {bound}")
+    sigma = float(entry["noise_multiplier"])
+    if sigma > 0:
+        step = AccountingStep(sigma, float(entry["sample_rate"]), int(entry["steps"]))
+        eps = compute_epsilon([step], float(entry["delta"]), cross_check=False).epsilon
+        stored = entry["eps_accounted"]
+        if stored is None or not math.isclose(eps, float(stored), rel_tol=1e-6):
+            problems.append(f"eps_accounted: stored {stored} but PRV recomputation from "
+                            f"(noise_multiplier, sample_rate, steps) gives {eps}")
+        if bound > eps + 1e-9:
+            problems.append(f"eps_lower_bound: empirical lower bound {bound:.4f} exceeds the "
+                            f"accounted epsilon {eps:.4f}: the DP-SGD pipeline leaks more "
+                            "than it accounts for")
+    elif entry["eps_accounted"] is not None:
+        problems.append("eps_accounted: set for a run without noise (noise_multiplier 0)")
+    return problems

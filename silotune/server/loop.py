@@ -40,6 +40,7 @@ from silotune.merge import (
 )
 from silotune.progress import track
 from silotune.server import checkpoint
+from silotune.server.client_dp import ClientLevelRun
 from silotune.server.report import write_report
 from silotune.server.roster import Roster, Silo
 from silotune.server.validate import Expected, validate_reply
@@ -124,6 +125,12 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
     epsilon: dict[str, float] = dict(last.get("epsilon", {}))  # silos that trained so far
     limits: dict[str, float] = dict(last.get("epsilon_limit", {}))
     roster = Roster(grid, cfg, ranks=resumed.ranks if resumed else None)
+    per_round = min(len(roster), max(cfg.min_replies, round(cfg.fraction_train * len(roster))))
+    client_dp = None
+    if cfg.client_dp_noise > 0:  # DP-FedAvg around the rule; its own ledger and epsilon
+        client_dp = ClientLevelRun(rule, cfg, len(roster), per_round, out, str(grid.run.run_id))
+        rule = client_dp.rule
+    client_level: dict[int, dict[str, Any]] = {}
     rule.setup(roster.ranks(), shapes, cfg.seed)
     progress(f"[silos] {len(roster)} connected; each is contacted the first time it is "
              "sampled")
@@ -132,8 +139,7 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
     for round_ in track(range(first, cfg.rounds + 1), "rounds", emit=progress):
         roster.rejoin()
         start = time.monotonic()
-        k = min(len(roster), max(cfg.min_replies, round(cfg.fraction_train * len(roster))))
-        sampled, unreachable = roster.sample(rng, k)
+        sampled, unreachable = roster.sample(rng, per_round)
         plans = {s: _on_wire(rule.plan(s, silos[s].rank, state.adapter, round_),
                              cfg.wire_dtype) for s in sampled}
         messages = [_train_message(cfg, round_, silos[s], plans[s], state, federation_id)
@@ -157,6 +163,8 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
             state.adapter = result.adapter
             for adapter in valid:
                 silos[adapter.silo].rank = rule.next_rank(adapter, silos[adapter.silo].rank)
+            if client_dp is not None:
+                client_level[round_] = client_dp.record(round_)
         accuracy, loss = held_out(state.adapter)
         row = {"round": round_, "accuracy": accuracy, "loss": loss,
                "epsilon": dict(sorted(epsilon.items())),
@@ -166,6 +174,9 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
                "participants": sorted(adapters),
                "ranks": {s: silos[s].rank for s in sampled},
                "workers": {s: adapters[s][2] for s in sorted(adapters)}}
+        if client_dp is not None:  # a separate guarantee (unit = silo): never added to epsilon
+            row["client_level"] = client_level.get(round_)
+            metrics["client_level_dp"] = client_dp.summary()
         metrics["rounds"].append(row)
         _write_json(out / "metrics.json", metrics)
         checkpoint.save(out / "checkpoint", checkpoint.Checkpoint(

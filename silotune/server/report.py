@@ -353,4 +353,17 @@ def format_summary_table(metrics: dict[str, Any]) -> str:
     lines.append("final epsilon / limit per silo:" if m["private"] else
                  f"final epsilon per silo: none ({NO_DP_TEXT})")
     lines += [f"  {s}: {_fmt(e)} / {_fmt(lim)}" for s, e, lim in _final_budget(m)]
+    lines += client_level_lines(metrics.get("client_level_dp"))
     return "\n".join(lines)
+
+
+def client_level_lines(dp: Any) -> list[str]:
+    """Summary of client-level DP (unit = silo), kept apart from record-level epsilon."""
+    if not isinstance(dp, dict):
+        return []
+    return [f"client-level DP (unit = one silo; a separate guarantee, not added to the "
+            f"epsilons above): epsilon {_fmt(dp.get('epsilon'))} at delta "
+            f"{_fmt(dp.get('delta'))} ({dp.get('accountant')}) after {dp.get('releases')} "
+            f"noisy rounds, z = {_fmt(dp.get('noise_multiplier'))}, "
+            f"C = {_fmt(dp.get('clip_norm'))}, {dp.get('per_round')} of "
+            f"{dp.get('population')} silos per round"]

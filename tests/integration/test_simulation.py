@@ -1,8 +1,9 @@
 """A 2-silo, 2-round federation through the real Flower Simulation Engine (Ray).
 
-Tiny random Llama + toy dataset, DP-SGD on; checks the metrics.json contract, that each
-silo's reported epsilon equals an independent recomputation from its ledger history,
-and that the ledgers verify.
+Tiny random Llama + toy dataset, DP-SGD on (and client-level DP on the coordinator);
+checks the metrics.json contract, that each silo's reported epsilon equals an independent
+recomputation from its ledger history, and that the ledgers verify. Client-level DP is
+checked on the same run.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from silotune.privacy.accounting import AccountingStep, compute_epsilon, compute_epsilon_rdp
+from silotune.privacy.client_level import ClientLevelConfig, client_level_epsilon
 from silotune.privacy.ledger import verify_ledger
 
 pytestmark = pytest.mark.integration
@@ -35,6 +38,7 @@ def private_run(tiny_model_dir, toy_dataset_file, tmp_path_factory):
                      str(toy_dataset_file), "--silos", "2", "--rounds", "2",
                      "--local-steps", "3", "--batch-size", "16", "--ranks", "4,2",
                      "--lr", "0.01", "--test-size", "30", "--epsilon", "8",
+                     "--client-dp-noise", "1.0", "--client-dp-clip", "0.5",  # client level too
                      "--out", str(out), cwd=out.parent)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out, proc
@@ -71,6 +75,35 @@ def test_reported_epsilon_matches_independent_recomputation(private_run):
         assert 0 < eps <= 8.0
         assert entries[0]["epsilon"] < entries[1]["epsilon"]  # cumulative, not per round
         assert verify_ledger(ledger) == []
+
+
+def test_client_level_dp_is_reported_apart_and_audited(private_run):
+    """Client-level epsilon (unit = silo) sits beside, never in, the record-level epsilons,
+    equals an independent RDP recomputation, and the coordinator's ledger passes audit."""
+    out, proc = private_run
+    assert "client-level DP (unit = one silo" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    dp = metrics["client_level_dp"]
+    cfg = ClientLevelConfig(1.0, 0.5, population=2, per_round=2, delta=1e-5)
+    assert dp["privacy_unit"] == "silo" and dp["releases"] == 2
+    assert dp["epsilon"] == pytest.approx(client_level_epsilon(cfg, 2)["rdp"], rel=1e-9)
+    assert dp["cross_check"]["pld"] == pytest.approx(client_level_epsilon(cfg, 2)["pld"])
+    for n, row in enumerate(metrics["rounds"], start=1):
+        assert row["client_level"]["releases"] == n
+        assert row["client_level"]["epsilon"] == pytest.approx(
+            client_level_epsilon(cfg, n)["rdp"])
+        assert set(row["epsilon"]) == {"silo-000", "silo-001"}  # record-level, per silo
+    # Released: the dense noisy mean (rank min(d_out, d_in)), never the stacked factors.
+    updates = np.load(out / "checkpoint" / "updates.npz")
+    a_shapes = [v.shape for k, v in updates.items() if k.endswith(".lora_A")]
+    assert a_shapes and all(shape[0] in (16, 32) for shape in a_shapes)
+    assert not any(k.endswith(".lora_w") for k in updates)
+    ledgers = sorted((out / "ledgers").glob("*.jsonl"))
+    assert [p.name for p in ledgers] == ["_client_level.jsonl", "silo-000.jsonl",
+                                         "silo-001.jsonl"]
+    audit = _silotune("audit", *map(str, ledgers), cwd=out.parent)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    assert "client-level DP, unit = one silo" in audit.stdout
 
 
 def test_non_private_run_is_labelled_and_reproducible(tiny_model_dir, toy_dataset_file,

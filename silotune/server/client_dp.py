@@ -1,0 +1,59 @@
+"""The coordinator's side of client-level DP: wrapper, signed ledger, metrics.
+
+The math lives in ``silotune.privacy.client_level`` (DP-FedAvg, McMahan et al. 2018);
+this module wires it into a run: it wraps the run's aggregation rule, and after every
+noisy round appends a signed entry to ``OUT/ledgers/_client_level.jsonl`` (the
+coordinator's own ledger, signed with the key in ``OUT/coordinator/``, verified by
+``silotune audit`` like a silo's) and returns the round's client-level figures for
+``metrics.json``. Client-level epsilon is reported apart from the silos' record-level
+epsilon: the units (a silo vs one record) differ, so the two are never added.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from silotune.config import RunConfig
+from silotune.privacy.client_level import ClientLevelConfig, ClientLevelDP
+from silotune.privacy.ledger import Ledger, load_or_create_signing_key
+from silotune.strategies.base import AggregationRule
+
+LEDGER_NAME = "_client_level.jsonl"
+KEY_PATH = Path("coordinator") / "ledger-signing-key.pem"
+
+
+class ClientLevelRun:
+    """Client-level DP for one run of ``population`` silos, ``per_round`` per round."""
+
+    def __init__(self, rule: AggregationRule, cfg: RunConfig, population: int,
+                 per_round: int, out: Path, run_id: str) -> None:
+        self.dp = ClientLevelDP(rule, ClientLevelConfig(
+            noise_multiplier=cfg.client_dp_noise, clip_norm=cfg.client_dp_clip,
+            population=population, per_round=per_round, delta=cfg.target_delta))
+        self.ledger_path = out / "ledgers" / LEDGER_NAME
+        self.ledger = Ledger(self.ledger_path, load_or_create_signing_key(out / KEY_PATH))
+        self.run_id = run_id
+
+    @property
+    def rule(self) -> AggregationRule:
+        return self.dp
+
+    def record(self, round_: int) -> dict[str, Any]:
+        """Append the signed entry of the round just aggregated; return its metrics row."""
+        entry = self.ledger.append(self.dp.ledger_body(round_, self.run_id))
+        return {"epsilon": entry["epsilon"], "delta": entry["delta"],
+                "accountant": entry["accountant"], "cross_check": entry["eps_cross_check"],
+                "releases": entry["releases"], "clipped": entry["clipped"],
+                "participants": entry["participants"], "ledger_head": entry["entry_hash"]}
+
+    def summary(self) -> dict[str, Any]:
+        """Settings and final figures for ``metrics.json["client_level_dp"]``."""
+        c = self.dp.cfg
+        eps = self.dp.epsilon()
+        return {"privacy_unit": "silo", "neighboring_relation": c.neighboring_relation,
+                "noise_multiplier": c.noise_multiplier, "clip_norm": c.clip_norm,
+                "population": c.population, "per_round": c.per_round, "delta": c.delta,
+                "releases": self.dp.releases, "epsilon": eps["rdp"], "accountant": "rdp",
+                "cross_check": {k: v for k, v in eps.items() if k != "rdp"},
+                "ledger": str(self.ledger_path)}
