@@ -136,6 +136,9 @@ def _train(msg: Message, context: Context, silo: Silo) -> Message:
     torch.save({"state": trainable_state(model), "labels": labels,
                 "dp": silo.privacy.private, "run_id": str(context.run_id)}, tmp)
     tmp.replace(path)
+    if silo.task is None:
+        raise ValueError("CrossLM mode runs in simulation only for now: a deployed silo "
+                         "has no held-out split to report SLM accuracy on")
     test = silo.task.test
     probs = predict_proba(model, tok, list(test["text"]))
     index = {lab: j for j, lab in enumerate(labels)}

@@ -266,9 +266,7 @@ def audit_silo(run: RunConfig, spec: SiloAuditSpec, ledger_path: Path,
         raise ValueError(f"{ledger_path} has no train entry to take the noise multiplier "
                          "from; pass --noise-multiplier")
     task = federated_task(run)
-    if not 0 <= spec.silo_index < len(task.silos):
-        raise ValueError(f"silo index {spec.silo_index} out of range [0, {len(task.silos)})")
-    frame = task.silos[spec.silo_index]
+    frame = task.silo_frame(spec.silo_index)  # raises ValueError for a bad index
     model, tok = load_model(resolve_model(run.model))
     examples = [encode(tok, t, lab) for t, lab in zip(frame["text"], frame["label"],
                                                           strict=True)]

@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from silotune.privacy.accounting import AccountingStep, compute_epsilon, compute_epsilon_rdp
-from silotune.privacy.feedback import check_feedback_entry
 from silotune.privacy.client_level import check_client_level_entry
+from silotune.privacy.feedback import check_feedback_entry
 from silotune.privacy.one_run_audit import check_audit_entry
 
 log = logging.getLogger(__name__)

@@ -32,8 +32,9 @@ from silotune import protocol as P
 from silotune.assets import general_text, resolve_model
 from silotune.config import RunConfig
 from silotune.lm import evaluate, load_model
-from silotune.server.loop import ROUND_TIMEOUT_SECONDS, Progress, _hello, _write_json
+from silotune.server.loop import Progress, _write_json
 from silotune.server.report import write_report
+from silotune.server.roster import Roster
 from silotune.simulations.federation import federated_task
 from silotune.strategies.crosslm import (
     FeedbackRefusedError,
@@ -108,7 +109,7 @@ def run_crosslm(grid: Grid, cfg: RunConfig, progress: Progress = print) -> dict[
     progress(f"[base LLM] task accuracy {base_acc:.3f}, general-text perplexity "
              f"{base_ppl:.2f} ({len(texts)} held-out examples, {len(general)} general "
              f"texts, {time.monotonic() - t0:.0f} s)")
-    silos = _hello(grid, cfg)
+    silos = Roster(grid, cfg).everyone()
     counts = {s: v.num_examples for s, v in silos.items()}
     progress(f"[hello] {len(silos)} silos: " + ", ".join(
         f"{s} (n={n})" for s, n in sorted(counts.items())))
@@ -187,7 +188,7 @@ def _feedback(grid: Grid, cfg: RunConfig, silos: dict[str, Any], round_: int,
     scores: dict[str, list[float]] = {}
     counts: dict[str, int] = {}
     excluded: list[dict[str, str]] = []
-    for reply in grid.send_and_receive(asks, timeout=ROUND_TIMEOUT_SECONDS):
+    for reply in grid.send_and_receive(asks, timeout=cfg.round_timeout):
         silo = by_node.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
         if reply.has_error():
             excluded.append({"silo": silo, "reason": str(reply.error.reason)})
@@ -219,7 +220,7 @@ def _train_slms(grid: Grid, cfg: RunConfig, silos: dict[str, Any], round_: int,
                     message_type=TRAIN_SLM) for _, v in sorted(silos.items())]
     accuracy: dict[str, float] = {}
     excluded: list[dict[str, str]] = []
-    for reply in grid.send_and_receive(asks, timeout=ROUND_TIMEOUT_SECONDS):
+    for reply in grid.send_and_receive(asks, timeout=cfg.round_timeout):
         silo = by_node.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
         if reply.has_error():
             excluded.append({"silo": silo, "reason": str(reply.error.reason)})

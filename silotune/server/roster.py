@@ -77,6 +77,14 @@ class Roster:
                         if self.nodes[p] in self._by_node)
         return chosen, failed
 
+    def everyone(self) -> dict[str, Silo]:
+        """Contact every node not contacted yet (workflows that need all silos at once:
+        CrossLM feedback, FedPipe configuration); the silos that answered, by id."""
+        new = [p for p, node in enumerate(self.nodes) if node not in self._by_node]
+        for failure in self._hello(new) if new else []:
+            log.warning("%s left out: %s", failure["silo"], failure["reason"])
+        return self.silos
+
     def silo_of_node(self, node_id: int) -> str:
         return self._by_node.get(node_id, f"node-{node_id}")
 
