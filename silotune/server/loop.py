@@ -147,7 +147,10 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
                     for s in sampled]
         bytes_down = sum(m.content.array_records[P.ARRAYS].count_bytes() for m in messages)
         replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
-        adapters, excluded, bytes_up = _collect(cfg, silos, shapes, plans, replies)
+        # Error replies made by the SuperLink (e.g. node unavailable) come from node 1:
+        # match every reply to its silo through the message it answers.
+        sent = {m.metadata.message_id: s for s, m in zip(sampled, messages, strict=True)}
+        adapters, excluded, bytes_up = _collect(cfg, silos, shapes, plans, replies, sent)
         for a_silo, reply_metrics in adapters.values():
             if P.EPSILON in reply_metrics:
                 epsilon[a_silo.silo] = float(reply_metrics[P.EPSILON])
@@ -266,7 +269,7 @@ def _train_message(cfg: RunConfig, round_: int, silo: _Silo, plan: SiloPlan,
 
 
 def _collect(cfg: RunConfig, silos: dict[str, _Silo], shapes: dict[str, tuple[int, int]],
-             plans: dict[str, SiloPlan], replies: Iterable[Message],
+             plans: dict[str, SiloPlan], replies: Iterable[Message], sent: dict[str, str],
              ) -> tuple[dict[str, tuple[SiloAdapter, dict[str, Any]]], list[dict[str, str]], int]:
     sampled = sorted(plans)
     by_node = {silos[s].node_id: s for s in sampled}
@@ -274,7 +277,8 @@ def _collect(cfg: RunConfig, silos: dict[str, _Silo], shapes: dict[str, tuple[in
     excluded: list[dict[str, str]] = []
     bytes_up = 0
     for reply in replies:
-        silo = by_node.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
+        silo = sent.get(reply.metadata.reply_to_message_id) or by_node.get(
+            reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
         if reply.has_error():
             excluded.append({"silo": silo, "reason": str(reply.error.reason)})
             continue

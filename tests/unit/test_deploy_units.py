@@ -51,7 +51,7 @@ def test_certs_have_safe_modes_and_are_never_overwritten(tmp_path):
 
 
 def test_missing_or_wrong_key_material_is_named(tmp_path):
-    with pytest.raises(certs.CertsError, match="does not exist.*silotune certs"):
+    with pytest.raises(certs.CertsError, match=r"does not exist.*silotune certs"):
         certs.load_node_key(tmp_path / "node.key")
     (tmp_path / "node.key").write_text("not a key")
     with pytest.raises(certs.CertsError, match="not an unencrypted OpenSSH"):
@@ -151,7 +151,7 @@ def test_checkpoint_ignores_a_half_written_next_round_and_detects_damage(tmp_pat
     state = (tmp_path / checkpoint.STATE).read_text()
     checkpoint.save(tmp_path, _checkpoint(cfg, round_=3))  # died before state.json:
     (tmp_path / checkpoint.STATE).write_text(state)  # ... round 3 arrays, round 2 state
-    with pytest.raises(checkpoint.CheckpointError, match="adapter.npz"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"adapter\.npz"):
         checkpoint.load(tmp_path, cfg)  # the adapter moved on: refuse, do not guess
     two, ck = _checkpoint(cfg, round_=2), _checkpoint(cfg, round_=3)
     two.adapter = ck.adapter = None  # a rule without a global adapter (FLoRA)
