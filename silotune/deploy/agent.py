@@ -24,11 +24,13 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import IO
 
 from silotune.client.node import NodeSettings
 from silotune.deploy import certs
@@ -158,20 +160,31 @@ def run(settings: AgentSettings, log: Log = print) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
-    activated, refused = False, False
+    seen = _LogWatch()
+    reader = threading.Thread(target=seen.follow, args=(proc.stdout,), daemon=True)
+    reader.start()
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            activated = activated or _ACTIVATED_MARKER in line
-            refused = refused or (not activated and _REFUSED_MARKER in line)
         code = proc.wait()
-    finally:
+    finally:  # the SuperNode's own children (SuperExec) outlive it otherwise
         forward(signal.SIGTERM, None)
-    if code != 0 and refused:
+    reader.join(timeout=10)
+    if code != 0 and seen.refused:
         raise AgentError(_refused_message(settings))
     return code
+
+
+class _LogWatch:
+    """Echoes the SuperNode's log and notes whether it connected or was refused."""
+
+    def __init__(self) -> None:
+        self.activated = self.refused = False
+
+    def follow(self, stream: IO[str] | None) -> None:
+        for line in stream or ():
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            self.activated = self.activated or _ACTIVATED_MARKER in line
+            self.refused = self.refused or (not self.activated and _REFUSED_MARKER in line)
 
 
 def _refused_message(settings: AgentSettings) -> str:

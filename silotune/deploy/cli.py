@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from silotune.client.node import PROFILES, NodeSettings
+from silotune.client.node import PROFILES, NodeConfigError, NodeSettings
+from silotune.config import ConfigError
 from silotune.deploy.certs import CertsError
 from silotune.deploy.connection import Connection, DeployError
 
@@ -96,14 +98,13 @@ def add_deploy_parsers(sub: Any) -> None:
 
 
 def run_deploy_job(args: argparse.Namespace) -> int:
-    """Run the deployment job `args.job`; returns the exit code."""
-    if args.job == "certs":
-        return _certs(args)
-    if args.job == "coordinator":
-        return _coordinator(args)
-    if args.job == "agent":
-        return _agent(args)
-    return _run(args)
+    """Run the deployment job `args.job`; a known failure prints its message and gives
+    exit status 2."""
+    try:
+        return DEPLOY_JOBS[args.job](args)
+    except (DeployError, CertsError, NodeConfigError, ConfigError) as err:
+        print(f"silotune {args.job}: error: {err}", file=sys.stderr)
+        return 2
 
 
 def _certs(args: argparse.Namespace) -> int:
@@ -156,3 +157,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"[run] flwr run exited with {code}; results in {cfg.out_dir} on the coordinator",
           file=sys.stderr if code else sys.stdout)
     return code
+
+
+DEPLOY_JOBS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "certs": _certs, "coordinator": _coordinator, "agent": _agent, "run": _run}

@@ -146,7 +146,10 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
                     for s in sampled]
         bytes_down = sum(m.content.array_records[P.ARRAYS].count_bytes() for m in messages)
         replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
-        adapters, excluded, bytes_up = _collect(cfg, roster, shapes, plans, replies)
+        # Error replies made by the SuperLink (e.g. node unavailable) come from node 1:
+        # match every reply to its silo through the message it answers.
+        sent = {m.metadata.message_id: s for s, m in zip(sampled, messages, strict=True)}
+        adapters, excluded, bytes_up = _collect(cfg, roster, shapes, plans, replies, sent)
         excluded = unreachable + excluded
         for a_silo, reply_metrics, _ in adapters.values():
             if P.EPSILON in reply_metrics:
@@ -215,17 +218,19 @@ def _train_message(cfg: RunConfig, round_: int, silo: Silo, plan: SiloPlan,
 
 
 def _collect(cfg: RunConfig, roster: Roster, shapes: dict[str, tuple[int, int]],
-             plans: dict[str, SiloPlan], replies: Iterable[Message],
+             plans: dict[str, SiloPlan], replies: Iterable[Message], sent: dict[str, str],
              ) -> tuple[dict[str, tuple[SiloAdapter, dict[str, Any], str]],
                         list[dict[str, str]], int]:
     """Validated adapters by silo, with the reply metrics and the worker that trained it;
-    the excluded silos with reasons; and the bytes uploaded."""
+    the excluded silos with reasons; and the bytes uploaded. `sent` maps each train
+    message's id to its silo."""
     sampled = sorted(plans)
     adapters: dict[str, tuple[SiloAdapter, dict[str, Any], str]] = {}
     excluded: list[dict[str, str]] = []
     bytes_up = 0
     for reply in replies:
-        silo = roster.silo_of_node(reply.metadata.src_node_id)
+        silo = sent.get(reply.metadata.reply_to_message_id) or roster.silo_of_node(
+            reply.metadata.src_node_id)
         if reply.has_error():
             excluded.append({"silo": silo, "reason": str(reply.error.reason)})
             continue

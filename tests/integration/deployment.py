@@ -47,7 +47,7 @@ class Process:
     def log(self) -> str:
         return self.log_path.read_text()
 
-    def wait_for(self, text: str, timeout: float = 120) -> None:
+    def wait_for(self, text: str, timeout: float = 300) -> None:
         wait_until(lambda: text in self.log() or self.proc.poll() is not None, timeout,
                    f"{self.name} to log {text!r}")
         if text not in self.log():

@@ -126,7 +126,7 @@ def _ledger(consortium: Consortium, silo: str) -> list[dict]:
 
 
 def test_rejections_are_clear(consortium, tmp_path):
-    stranger = silotune(*consortium.agent_args("stranger"), timeout=120)
+    stranger = silotune(*consortium.agent_args("a", key="stranger"))
     assert stranger.returncode == 2
     assert "not registered" in stranger.stderr and "register-silo" in stranger.stderr
 

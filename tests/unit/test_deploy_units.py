@@ -1,0 +1,180 @@
+"""Deployment building blocks without processes: key material, node config, run-config
+text, the checkpoint, and a silo's kept reply."""
+
+from __future__ import annotations
+
+import math
+import random
+import ssl
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography import x509
+from flwr.common.config import parse_config_args
+
+from silotune.client import node, replay
+from silotune.config import ConfigError, RunConfig
+from silotune.deploy import certs
+from silotune.deploy.agent import AgentSettings, supernode_command
+from silotune.deploy.connection import Connection, DeployError
+from silotune.deploy.coordinator import CoordinatorSettings, superlink_command
+from silotune.deploy.submit import build_config, run_config_arg
+from silotune.server import checkpoint
+from silotune.strategies.base import LoraFactors, LowRankUpdate
+
+
+def test_certs_have_safe_modes_and_are_never_overwritten(tmp_path):
+    out = tmp_path / "certs"
+    first = certs.create_material(out, ["127.0.0.1", "coord.example.org"], ["h1"])
+    assert len(first.written) == 6 and not first.kept
+    for private in (certs.CA_KEY, certs.SERVER_KEY, "silos/h1/node.key"):
+        assert stat.S_IMODE((out / private).stat().st_mode) == 0o600
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    before = {p: p.read_bytes() for p in first.written}
+    again = certs.create_material(out, ["127.0.0.1"], ["h1", "h2"])
+    assert sorted(again.kept) == sorted(before)  # reported, not silently replaced
+    assert all(p.read_bytes() == data for p, data in before.items())
+    assert [p.name for p in again.written] == ["node.key", "node.pub"]  # only h2 is new
+
+    server = x509.load_pem_x509_certificate((out / certs.SERVER_CERT).read_bytes())
+    ca = certs.load_ca(out / certs.CA_CERT)
+    server.verify_directly_issued_by(ca)
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert names.get_values_for_type(x509.DNSName) == ["coord.example.org"]
+    ssl.create_default_context(cafile=str(out / certs.CA_CERT))  # a CA TLS stacks accept
+    key = certs.load_node_key(out / "silos" / "h1" / "node.key")
+    assert key.curve.name == "secp384r1"
+    assert (out / "silos/h1/node.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+
+
+def test_missing_or_wrong_key_material_is_named(tmp_path):
+    with pytest.raises(certs.CertsError, match=r"does not exist.*silotune certs"):
+        certs.load_node_key(tmp_path / "node.key")
+    (tmp_path / "node.key").write_text("not a key")
+    with pytest.raises(certs.CertsError, match="not an unencrypted OpenSSH"):
+        certs.load_node_key(tmp_path / "node.key")
+    with pytest.raises(certs.CertsError, match="simple name"):
+        certs.create_material(tmp_path, silos=["../evil"])
+
+
+def test_node_config_round_trips_through_flowers_parser(tmp_path):
+    settings = node.NodeSettings(silo_id="hospital-1", data_path=tmp_path / "d.jsonl",
+                                 state_dir=tmp_path / "state", epsilon=math.inf, delta=1e-6,
+                                 profile="gpu")
+    parsed = parse_config_args([settings.to_node_config()])
+    assert node.is_deployed(parsed)
+    assert node.from_node_config(parsed) == node.NodeSettings(
+        "hospital-1", (tmp_path / "d.jsonl").resolve(), (tmp_path / "state").resolve(),
+        math.inf, 1e-6, "gpu")
+    with pytest.raises(node.NodeConfigError, match="state-dir"):
+        node.from_node_config({"silo-id": "x", "data-path": "/d"})
+    with pytest.raises(node.NodeConfigError, match="epsilon"):
+        node.NodeSettings("x", Path("d"), Path("s"), epsilon=0.0)
+
+
+def test_run_config_text_round_trips_and_refuses_unknown_keys(tmp_path):
+    cfg = build_config({"target-epsilon": "inf", "lora-ranks": "4,2", "num-server-rounds": 3},
+                       tmp_path / "out", resume=True)
+    parsed = parse_config_args([run_config_arg(cfg)])
+    assert RunConfig.from_mapping(parsed) == cfg
+    assert cfg.resume and not cfg.private and Path(cfg.out_dir).is_absolute()
+    with pytest.raises(ConfigError, match="unknown config key 'nope'"):
+        build_config({"nope": 1}, tmp_path, resume=False)
+
+
+def test_commands_are_secure_unless_explicitly_insecure(tmp_path):
+    certs.create_material(tmp_path / "c", ["127.0.0.1"], ["s"])
+    secure = superlink_command(CoordinatorSettings(tmp_path / "st", tmp_path / "c"))
+    assert "--enable-supernode-auth" in secure and "--ssl-certfile" in secure
+    assert "--insecure" not in secure and "--database" in secure
+    with pytest.raises(DeployError, match="--insecure"):
+        superlink_command(CoordinatorSettings(tmp_path / "st", None))
+    assert "--insecure" in superlink_command(CoordinatorSettings(tmp_path / "st",
+                                                                 insecure=True))
+    with pytest.raises(DeployError, match="--ca"):
+        Connection("127.0.0.1:9093", None)
+    with pytest.raises(DeployError, match="HOST:PORT"):
+        Connection("127.0.0.1", None, insecure=True)
+    agent = supernode_command(AgentSettings(
+        Connection("127.0.0.1:9093", tmp_path / "c" / "ca.crt"),
+        tmp_path / "c/silos/s/node.key",
+        node.NodeSettings("s", tmp_path / "d.jsonl", tmp_path / "state")))
+    assert "--root-certificates" in agent and "--auth-supernode-private-key" in agent
+    assert "--insecure" not in agent
+
+
+def _checkpoint(cfg: RunConfig, round_: int = 2) -> checkpoint.Checkpoint:
+    rng = np.random.default_rng(0)
+    arrays: dict[str, np.ndarray] = {}
+    for t in range(1, round_ + 1):
+        arrays[f"round-{t}/m.lora_A"] = rng.standard_normal((2, 3)).astype(np.float32)
+        arrays[f"round-{t}/m.lora_B"] = rng.standard_normal((4, 2)).astype(np.float32)
+    fingerprints = [checkpoint.round_digest({k: v for k, v in arrays.items()
+                                             if k.startswith(f"round-{t}/")})
+                    for t in range(1, round_ + 1)]
+    adapter = LowRankUpdate({"m": LoraFactors(A=np.ones((1, 3), np.float32),
+                                              B=np.full((4, 1), round_, np.float32))}, 0.5)
+    sampler = random.Random(7)
+    sampler.random()
+    return checkpoint.Checkpoint(
+        round=round_, federation_id="fed-x", config=cfg.to_json_dict(), arrays=arrays,
+        scales={str(t): 1.0 for t in range(1, round_ + 1)}, fingerprints=fingerprints,
+        adapter=adapter, rng_state=sampler.getstate(), ranks={"a": 4},
+        metrics={"rounds": [{"round": t} for t in range(1, round_ + 1)]})
+
+
+def test_checkpoint_round_trip_and_config_guard(tmp_path):
+    cfg = RunConfig(out_dir=str(tmp_path))
+    saved = _checkpoint(cfg)
+    checkpoint.save(tmp_path / "ck", saved)
+    resumed = RunConfig(out_dir="elsewhere", resume=True)  # free keys may differ
+    loaded = checkpoint.load(tmp_path / "ck", resumed)
+    assert loaded is not None and loaded.round == 2 and loaded.federation_id == "fed-x"
+    assert sorted(loaded.arrays) == sorted(saved.arrays)
+    assert all(np.array_equal(loaded.arrays[k], v) for k, v in saved.arrays.items())
+    assert loaded.adapter is not None and loaded.adapter.scale == 0.5
+    a, b = random.Random(), random.Random()
+    a.setstate(loaded.rng_state)
+    b.setstate(saved.rng_state)
+    assert a.random() == b.random()
+    assert checkpoint.load(tmp_path / "none", cfg) is None
+    with pytest.raises(ConfigError, match="rounds: 4 -> 5"):
+        checkpoint.load(tmp_path / "ck", RunConfig(rounds=5))
+
+
+def test_checkpoint_ignores_a_half_written_next_round_and_detects_damage(tmp_path):
+    cfg = RunConfig()
+    checkpoint.save(tmp_path, _checkpoint(cfg, round_=2))
+    state = (tmp_path / checkpoint.STATE).read_text()
+    checkpoint.save(tmp_path, _checkpoint(cfg, round_=3))  # died before state.json:
+    (tmp_path / checkpoint.STATE).write_text(state)  # ... round 3 arrays, round 2 state
+    with pytest.raises(checkpoint.CheckpointError, match=r"adapter\.npz"):
+        checkpoint.load(tmp_path, cfg)  # the adapter moved on: refuse, do not guess
+    two, ck = _checkpoint(cfg, round_=2), _checkpoint(cfg, round_=3)
+    two.adapter = ck.adapter = None  # a rule without a global adapter (FLoRA)
+    checkpoint.save(tmp_path, two)
+    state = (tmp_path / checkpoint.STATE).read_text()
+    checkpoint.save(tmp_path, ck)
+    (tmp_path / checkpoint.STATE).write_text(state)
+    loaded = checkpoint.load(tmp_path, cfg)
+    assert loaded is not None and not any(k.startswith("round-3/") for k in loaded.arrays)
+    ck.arrays["round-1/m.lora_A"] = ck.arrays["round-1/m.lora_A"] + 1
+    checkpoint.save(tmp_path, ck)
+    with pytest.raises(checkpoint.CheckpointError, match="round 1's update"):
+        checkpoint.load(tmp_path, cfg)
+
+
+def test_kept_reply_answers_only_the_same_request(tmp_path):
+    reply = replay.StoredReply({"m.lora_A": np.arange(6, dtype=np.float32).reshape(2, 3)},
+                               {"num-examples": 10, "epsilon": 1.5}, {"silo-id": "a"})
+    replay.save_reply(tmp_path, "fed-1", 2, ["f1"], reply)
+    kept = replay.load_reply(tmp_path, "fed-1", 2, ["f1"])
+    assert kept is not None and kept.metrics == reply.metrics and kept.info == reply.info
+    assert np.array_equal(kept.arrays["m.lora_A"], reply.arrays["m.lora_A"])
+    assert replay.load_reply(tmp_path, "fed-1", 3, ["f1"]) is None
+    assert replay.load_reply(tmp_path, "fed-2", 2, ["f1"]) is None
+    assert replay.load_reply(tmp_path, "fed-1", 2, ["other"]) is None
+    assert replay.load_reply(tmp_path / "none", "fed-1", 2, ["f1"]) is None
