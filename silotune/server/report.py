@@ -105,7 +105,8 @@ def validate_metrics(data: Any, source: str = "metrics") -> dict[str, Any]:
             rounds.append(row)
         return {"config": dict(config), "private": private, "rounds": rounds,
                 "base_accuracy": _number(data.get("base_accuracy"), "base_accuracy"),
-                "base_loss": math.nan if base_loss is None else _number(base_loss, "base_loss")}
+                "base_loss": math.nan if base_loss is None else _number(base_loss, "base_loss"),
+                "client_level_dp": data.get("client_level_dp")}
     except ValueError as exc:
         raise ValueError(f"{source}: invalid metrics: {exc}") from exc
 
@@ -320,6 +321,8 @@ def write_report(run_dir: Path) -> Path:
                      "</figcaption></figure>\n")
         if name == "epsilon" and m["private"]:
             parts.append(_table(["silo", "final epsilon", "limit"], _final_budget(m)))
+            parts += [f"<p>{html.escape(line)}</p>\n"
+                      for line in client_level_lines(m["client_level_dp"])]
         if name == "excluded":
             excl = [[r["round"], e["silo"], e["reason"]] for r in m["rounds"]
                     for e in r["excluded"]]
@@ -353,7 +356,7 @@ def format_summary_table(metrics: dict[str, Any]) -> str:
     lines.append("final epsilon / limit per silo:" if m["private"] else
                  f"final epsilon per silo: none ({NO_DP_TEXT})")
     lines += [f"  {s}: {_fmt(e)} / {_fmt(lim)}" for s, e, lim in _final_budget(m)]
-    lines += client_level_lines(metrics.get("client_level_dp"))
+    lines += client_level_lines(m["client_level_dp"])
     return "\n".join(lines)
 
 

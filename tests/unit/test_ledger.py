@@ -21,6 +21,7 @@ from silotune.privacy.ledger import (
     load_or_create_signing_key,
     verify_ledger,
 )
+from silotune.privacy.one_run_audit import epsilon_lower_bound
 
 DELTA = 1e-5
 ROUND = AccountingStep(1.0, 0.01, 100)
@@ -97,7 +98,11 @@ def test_non_train_entries_and_history_lookup(tmp_path: Path) -> None:
     assert led.entries() == [] and led.accounting_history() == []
     assert led.head_hash == GENESIS_HASH
     led.append(train_body([ROUND], 1))
-    led.append({"type": "audit", "m": 1000, "eps_lower_bound": 0.1})
+    audit = {"type": "audit", "m": 1000, "r": 100, "v": 90, "delta": 1e-5,
+             "significance": 0.05, "k_grid_size": 1, "eps_lower_bound": 1.626,
+             "noise_multiplier": 0.0, "sample_rate": 0.01, "steps": 10, "eps_accounted": None}
+    audit["eps_lower_bound"] = epsilon_lower_bound(m=1000, r=100, v=90, delta=1e-5)
+    led.append(audit)  # audit entries are verified too (bound recomputed from its counts)
     assert led.accounting_history() == [ROUND]
     assert verify_ledger(led.path) == []
     with pytest.raises(ValueError, match="reserved"):
