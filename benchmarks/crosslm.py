@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 RUNS: dict[str, list[str]] = {
-    "private-only": ["--per-label", "0"],
     "feedback": ["--weighting", "feedback"],
+    "private-only": ["--per-label", "0"],
     "uniform": ["--weighting", "uniform"],
 }
 
