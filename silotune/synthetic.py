@@ -99,6 +99,7 @@ class LLMUpdateConfig:
     steps: int
     learning_rate: float
     batch_size: int = 16  # synthetic examples per step (two sequences each)
+    physical_batch_size: int = 8  # sequences per forward pass (gradients accumulate)
     rank: int = 8
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     seed: int = 0  # public: LoRA init and batch order
@@ -130,14 +131,21 @@ def update_llm(model: torch.nn.Module, tok: PreTrainedTokenizerBase,
     losses = []
     for _ in range(cfg.steps):
         pick = torch.randperm(len(live), generator=order)[: cfg.batch_size].tolist()
-        batch = collate([gen[i] for i in pick] + [task[i] for i in pick], pad)
-        out = peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        per_seq = per_sequence_losses(out.logits, batch["labels"])  # (2b,)
-        loss = weighted_loss(per_seq, torch.cat([w[pick], w[pick]]))
+        seqs = [gen[i] for i in pick] + [task[i] for i in pick]
+        weight = torch.cat([w[pick], w[pick]])  # (2b,)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total = 0.0
+        for lo in range(0, len(seqs), cfg.physical_batch_size):  # accumulate: bounded memory
+            batch = collate(seqs[lo:lo + cfg.physical_batch_size], pad)
+            out = peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            part = weight[lo:lo + cfg.physical_batch_size]
+            per_seq = per_sequence_losses(out.logits, batch["labels"])  # (chunk,)
+            # the chunk's share of weighted_loss over the whole batch of 2b sequences
+            loss = weighted_loss(per_seq, part) * (len(part) / len(seqs))
+            loss.backward()
+            total += loss.item()
         optimizer.step()
-        losses.append(loss.item())
+        losses.append(total)
     merged = peft.merge_and_unload()  # type: ignore[operator]
     merged.eval()
     return merged, float(np.mean(losses))

@@ -58,6 +58,7 @@ TRAIN_SLM = f"{MessageType.TRAIN}.{P.TRAIN_SLM}"
 QUERY_SCORE = f"{MessageType.QUERY}.{P.QUERY_SCORE}"
 FEEDBACK_METRICS = frozenset({P.SCORES, P.NUM_EXAMPLES, P.SLM_DP})
 FEEDBACK_INFO = frozenset({P.SILO_ID, P.LEDGER_HEAD})
+HELLO_RETRIES = 4
 GENERAL_TEXTS = 20  # held-out BBC News openings for the LLM's general-text perplexity
 
 
@@ -109,7 +110,15 @@ def run_crosslm(grid: Grid, cfg: RunConfig, progress: Progress = print) -> dict[
     progress(f"[base LLM] task accuracy {base_acc:.3f}, general-text perplexity "
              f"{base_ppl:.2f} ({len(texts)} held-out examples, {len(general)} general "
              f"texts, {time.monotonic() - t0:.0f} s)")
-    silos = Roster(grid, cfg).everyone()
+    roster = Roster(grid, cfg)
+    silos = roster.everyone()
+    for _ in range(HELLO_RETRIES):  # silos still starting (e.g. a loaded machine): ask again
+        if silos:
+            break
+        silos = roster.everyone()
+    if not silos:
+        raise RuntimeError(f"no silo answered the hello ({HELLO_RETRIES + 1} tries); check "
+                           "that the silos run and can reach the coordinator")
     counts = {s: v.num_examples for s, v in silos.items()}
     progress(f"[hello] {len(silos)} silos: " + ", ".join(
         f"{s} (n={n})" for s, n in sorted(counts.items())))
