@@ -84,6 +84,23 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=d.seed,
                    help="public seed: data split, silo sampling, LoRA init; never DP noise")
     s.add_argument("--out", default=d.out_dir, help="output folder (%(default)s)")
+    _fedpipe_arguments(s)
+    s.add_argument("--precision", default=d.base_precision,
+                   help="base precision of every silo's training copy when --profiles is "
+                   "off: fp32 or bf16 (%(default)s)")
+
+    pl = sub.add_parser("plan", help="print the FedPipe per-silo plan of a simulation",
+                        description="Score the weight matrices on every simulated silo's "
+                        "data, then print each silo's configuration (targets, rank, batch, "
+                        "base precision), its modelled memory and time against its "
+                        "limits, and the binding constraint.")
+    pl.add_argument("--silos", type=int, default=d.num_silos, help="silos (%(default)s)")
+    pl.add_argument("--model", default=d.model, help="model (%(default)s)")
+    pl.add_argument("--dataset", default=d.dataset, help="dataset (%(default)s)")
+    pl.add_argument("--local-steps", type=int, default=d.local_steps,
+                    help="local steps per round (%(default)s)")
+    pl.add_argument("--seed", type=int, default=d.seed, help="public seed (%(default)s)")
+    _fedpipe_arguments(pl, required=True)
 
     a = sub.add_parser(
         "audit", help="verify privacy ledgers (chain, signatures, epsilon)",
@@ -124,6 +141,29 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fedpipe_arguments(p: argparse.ArgumentParser, required: bool = False) -> None:
+    from silotune.simulations.profiles import MIXES
+
+    p.add_argument("--profiles", default=_DEFAULTS.profiles, required=required,
+                   metavar="MIX", help="FedPipe automatic configuration: silo resource "
+                   f"profiles from a named mix ({', '.join(sorted(MIXES))}); each silo gets "
+                   "its own targets, rank, batch and base precision (off by default)")
+    p.add_argument("--plan-mode", choices=("per-silo", "uniform"),
+                   default=_DEFAULTS.plan_mode,
+                   help="per-silo: each silo's own optimum; uniform: every silo gets the "
+                   "configuration that fits the weakest profile (%(default)s)")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from silotune.simulations.plan import plan_offline
+
+    cfg = RunConfig(num_silos=args.silos, model=args.model, dataset=args.dataset,
+                    local_steps=args.local_steps, seed=args.seed, profiles=args.profiles,
+                    plan_mode=args.plan_mode)
+    print(plan_offline(cfg).table())
+    return 0
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from silotune.server.report import format_summary_table
     from silotune.simulations.launcher import simulate
@@ -137,7 +177,8 @@ def _simulate(args: argparse.Namespace) -> int:
                                                                  ).lora_ranks,
         test_size=args.test_size, seed=args.seed, out_dir=args.out,
         wire_dtype=args.wire_dtype, upload_density=args.compress,
-        max_update_norm=args.max_update_norm)
+        max_update_norm=args.max_update_norm, profiles=args.profiles,
+        plan_mode=args.plan_mode, base_precision=args.precision)
     metrics = simulate(cfg)
     print()
     print(format_summary_table(metrics))
@@ -194,18 +235,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     from silotune.privacy.accounting import BudgetExhausted
     from silotune.strategies import UnknownStrategyError
     from silotune.strategies.base import AdapterError
+    from silotune.strategies.configurator import InfeasibleProfileError
 
     try:
         if args.job == "simulate":
             return _simulate(args)
         if args.job == "audit":
             return _audit(args)
+        if args.job == "plan":
+            return _plan(args)
         from silotune.server.report import write_report
 
         print(f"wrote {write_report(args.run_dir)}")
         return 0
     except (ConfigError, UnknownStrategyError, AssetError, AdapterError,
-            BudgetExhausted) as err:
+            BudgetExhausted, InfeasibleProfileError) as err:
         print(f"silotune {args.job}: error: {err}", file=sys.stderr)
         return 2
 

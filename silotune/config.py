@@ -60,6 +60,13 @@ class RunConfig:
     upload_density: float = 1.0  # < 1: ComPEFT-style top-k ternary compression of uploads
     max_update_norm: float = 1000.0  # replies with ||s B A||_F above this are excluded
     seed: int = 0
+    # FedPipe auto-configuration: "" off; a mix name (simulation) or "node" (each silo's
+    # node config) gives every silo its own targets, rank, batch and base precision.
+    profiles: str = ""
+    plan_mode: str = "per-silo"  # or "uniform": every silo gets the weakest silo's plan
+    calibration_steps: int = 4  # importance scoring: mini-batches on each silo
+    calibration_batch: int = 8
+    base_precision: str = "fp32"  # training copy of the base when profiles are off
     out_dir: str = "runs/latest"
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -92,6 +99,19 @@ class RunConfig:
         _check(0.0 < self.upload_density <= 1.0, "upload_density", self.upload_density,
                "(0, 1]; 1 means no compression")
         _check(self.max_update_norm > 0, "max_update_norm", self.max_update_norm, "> 0")
+        from silotune.precision import PRECISIONS
+        from silotune.simulations.profiles import MIXES
+
+        _check(self.profiles in ("", "node", *MIXES), "profiles", self.profiles,
+               f"'' (off), 'node' (node config) or a mix: {', '.join(sorted(MIXES))}")
+        _check(self.plan_mode in ("per-silo", "uniform"), "plan_mode", self.plan_mode,
+               "per-silo or uniform")
+        _check(self.calibration_steps >= 1, "calibration_steps", self.calibration_steps,
+               ">= 1")
+        _check(self.calibration_batch >= 1, "calibration_batch", self.calibration_batch,
+               ">= 1")
+        _check(self.base_precision in PRECISIONS, "base_precision", self.base_precision,
+               ", ".join(PRECISIONS))
 
     @property
     def private(self) -> bool:

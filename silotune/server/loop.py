@@ -29,12 +29,16 @@ from silotune import protocol as P
 from silotune import strategies
 from silotune.assets import resolve_model
 from silotune.config import RunConfig
+from silotune.importance import model_spec
 from silotune.lm import evaluate, load_model
 from silotune.merge import apply_update, as_received, module_shapes, update_to_arrays
+from silotune.server.fedpipe import configure
 from silotune.server.report import write_report
 from silotune.server.validate import Expected, validate_reply
 from silotune.simulations.federation import federated_task
+from silotune.simulations.profiles import SiloProfile
 from silotune.strategies.base import AdapterError, LowRankUpdate, SiloAdapter, SiloPlan
+from silotune.strategies.configurator import PlannedSilo
 from silotune.transport import decompress_arrays, upload_reference
 from silotune.wire import from_record, to_record
 
@@ -50,6 +54,17 @@ class _Silo:
     node_id: int
     num_examples: int
     rank: int
+    targets: tuple[str, ...]
+    batch: int
+    physical_batch: int
+    precision: str
+    profile: SiloProfile | None = None
+
+    def plan(self, planned: PlannedSilo) -> None:
+        """Take the FedPipe configurator's choice for this silo."""
+        c = planned.best.choice
+        self.rank, self.targets, self.precision = c.rank, c.targets, c.precision
+        self.batch = self.physical_batch = c.batch  # the memory model's micro-batch
 
 
 @dataclass
@@ -85,7 +100,6 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
         (out / sub).mkdir(parents=True, exist_ok=True)
     model, tok = load_model(resolve_model(cfg.model, progress=progress))
     task = federated_task(cfg)
-    shapes = module_shapes(model, cfg.lora_targets)
     texts, gold = list(task.test["text"]), list(task.test["label"])
 
     def held_out(adapter: LowRankUpdate | None) -> tuple[float, float]:
@@ -102,12 +116,23 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
              f"({len(texts)} examples, {len(task.labels)} labels, "
              f"{time.monotonic() - t0:.0f} s)")
     silos = _hello(grid, cfg)
+    plan = None
+    if cfg.profiles:  # FedPipe: targets, rank, batch and base precision per silo
+        plan = configure(grid, cfg, {s: v.node_id for s, v in silos.items()},
+                         {s: v.profile for s, v in silos.items()}, model_spec(model),
+                         progress)
+        for s, planned in plan.silos.items():
+            silos[s].plan(planned)
+    shapes = module_shapes(model, tuple(sorted({t for v in silos.values()
+                                                for t in v.targets})))
     rule.setup({s: v.rank for s, v in silos.items()}, shapes, cfg.seed)
     progress(f"[hello] {len(silos)} silos: " + ", ".join(
         f"{s} (n={v.num_examples}, r={v.rank})" for s, v in sorted(silos.items())))
     metrics: dict[str, Any] = {
         "config": cfg.to_json_dict(), "private": cfg.private,
         "base_accuracy": base_accuracy, "base_loss": base_loss, "rounds": []}
+    if plan is not None:
+        metrics["plan"] = plan.to_json()
     state = _GlobalState()
     epsilon: dict[str, float] = {}
     limits: dict[str, float] = {}
@@ -116,7 +141,8 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
         start = time.monotonic()
         k = min(len(silos), max(cfg.min_replies, round(cfg.fraction_train * len(silos))))
         sampled = sorted(rng.sample(sorted(silos), k))
-        plans = {s: _on_wire(rule.plan(s, silos[s].rank, state.adapter, round_),
+        plans = {s: _on_wire(_restrict(rule.plan(s, silos[s].rank, state.adapter, round_),
+                                       _shapes_of(shapes, silos[s].targets)),
                              cfg.wire_dtype) for s in sampled}
         messages = [_train_message(cfg, round_, silos[s], plans[s], state) for s in sampled]
         bytes_down = sum(m.content.array_records[P.ARRAYS].count_bytes() for m in messages)
@@ -144,6 +170,9 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
                "bytes_up": bytes_up, "bytes_down": bytes_down,
                "seconds": round(time.monotonic() - start, 3), "excluded": excluded,
                "participants": sorted(adapters),
+               "peak_memory_bytes": {s: int(m[P.PEAK_MEMORY])
+                                     for s, (_, m) in sorted(adapters.items())
+                                     if P.PEAK_MEMORY in m},
                "ranks": {s: v.rank for s, v in sorted(silos.items())}}
         metrics["rounds"].append(row)
         _write_json(out / "metrics.json", metrics)
@@ -177,7 +206,7 @@ def _hello(grid: Grid, cfg: RunConfig) -> dict[str, _Silo]:
         raise RuntimeError(f"only {len(nodes)} silos connected within {NODE_WAIT_SECONDS:.0f}"
                            f" s; need at least {cfg.min_replies}")
     asks = [Message(RecordDict(), dst_node_id=n, message_type=P.QUERY_HELLO) for n in nodes]
-    found: dict[str, tuple[int, int]] = {}
+    found: dict[str, tuple[int, int, SiloProfile | None]] = {}
     for reply in grid.send_and_receive(asks, timeout=NODE_WAIT_SECONDS):
         if reply.has_error():
             log.warning("node %s failed the hello: %s", reply.metadata.src_node_id,
@@ -188,17 +217,21 @@ def _hello(grid: Grid, cfg: RunConfig) -> dict[str, _Silo]:
         n = P.as_int(count, P.NUM_EXAMPLES)
         if silo in found:
             raise RuntimeError(f"two nodes claim silo id '{silo}'; silo ids must be unique")
-        found[silo] = (reply.metadata.src_node_id, n)
-    return {s: _Silo(node, n, cfg.rank_of(i))
-            for i, (s, (node, n)) in enumerate(sorted(found.items()))}
+        declared = reply.content.config_records.get(P.PROFILE)
+        profile = SiloProfile.from_node_config(dict(declared)) if declared else None
+        found[silo] = (reply.metadata.src_node_id, n, profile)
+    return {s: _Silo(node, n, cfg.rank_of(i), cfg.lora_targets, cfg.batch_size,
+                     cfg.physical_batch_size, cfg.base_precision, profile)
+            for i, (s, (node, n, profile)) in enumerate(sorted(found.items()))}
 
 
 def _train_message(cfg: RunConfig, round_: int, silo: _Silo, plan: SiloPlan,
                    state: _GlobalState) -> Message:
     config = ConfigRecord({
         P.ROUND: round_, P.RANK: plan.rank, P.ALPHA: _alpha(cfg, plan.rank),
-        P.TARGETS: ",".join(cfg.lora_targets), P.LOCAL_STEPS: cfg.local_steps,
-        P.PLANNED_ROUNDS: cfg.rounds, P.BATCH_SIZE: cfg.batch_size,
+        P.TARGETS: ",".join(silo.targets), P.LOCAL_STEPS: cfg.local_steps,
+        P.PLANNED_ROUNDS: cfg.rounds, P.BATCH_SIZE: silo.batch,
+        P.PHYSICAL_BATCH_SIZE: silo.physical_batch, P.BASE_PRECISION: silo.precision,
         P.LEARNING_RATE: cfg.learning_rate, P.RUN_SEED: cfg.seed,
         P.FROZEN_FACTORS: ",".join(plan.frozen), P.UPLOAD_FACTORS: ",".join(plan.upload),
         P.LOCAL_FACTORS: ",".join(plan.local), P.WIRE_DTYPE: cfg.wire_dtype,
@@ -235,7 +268,8 @@ def _collect(cfg: RunConfig, silos: dict[str, _Silo], shapes: dict[str, tuple[in
         bytes_up += record.count_bytes()
         plan = plans[silo]
         scale = _alpha(cfg, plan.rank) / plan.rank  # computed as the silo computes it
-        expected = Expected(rank=plan.rank, scale=scale, shapes=shapes,
+        expected = Expected(rank=plan.rank, scale=scale,
+                            shapes=_shapes_of(shapes, silos[silo].targets),
                             upload=plan.upload, start=plan.init,
                             max_norm=cfg.max_update_norm)
         try:
@@ -252,6 +286,20 @@ def _collect(cfg: RunConfig, silos: dict[str, _Silo], shapes: dict[str, tuple[in
     for e in excluded:
         log.warning("round excluded %s: %s", e["silo"], e["reason"])
     return adapters, excluded, bytes_up
+
+
+def _shapes_of(shapes: dict[str, tuple[int, int]], targets: tuple[str, ...]
+               ) -> dict[str, tuple[int, int]]:
+    """The adapted modules of a silo that trains `targets` (partial weights, FedPipe)."""
+    return {m: s for m, s in shapes.items() if m.rpartition(".")[2] in targets}
+
+
+def _restrict(plan: SiloPlan, shapes: dict[str, tuple[int, int]]) -> SiloPlan:
+    """The plan's start limited to the modules this silo adapts (seeded starts are per
+    module, so the silo regenerates exactly these from the same seed)."""
+    if plan.init is None:
+        return plan
+    return dataclasses.replace(plan, init={m: f for m, f in plan.init.items() if m in shapes})
 
 
 def _alpha(cfg: RunConfig, rank: int) -> float:
