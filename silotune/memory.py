@@ -3,11 +3,18 @@
 Python's tracemalloc does not see PyTorch's allocations; the kernel's peak-RSS mark
 (``VmHWM`` in /proc/self/status) does. `PeakRSS` resets the mark on entry (writing 5 to
 /proc/self/clear_refs) and reports the peak above the RSS at entry, i.e. the block's
-working set. On systems without /proc the measurement is None.
+working set. Freed memory that the C allocator keeps for re-use would hide a block's
+allocations (they would re-use resident pages), so `PeakRSS` first collects garbage and
+returns every free page to the kernel (glibc ``malloc_trim``); a block that runs after
+larger ones is then measured as if it ran first. On systems without /proc the
+measurement is None.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 from pathlib import Path
 from types import TracebackType
 
@@ -22,6 +29,17 @@ def _status_kb(field: str) -> int:
     raise OSError(f"{_STATUS} has no {field}")
 
 
+def release_free_memory() -> None:
+    """Collect garbage and hand the C heap's free pages back to the kernel (glibc)."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    libc = ctypes.CDLL(name)
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 class PeakRSS:
     """``with PeakRSS() as peak: ...`` then ``peak.bytes``: peak RSS above the start."""
 
@@ -30,6 +48,7 @@ class PeakRSS:
         self._start_kb: int | None = None
 
     def __enter__(self) -> PeakRSS:
+        release_free_memory()
         try:
             _CLEAR_REFS.write_text("5")  # reset VmHWM to the current RSS
             self._start_kb = _status_kb("VmRSS")

@@ -87,9 +87,9 @@ def weakest(profiles: list[SiloProfile]) -> SiloProfile:
 
 _RESEARCH = SiloProfile("research-hospital", memory_gb=4.0, gflops=400.0,
                         upload_mbps=100.0, download_mbps=100.0, round_seconds=600.0)
-_REGIONAL = SiloProfile("regional-hospital", memory_gb=1.6, gflops=100.0,
-                        upload_mbps=20.0, download_mbps=50.0, round_seconds=600.0)
-_CLINIC = SiloProfile("clinic-laptop", memory_gb=0.9, gflops=40.0,
+_REGIONAL = SiloProfile("regional-hospital", memory_gb=2.0, gflops=50.0,
+                        upload_mbps=20.0, download_mbps=50.0, round_seconds=60.0)
+_CLINIC = SiloProfile("clinic-laptop", memory_gb=1.0, gflops=40.0,
                       upload_mbps=5.0, download_mbps=20.0, round_seconds=600.0)
 
 MIXES: dict[str, tuple[SiloProfile, ...]] = {

@@ -28,10 +28,17 @@ from silotune import precision
 # W_o plus the MLP.
 CANDIDATES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj",
                                "gate_proj", "up_proj", "down_proj")
+# Matrices that read the same activation (Llama): q, k, v the attention input; gate, up
+# the MLP input.
+INPUT_OF: Mapping[str, str] = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
+                               "gate_proj": "mlp_in", "up_proj": "mlp_in"}
 LORA_STATE_COPIES = 5  # fp32 LoRA value, gradient, AdamW's two moments, Opacus' summed grad
-LOGIT_COPIES = 3.0  # per token: logits, log-softmax saved for backward, their gradient
-LAYER_COPIES = 16.0  # per token and decoder layer: hidden-size tensors saved for backward
-LORA_ACT_COPIES = 2.0  # per token and adapted matrix: its fp32 input (d_in) and output (d_out)
+# Fitted (least squares, then rounded) on three measured configurations of the default
+# model (benchmarks/fedpipe_memory.py: the first three rows of its results) and checked on
+# the others:
+LOGIT_COPIES = 1.0  # per token: fp32 vocabulary-size tensors alive at the peak
+LAYER_COPIES = 24.0  # per token and decoder layer: hidden-size tensors saved for backward
+LORA_ACT_COPIES = 1.75  # per token: copies of the adapters' fp32 inputs (`lora_input_width`)
 RUNTIME_OVERHEAD = 64 * 2 ** 20  # allocator and autograd bookkeeping of a training step
 WIRE_BYTES = 2.0  # fp16 adapters on the wire
 
@@ -54,9 +61,19 @@ class ModelSpec:
                              f"{sorted(self.matrices)}")
         return rank * sum(d_out + d_in for t in targets for d_out, d_in in self.matrices[t])
 
-    def io_width(self, targets: tuple[str, ...]) -> int:
-        """sum of (d_in + d_out) over the adapted matrices (per token activations)."""
-        return sum(d_out + d_in for t in targets for d_out, d_in in self.matrices[t])
+    def lora_input_width(self, targets: tuple[str, ...], shared: bool) -> int:
+        """Floats per token that the adapters keep for their backward: the input of each
+        adapted matrix (once per input when `shared`, i.e. the adapters read the base's
+        own fp32 activation; once per matrix when each casts its own copy) plus the
+        rank-r output of each A (added by the caller)."""
+        width = 0
+        for layer in range(self.num_layers):
+            inputs: dict[str, int] = {}
+            for t in targets:
+                key = INPUT_OF.get(t, t) if shared else t
+                inputs[key] = self.matrices[t][layer][1]  # d_in
+            width += sum(inputs.values())
+        return width
 
 
 @dataclass(frozen=True)
@@ -82,7 +99,9 @@ def memory_bytes(spec: ModelSpec, choice: Choice, seq_len: int) -> float:
     per_sample = 4.0 * choice.batch * n_lora  # grad_sample: (b, *param) per LoRA factor
     per_token = (4.0 * LOGIT_COPIES * spec.vocab_size
                  + q * LAYER_COPIES * spec.hidden_size * spec.num_layers
-                 + 4.0 * LORA_ACT_COPIES * spec.io_width(choice.targets))
+                 + 4.0 * LORA_ACT_COPIES * spec.lora_input_width(
+                     choice.targets, shared=choice.precision == "fp32")
+                 + 4.0 * choice.rank * len(choice.targets) * spec.num_layers)
     return base + lora_state + per_sample + choice.batch * seq_len * per_token \
         + RUNTIME_OVERHEAD
 
