@@ -33,12 +33,13 @@ CANDIDATES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj",
 INPUT_OF: Mapping[str, str] = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
                                "gate_proj": "mlp_in", "up_proj": "mlp_in"}
 LORA_STATE_COPIES = 5  # fp32 LoRA value, gradient, AdamW's two moments, Opacus' summed grad
-# Fitted (least squares, then rounded) on three measured configurations of the default
-# model (benchmarks/fedpipe_memory.py: the first three rows of its results) and checked on
-# the others:
+# One fp32 logits tensor (B, T, V) is alive at the peak; the two other counts were fitted
+# (least squares, then rounded) on the three batch-32 configurations measured on the
+# default model (benchmarks/fedpipe_memory.py, rows 1-3 of its results) and checked on
+# the three others (smaller batches): every row within +11% / -5% of its measurement.
 LOGIT_COPIES = 1.0  # per token: fp32 vocabulary-size tensors alive at the peak
-LAYER_COPIES = 24.0  # per token and decoder layer: hidden-size tensors saved for backward
-LORA_ACT_COPIES = 1.75  # per token: copies of the adapters' fp32 inputs (`lora_input_width`)
+LAYER_COPIES = 23.0  # per token and decoder layer: hidden-size tensors saved for backward
+LORA_ACT_COPIES = 3.25  # per token: copies of the adapters' fp32 inputs (`lora_input_width`)
 RUNTIME_OVERHEAD = 64 * 2 ** 20  # allocator and autograd bookkeeping of a training step
 WIRE_BYTES = 2.0  # fp16 adapters on the wire
 
