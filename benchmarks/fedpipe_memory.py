@@ -42,12 +42,14 @@ from silotune.strategies.resources import Choice, ModelSpec, memory_bytes
 MB = 2 ** 20
 # (targets, rank, micro-batch, precision)
 GRID: list[tuple[str, int, int, str]] = [
+    # batch 32: these calibrate the activation constants of the memory model
     ("q_proj,v_proj", 8, 32, "fp32"),
+    ("q_proj,v_proj,o_proj,up_proj", 8, 32, "bf16"),
+    ("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", 4, 32, "fp32"),
+    # smaller batches: these check it
     ("q_proj,v_proj", 4, 16, "bf16"),
     ("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", 16, 8, "fp32"),
-    ("q_proj,v_proj,o_proj,up_proj", 8, 32, "bf16"),
     ("q_proj,v_proj", 8, 16, "fp32"),
-    ("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", 4, 32, "fp32"),
 ]
 
 
