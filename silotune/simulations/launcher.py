@@ -18,6 +18,7 @@ from silotune.client.app import build_client_app
 from silotune.config import RunConfig
 from silotune.server.loop import Progress
 from silotune.simulations.federation import federated_task, silo_name
+from silotune.simulations.plan import check_profiles
 
 
 def simulate(cfg: RunConfig, progress: Progress = print) -> dict[str, Any]:
@@ -26,6 +27,7 @@ def simulate(cfg: RunConfig, progress: Progress = print) -> dict[str, Any]:
     strategies.create(cfg.strategy).setup(ranks, {}, cfg.seed)  # e.g. equal-rank rules
     resolve_model(cfg.model, progress=progress)  # convert once, before workers race for it
     task = federated_task(cfg)
+    check_profiles(cfg)  # a silo that fits no configuration fails here, not in a worker
     sizes = ", ".join(str(len(p)) for p in task.silos)
     progress(f"[data] {cfg.dataset}: {len(task.labels)} labels, held-out {len(task.test)}, "
              f"silo sizes {sizes}")

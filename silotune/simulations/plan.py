@@ -24,6 +24,7 @@ from silotune.strategies.fedpipe import (
     importance_by_type,
     smoothed_sensitivity,
 )
+from silotune.strategies.resources import CANDIDATES
 
 
 def plan_offline(cfg: RunConfig, progress: Callable[[str], None] = print) -> FederationPlan:
@@ -50,3 +51,29 @@ def plan_offline(cfg: RunConfig, progress: Callable[[str], None] = print) -> Fed
     by_type = importance_by_type(aggregate_importance(replies))
     return FederationPlan(plan_federation(model_spec(model), by_type, budgets,
                                           cfg.plan_mode), profiles, by_type)
+
+
+def check_profiles(cfg: RunConfig) -> None:
+    """Before the simulation starts: raise `InfeasibleProfileError` (naming the silo and
+    the constraint) if some silo of the mix fits no configuration. Feasibility does not
+    depend on importance, so no scoring is needed; the model is built on the meta device
+    (shapes only, no weights)."""
+    if cfg.profiles in ("", "node"):
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(cfg.model)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    tok = AutoTokenizer.from_pretrained(path)
+    task = federated_task(cfg)
+    budgets = {}
+    for i, (frame, profile) in enumerate(zip(task.silos, mix_profiles(cfg.profiles,
+                                                                     cfg.num_silos),
+                                             strict=True)):
+        seq_len = max(len(encode(tok, t, lab).input_ids)
+                      for t, lab in zip(frame["text"], frame["label"], strict=True))
+        budgets[silo_name(i)] = profile.budget(cfg.local_steps, seq_len)
+    plan_federation(model_spec(skeleton), dict.fromkeys(CANDIDATES, 1.0), budgets,
+                    cfg.plan_mode)

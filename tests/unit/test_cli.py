@@ -96,3 +96,18 @@ def test_plan_of_an_infeasible_profile_names_the_constraint(capsys, monkeypatch,
 def test_unknown_profile_mix(capsys, tmp_path):
     code, text = _run(capsys, "simulate", "--profiles", "mansions", "--out", str(tmp_path))
     assert code == 2 and "profiles" in text and "hospital-mix" in text
+
+
+def test_simulate_refuses_an_infeasible_mix_before_starting(capsys, monkeypatch,
+                                                            tiny_model_dir,
+                                                            toy_dataset_file, tmp_path):
+    from silotune.simulations import profiles
+
+    slow = profiles.SiloProfile("slow-box", memory_gb=8.0, gflops=1e-6, upload_mbps=1.0,
+                                download_mbps=1.0, round_seconds=1.0)
+    monkeypatch.setitem(profiles.MIXES, "slow-boxes", (slow,))
+    code, text = _run(capsys, "simulate", "--profiles", "slow-boxes", "--silos", "2",
+                      "--model", str(tiny_model_dir), "--dataset", str(toy_dataset_file),
+                      "--out", str(tmp_path / "run"))
+    assert code == 2 and "time" in text and "round-seconds" in text
+    assert not (tmp_path / "run" / "metrics.json").exists()
