@@ -33,6 +33,7 @@ from silotune.config import RunConfig
 def run(mode: str, args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     cmd = [sys.executable, "-m", "silotune.cli", "simulate", "--profiles", args.profiles,
            "--plan-mode", mode, "--rounds", str(args.rounds), "--seed", str(args.seed),
+           "--local-steps", str(args.local_steps),
            "--test-size", str(args.test_size), "--out", str(out)]
     start = time.monotonic()
     subprocess.run(cmd, check=True)
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profiles", default="hospital-mix")
     parser.add_argument("--seed", type=int, default=RunConfig().seed)
+    parser.add_argument("--local-steps", type=int, default=RunConfig().local_steps)
     parser.add_argument("--test-size", type=int, default=RunConfig().test_size)
     parser.add_argument("--modes", nargs="+", default=["per-silo", "uniform"])
     parser.add_argument("--out", type=Path,
@@ -71,6 +73,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = [{
         "header": True, "machine": platform.machine(), "python": platform.python_version(),
         "profiles": args.profiles, "rounds": args.rounds, "seed": args.seed,
+        "local_steps": args.local_steps,
         "test_size": args.test_size,
         "peak_memory": "peak RSS of each training round above its start (silotune.memory)"}]
     with tempfile.TemporaryDirectory() as tmp:

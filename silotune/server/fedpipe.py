@@ -30,7 +30,7 @@ from silotune.strategies.fedpipe import aggregate_importance, importance_by_type
 from silotune.strategies.resources import ModelSpec
 
 log = logging.getLogger(__name__)
-QUERY_TIMEOUT_SECONDS = 900.0
+QUERY_TIMEOUT_SECONDS = 3600.0  # as a round: scoring is one short forward/backward pass
 
 
 @dataclass(frozen=True)
@@ -81,9 +81,10 @@ def query_importance(grid: Grid, cfg: RunConfig, nodes: Mapping[str, int]
                         {k: P.as_float(v, k) for k, v in scores.items()}))
         max_tokens[silo] = P.as_int(metrics[P.MAX_TOKENS], P.MAX_TOKENS)
     missing = sorted(set(nodes) - set(max_tokens))
-    if missing:
+    if missing:  # every silo needs a plan, so every silo must answer
         raise RuntimeError(f"no importance reply from {missing} within "
-                           f"{QUERY_TIMEOUT_SECONDS:.0f} s")
+                           f"{QUERY_TIMEOUT_SECONDS:.0f} s; check that those silos are "
+                           "running and can load the model")
     return aggregate_importance(replies), max_tokens
 
 
