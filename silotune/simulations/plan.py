@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from silotune.assets import resolve_model
-from silotune.config import RunConfig
+from silotune.config import ConfigError, RunConfig
 from silotune.importance import model_spec, raw_sensitivities
 from silotune.lm import encode, load_model
 from silotune.server.fedpipe import FederationPlan
@@ -30,7 +30,8 @@ from silotune.strategies.resources import CANDIDATES
 def plan_offline(cfg: RunConfig, progress: Callable[[str], None] = print) -> FederationPlan:
     """The plan `silotune simulate` with these settings would use."""
     if cfg.profiles in ("", "node"):
-        raise ValueError("silotune plan needs a simulation mix (--profiles NAME)")
+        raise ConfigError("silotune plan needs a simulation mix (--profiles NAME); with "
+                          "'node' profiles the coordinator plans when the silos connect")
     model, tok = load_model(resolve_model(cfg.model, progress=progress))
     task = federated_task(cfg)
     profiles = {silo_name(i): p for i, p in enumerate(mix_profiles(cfg.profiles,
