@@ -137,3 +137,17 @@ def test_profiles_mix_node_config_and_weakest():
         mix_profiles("x", 2)
     low = weakest(mix)
     assert low.memory_gb == min(p.memory_gb for p in mix) and math.isfinite(low.gflops)
+
+
+def test_silo_profile_from_node_config_or_mix():
+    from silotune.client.fedpipe import silo_profile
+    from silotune.config import RunConfig
+
+    declared = mix_profiles("clinics", 1)[0].to_node_config()
+    assert silo_profile(RunConfig(), 0, {}) is None  # auto-configuration off
+    assert silo_profile(RunConfig(profiles="hospital-mix"), 2, {}).name == "clinic-laptop"
+    assert silo_profile(RunConfig(profiles="node"), 0, declared).name == "clinic-laptop"
+    with pytest.raises(ProfileError, match="node config declares none"):
+        silo_profile(RunConfig(profiles="node"), 0, {"partition-id": 0})
+    with pytest.raises(ProfileError, match="memory-gb = -1.0 must be > 0"):
+        SiloProfile("bad", -1.0, 1.0, 1.0, 1.0, 1.0)
