@@ -149,5 +149,5 @@ def test_silo_profile_from_node_config_or_mix():
     assert silo_profile(RunConfig(profiles="node"), 0, declared).name == "clinic-laptop"
     with pytest.raises(ProfileError, match="node config declares none"):
         silo_profile(RunConfig(profiles="node"), 0, {"partition-id": 0})
-    with pytest.raises(ProfileError, match="memory-gb = -1.0 must be > 0"):
+    with pytest.raises(ProfileError, match=r"memory-gb = -1\.0 must be > 0"):
         SiloProfile("bad", -1.0, 1.0, 1.0, 1.0, 1.0)
