@@ -93,6 +93,8 @@ def configure(grid: Grid, cfg: RunConfig, nodes: Mapping[str, int],
               progress: Callable[[str], None]) -> FederationPlan:
     """Importance query, then one configuration per silo (raises if a silo has no
     profile or none of its configurations fits)."""
+    if not nodes:
+        raise RuntimeError("no silo answered the hello: nothing to plan")
     lacking = sorted(s for s, p in profiles.items() if p is None)
     if lacking:
         raise RuntimeError(f"silos {lacking} declared no resource profile; with "

@@ -47,6 +47,7 @@ Progress = Callable[[str], None]
 NODE_WAIT_SECONDS = 120.0
 NODE_SETTLE_SECONDS = 10.0
 ROUND_TIMEOUT_SECONDS = 3600.0
+HELLO_TIMEOUT_SECONDS = 600.0  # the first message also waits for each silo to start up
 
 
 @dataclass
@@ -207,7 +208,7 @@ def _hello(grid: Grid, cfg: RunConfig) -> dict[str, _Silo]:
                            f" s; need at least {cfg.min_replies}")
     asks = [Message(RecordDict(), dst_node_id=n, message_type=P.QUERY_HELLO) for n in nodes]
     found: dict[str, tuple[int, int, SiloProfile | None]] = {}
-    for reply in grid.send_and_receive(asks, timeout=NODE_WAIT_SECONDS):
+    for reply in grid.send_and_receive(asks, timeout=HELLO_TIMEOUT_SECONDS):
         if reply.has_error():
             log.warning("node %s failed the hello: %s", reply.metadata.src_node_id,
                         reply.error.reason)
