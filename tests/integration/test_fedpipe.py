@@ -23,7 +23,7 @@ def test_simulation_with_profiles_follows_the_plan(tiny_model_dir, toy_dataset_f
          "--dataset", str(toy_dataset_file), "--silos", "2", "--rounds", "1",
          "--local-steps", "2", "--test-size", "30", "--epsilon", "8",
          "--profiles", "hospital-mix", "--out", str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "[plan] FedPipe configuration" in proc.stdout and "binding" in proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())
