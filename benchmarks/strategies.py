@@ -111,14 +111,15 @@ def main() -> None:
         for name in args.rules:
             add(run_rule(name, cfg, Path(tmp) / name))
         task = federated_task(cfg)
-        pooled = pd.concat(task.silos, ignore_index=True)
+        frames = [task.silo_frame(i) for i in range(task.num_silos)]
+        pooled = pd.concat(frames, ignore_index=True)
         start = time.monotonic()
         add({"strategy": "centralised (no DP)",
              "accuracy": train_alone(cfg, pooled, dp=False, out=Path(tmp)),
              "seconds": round(time.monotonic() - start, 1)})
         start = time.monotonic()
         alone = [train_alone(cfg, frame, dp=True, out=Path(tmp) / f"alone-{i}")
-                 for i, frame in enumerate(task.silos)]
+                 for i, frame in enumerate(frames)]
         add({"strategy": "local-only (mean over silos)", "accuracy": float(np.mean(alone)),
              "per_silo": alone, "seconds": round(time.monotonic() - start, 1)})
     print(f"wrote {args.out}")

@@ -120,6 +120,23 @@ def _parser() -> argparse.ArgumentParser:
                    help="LLM learning rate (%(default)s)")
     c.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
                    help="tokens per generated example (%(default)s)")
+    _fedpipe_arguments(s)
+    s.add_argument("--precision", default=d.base_precision,
+                   help="base precision of every silo's training copy when --profiles is "
+                   "off: fp32 or bf16 (%(default)s)")
+
+    pl = sub.add_parser("plan", help="print the FedPipe per-silo plan of a simulation",
+                        description="Score the weight matrices on every simulated silo's "
+                        "data, then print each silo's configuration (targets, rank, batch, "
+                        "base precision), its modelled memory and time against its "
+                        "limits, and the binding constraint.")
+    pl.add_argument("--silos", type=int, default=d.num_silos, help="silos (%(default)s)")
+    pl.add_argument("--model", default=d.model, help="model (%(default)s)")
+    pl.add_argument("--dataset", default=d.dataset, help="dataset (%(default)s)")
+    pl.add_argument("--local-steps", type=int, default=d.local_steps,
+                    help="local steps per round (%(default)s)")
+    pl.add_argument("--seed", type=int, default=d.seed, help="public seed (%(default)s)")
+    _fedpipe_arguments(pl, required=True)
 
     a = sub.add_parser(
         "audit", help="verify privacy ledgers (chain, signatures, epsilon)",
@@ -187,6 +204,29 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fedpipe_arguments(p: argparse.ArgumentParser, required: bool = False) -> None:
+    from silotune.simulations.profiles import MIXES
+
+    p.add_argument("--profiles", default=_DEFAULTS.profiles, required=required,
+                   metavar="MIX", help="FedPipe automatic configuration: silo resource "
+                   f"profiles from a named mix ({', '.join(sorted(MIXES))}); each silo gets "
+                   "its own targets, rank, batch and base precision (off by default)")
+    p.add_argument("--plan-mode", choices=("per-silo", "uniform"),
+                   default=_DEFAULTS.plan_mode,
+                   help="per-silo: each silo's own optimum; uniform: every silo gets the "
+                   "configuration that fits the weakest profile (%(default)s)")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from silotune.simulations.plan import plan_offline
+
+    cfg = RunConfig(num_silos=args.silos, model=args.model, dataset=args.dataset,
+                    local_steps=args.local_steps, seed=args.seed, profiles=args.profiles,
+                    plan_mode=args.plan_mode)
+    print(plan_offline(cfg).table())
+    return 0
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from silotune.server.report import format_summary_table
     from silotune.simulations.launcher import simulate
@@ -206,7 +246,8 @@ def _simulate(args: argparse.Namespace) -> int:
         slm_steps=args.slm_steps, slm_learning_rate=args.slm_lr,
         crosslm_per_label=args.per_label, crosslm_threshold=args.threshold,
         crosslm_weighting=args.weighting, llm_steps=args.llm_steps,
-        llm_learning_rate=args.llm_lr, max_new_tokens=args.max_new_tokens)
+        llm_learning_rate=args.llm_lr, max_new_tokens=args.max_new_tokens,
+        profiles=args.profiles, plan_mode=args.plan_mode, base_precision=args.precision)
     metrics = simulate(cfg, ray_address=args.ray_address)
     print()
     if cfg.mode == "crosslm":
@@ -313,20 +354,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     from silotune.privacy.accounting import BudgetExhausted
     from silotune.strategies import UnknownStrategyError
     from silotune.strategies.base import AdapterError
+    from silotune.strategies.configurator import InfeasibleProfileError
 
     try:
         if args.job == "simulate":
             return _simulate(args)
         if args.job == "audit":
             return _audit_empirical(args) if args.empirical else _audit(args)
-        if args.job in ("certs", "coordinator", "agent", "run"):
-            return run_deploy_job(args)
+        if args.job == "plan":
+            return _plan(args)
         from silotune.server.report import write_report
 
         print(f"wrote {write_report(args.run_dir)}")
         return 0
     except (ConfigError, UnknownStrategyError, AssetError, AdapterError,
-            BudgetExhausted) as err:
+            BudgetExhausted, InfeasibleProfileError) as err:
         print(f"silotune {args.job}: error: {err}", file=sys.stderr)
         return 2
 

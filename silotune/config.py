@@ -77,6 +77,13 @@ class RunConfig:
     llm_steps: int = 10  # crosslm: LoRA steps of the central LLM per round
     llm_learning_rate: float = 1e-3
     max_new_tokens: int = 20
+    # FedPipe auto-configuration: "" off; a mix name (simulation) or "node" (each silo's
+    # node config) gives every silo its own targets, rank, batch and base precision.
+    profiles: str = ""
+    plan_mode: str = "per-silo"  # or "uniform": every silo gets the weakest silo's plan
+    calibration_steps: int = 4  # importance scoring: mini-batches on each silo
+    calibration_batch: int = 8
+    base_precision: str = "fp32"  # training copy of the base when profiles are off
     out_dir: str = "runs/latest"
     round_timeout: float = 3600.0  # seconds to wait for a round's replies; late silos dropped
     resume: bool = False  # continue from out_dir/checkpoint (server/checkpoint.py)
@@ -138,6 +145,19 @@ class RunConfig:
         _check(self.client_dp_noise == 0 or self.strategy == "flora", "strategy",
                self.strategy, "flora when client_dp_noise > 0 (the only rule whose merge is "
                "linear in the silo updates)")
+        from silotune.precision import PRECISIONS
+        from silotune.simulations.profiles import MIXES
+
+        _check(self.profiles in ("", "node", *MIXES), "profiles", self.profiles,
+               f"'' (off), 'node' (node config) or a mix: {', '.join(sorted(MIXES))}")
+        _check(self.plan_mode in ("per-silo", "uniform"), "plan_mode", self.plan_mode,
+               "per-silo or uniform")
+        _check(self.calibration_steps >= 1, "calibration_steps", self.calibration_steps,
+               ">= 1")
+        _check(self.calibration_batch >= 1, "calibration_batch", self.calibration_batch,
+               ">= 1")
+        _check(self.base_precision in PRECISIONS, "base_precision", self.base_precision,
+               ", ".join(PRECISIONS))
 
     @property
     def private(self) -> bool:

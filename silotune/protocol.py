@@ -10,12 +10,15 @@ from typing import Final
 
 # Message types. Training uses Flower's "train"; the hello handshake is a query.
 QUERY_HELLO: Final = "query.hello"
+QUERY_IMPORTANCE: Final = "query.importance"  # FedPipe: per-matrix sensitivity scores
 
 # RecordDict keys.
 ARRAYS: Final = "arrays"  # ArrayRecord: a silo's adapter (reply) or the global update (train)
 METRICS: Final = "metrics"  # MetricRecord: numbers from a silo
 CONFIG: Final = "config"  # ConfigRecord: the round's settings for one silo
 INFO: Final = "info"  # ConfigRecord: a silo's self-description (hello reply)
+IMPORTANCE: Final = "importance"  # MetricRecord: module name -> smoothed sensitivity
+PROFILE: Final = "profile"  # ConfigRecord (hello reply): the silo's resource profile
 
 # Weighting key: the silo's number of training examples (p_k = n_k / sum n_j).
 NUM_EXAMPLES: Final = "num-examples"
@@ -28,6 +31,7 @@ STEPS: Final = "steps"
 EPSILON_LIMIT: Final = "epsilon-limit"
 LEDGER_HEAD: Final = "ledger-head"
 WORKER_NODE: Final = "worker-node"  # info: the machine (Ray node id) that ran the silo
+PEAK_MEMORY: Final = "peak-memory-bytes"  # peak RSS of the silo's training, above its start
 
 # Config keys in a train message.
 ROUND: Final = "round"
@@ -49,6 +53,13 @@ INIT_SEED: Final = "init-seed"  # the silo's start is seeded_start(shapes, rank,
 WIRE_DTYPE: Final = "wire-dtype"  # "fp16" or "fp32"
 UPLOAD_DENSITY: Final = "upload-density"  # < 1: compress uploads (ComPEFT-style top-k)
 LOCAL_FACTORS: Final = "local-factors"  # factors kept on the silo across rounds (FedSA)
+PHYSICAL_BATCH_SIZE: Final = "physical-batch-size"  # micro-batch (memory) of DP-SGD
+BASE_PRECISION: Final = "base-precision"  # precision of the silo's training copy of the base
+
+# Keys of an importance query and its reply (FedPipe).
+CALIBRATION_STEPS: Final = "calibration-steps"
+CALIBRATION_BATCH: Final = "calibration-batch"
+MAX_TOKENS: Final = "max-tokens"  # the silo's longest encoded example (memory model)
 
 # Array-name prefix of the broadcast global updates: "round-<t>/<module>.lora_{A,B}".
 UPDATE_PREFIX: Final = "round-"

@@ -23,6 +23,7 @@ from silotune import protocol as P
 from silotune.assets import load_dataset_frame, resolve_model
 from silotune.client import node, replay
 from silotune.client.base_store import STORE
+from silotune.client.fedpipe import importance_reply, silo_profile
 from silotune.client.silo import SiloPrivacy, SiloPrivacyConfig
 from silotune.client.train import (
     DPConfig,
@@ -33,10 +34,12 @@ from silotune.client.train import (
 )
 from silotune.config import RunConfig
 from silotune.lm import encode
+from silotune.memory import PeakRSS
 from silotune.merge import as_received, module_shapes, update_from_arrays
 from silotune.privacy.accounting import AccountingStep, BudgetExhausted
 from silotune.simulations.cluster import worker_node
 from silotune.simulations.federation import FederatedTask, federated_task, silo_name
+from silotune.simulations.profiles import SiloProfile
 from silotune.strategies.base import AdapterError, LoraFactors, is_factor, peft_key
 from silotune.strategies.rules import seeded_start
 from silotune.transport import compress_arrays, peft_b, upload_reference
@@ -57,6 +60,7 @@ class Silo:
     task: FederatedTask | None  # simulation: the run's split; None for a deployed silo
     privacy: SiloPrivacyConfig
     data: pd.DataFrame | None = None  # a deployed silo's own data (node config data-path)
+    profile: SiloProfile | None = None  # resources, for FedPipe auto-configuration
 
     @cached_property
     def frame(self) -> pd.DataFrame:
@@ -73,7 +77,8 @@ def silo_from_context(context: Context, preset: RunConfig | None) -> Silo:
     a deployed silo described by its node config (`silotune agent`, client/node.py)."""
     run = preset or RunConfig.from_mapping(context.run_config)
     if node.is_deployed(context.node_config):
-        return _deployed_silo(node.from_node_config(context.node_config), run)
+        return _deployed_silo(node.from_node_config(context.node_config), run,
+                              silo_profile(run, 0, context.node_config))
     index = int(context.node_config.get("partition-id", 0))
     num = int(context.node_config.get("num-partitions", run.num_silos))
     if num != run.num_silos:
@@ -84,11 +89,14 @@ def silo_from_context(context: Context, preset: RunConfig | None) -> Silo:
                                 delta=run.target_delta, max_grad_norm=run.max_grad_norm,
                                 ledger_path=out / "ledgers" / f"{silo_id}.jsonl",
                                 key_path=out / "silos" / silo_id / "ledger-signing-key.pem")
-    return Silo(silo_id, index, run, federated_task(run), privacy)
+    return Silo(silo_id, index, run, federated_task(run), privacy,
+                profile=silo_profile(run, index, context.node_config))
 
 
-def _deployed_silo(settings: node.NodeSettings, run: RunConfig) -> Silo:
-    """A deployed silo: its own data, budget and state directory (never the run's)."""
+def _deployed_silo(settings: node.NodeSettings, run: RunConfig,
+                   profile: SiloProfile | None) -> Silo:
+    """A deployed silo: its own data, budget, state directory and resource profile (its
+    node config's, never the run's)."""
     data = load_dataset_frame(str(settings.data_path), text_column=run.text_column,
                               label_column=run.label_column)
     privacy = SiloPrivacyConfig(
@@ -97,7 +105,7 @@ def _deployed_silo(settings: node.NodeSettings, run: RunConfig) -> Silo:
         delta=run.target_delta if settings.delta is None else settings.delta,
         max_grad_norm=run.max_grad_norm, ledger_path=settings.ledger_path,
         key_path=settings.key_path)
-    return Silo(settings.silo_id, settings.index, run, None, privacy, data)
+    return Silo(settings.silo_id, settings.index, run, None, privacy, data, profile)
 
 
 def build_client_app(preset: RunConfig | None = None,
@@ -111,7 +119,15 @@ def build_client_app(preset: RunConfig | None = None,
         silo = silo_from_context(context, preset)
         info = ConfigRecord({P.SILO_ID: silo.silo_id})
         metrics = MetricRecord({P.NUM_EXAMPLES: len(silo.frame)})
-        return Message(RecordDict({P.INFO: info, P.METRICS: metrics}), reply_to=msg)
+        content = RecordDict({P.INFO: info, P.METRICS: metrics})
+        if silo.profile is not None:
+            content[P.PROFILE] = ConfigRecord(dict(silo.profile.to_node_config()))
+        return Message(content, reply_to=msg)
+
+    @app.query("importance")
+    def importance(msg: Message, context: Context) -> Message:
+        silo = silo_from_context(context, preset)
+        return importance_reply(msg, silo.run.model, silo.frame, context)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -173,7 +189,10 @@ def _train(msg: Message, context: Context, silo: Silo) -> Message:
         frozen=P.as_tuple(cfg[P.FROZEN_FACTORS]),
         local_steps=P.as_int(cfg[P.LOCAL_STEPS], P.LOCAL_STEPS),
         batch_size=P.as_int(cfg[P.BATCH_SIZE], P.BATCH_SIZE),
-        physical_batch_size=silo.run.physical_batch_size,
+        physical_batch_size=P.as_int(cfg.get(P.PHYSICAL_BATCH_SIZE,
+                                             silo.run.physical_batch_size),
+                                     P.PHYSICAL_BATCH_SIZE),
+        base_precision=str(cfg.get(P.BASE_PRECISION, silo.run.base_precision)),
         learning_rate=P.as_float(cfg[P.LEARNING_RATE], P.LEARNING_RATE),
         init_seed=P.as_int(cfg[P.RUN_SEED], P.RUN_SEED) * 100_003 + round_ * 1009 + silo.index)
 
@@ -186,9 +205,10 @@ def _train(msg: Message, context: Context, silo: Silo) -> Message:
         sigma = privacy.noise_multiplier(federation, q, planned)
         step = AccountingStep(noise_multiplier=sigma, sample_rate=q, steps=local.local_steps)
         privacy.check_round(step)  # refuse before any training
-        result = train_local(base, examples, int(tok.pad_token_id), local,
-                             DPConfig(noise_multiplier=sigma,
-                                      max_grad_norm=silo.privacy.max_grad_norm))
+        with PeakRSS() as peak:
+            result = train_local(base, examples, int(tok.pad_token_id), local,
+                                 DPConfig(noise_multiplier=sigma,
+                                          max_grad_norm=silo.privacy.max_grad_norm))
         report, entry = privacy.record_round(step=step, run_id=federation,
                                              round_=round_, frame=frame,
                                              liveness=result.liveness)
@@ -196,8 +216,11 @@ def _train(msg: Message, context: Context, silo: Silo) -> Message:
                         P.EPSILON_LIMIT: silo.privacy.target_epsilon})
         info[P.LEDGER_HEAD] = str(entry["entry_hash"])
     else:
-        result = train_local(base, examples, int(tok.pad_token_id), local, dp=None)
+        with PeakRSS() as peak:
+            result = train_local(base, examples, int(tok.pad_token_id), local, dp=None)
     metrics.update({P.TRAIN_LOSS: result.loss, P.STEPS: result.steps})
+    if peak.bytes is not None:
+        metrics[P.PEAK_MEMORY] = peak.bytes
     if keep_local:
         context.state[P.LOCAL_FACTORS] = to_record(
             {k: v for k, v in result.adapter.items()

@@ -25,6 +25,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from torch.utils.data import DataLoader, TensorDataset
 
 from silotune.lm import IGNORE_INDEX, EncodedExample, per_sequence_loss
+from silotune.precision import torch_dtype
 from silotune.strategies.base import is_factor
 
 
@@ -46,6 +47,9 @@ class LocalTrainConfig:
     # divided out of B); None: PEFT's fresh init (A Kaiming-uniform, B = 0).
     init: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None
     frozen: tuple[str, ...] = ()  # factors that must not train, e.g. ("A",) for FFA-LoRA
+    # Precision of the training copy of the base (silotune.precision): "fp32" or "bf16".
+    # The LoRA factors always train in fp32; the fp32 global base stays the master copy.
+    base_precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,7 @@ def tensor_dataset(examples: Sequence[EncodedExample], pad_id: int) -> TensorDat
 def attach_lora(base: torch.nn.Module, cfg: LocalTrainConfig) -> torch.nn.Module:
     """A private copy of `base` with a LoRA started from `cfg.init` (or fresh), with the
     factors in `cfg.frozen` excluded from training."""
-    model = copy.deepcopy(base)  # the shared base stays untouched
+    model = base_copy(base, cfg.base_precision)  # the shared base stays untouched
     # PEFT types lora_alpha as int but computes the scale alpha / r in float.
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha,  # type: ignore[arg-type]
                       target_modules=list(cfg.targets), lora_dropout=0.0, bias="none",
@@ -110,6 +114,17 @@ def attach_lora(base: torch.nn.Module, cfg: LocalTrainConfig) -> torch.nn.Module
         raise RuntimeError(f"only LoRA factors may train; found {stray or 'none'}")
     peft_model.train()
     return peft_model
+
+
+@torch.no_grad()
+def base_copy(base: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """A private copy of `base` whose floating-point parameters are stored at `precision`,
+    built parameter by parameter (never a full fp32 copy first: that would be the peak)."""
+    dtype = torch_dtype(precision)
+    memo: dict[int, object] = {
+        id(p): torch.nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=p.requires_grad)
+        for p in base.parameters() if p.is_floating_point()}
+    return copy.deepcopy(base, memo)
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ from silotune import protocol as P
 from silotune import strategies
 from silotune.assets import resolve_model
 from silotune.config import RunConfig
+from silotune.importance import model_spec
 from silotune.lm import evaluate, load_model
 from silotune.merge import (
     apply_update,
@@ -41,6 +42,7 @@ from silotune.merge import (
 from silotune.progress import track
 from silotune.server import checkpoint
 from silotune.server.client_dp import ClientLevelRun
+from silotune.server.fedpipe import configure
 from silotune.server.report import write_report
 from silotune.server.roster import Roster, Silo
 from silotune.server.validate import Expected, validate_reply
@@ -87,7 +89,6 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
         (out / sub).mkdir(parents=True, exist_ok=True)
     model, tok = load_model(resolve_model(cfg.model, progress=progress))
     task = federated_task(cfg)
-    shapes = module_shapes(model, cfg.lora_targets)
     texts, gold = list(task.test["text"]), list(task.test["label"])
 
     def held_out(adapter: LowRankUpdate | None) -> tuple[float, float]:
@@ -131,16 +132,29 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
         client_dp = ClientLevelRun(rule, cfg, len(roster), per_round, out, str(grid.run.run_id))
         rule = client_dp.rule
     client_level: dict[int, dict[str, Any]] = {}
-    rule.setup(roster.ranks(), shapes, cfg.seed)
+    silos = roster.silos
+    targets = cfg.lora_targets
+    if cfg.profiles:  # FedPipe: targets, rank, batch and base precision per silo
+        everyone = roster.everyone()
+        plan = configure(grid, cfg, {s: v.node_id for s, v in everyone.items()},
+                         {s: v.profile for s, v in everyone.items()}, model_spec(model),
+                         progress)
+        for s, planned in plan.silos.items():
+            everyone[s].plan(planned)
+        metrics["plan"] = plan.to_json()
+        targets = tuple(sorted({t for v in everyone.values() for t in v.targets}))
+    shapes = module_shapes(model, targets)
+    rule.setup({s: v.rank for s, v in silos.items()} if cfg.profiles else roster.ranks(),
+               shapes, cfg.seed)
     progress(f"[silos] {len(roster)} connected; each is contacted the first time it is "
              "sampled")
-    silos = roster.silos
     first = len(metrics["rounds"]) + 1
     for round_ in track(range(first, cfg.rounds + 1), "rounds", emit=progress):
         roster.rejoin()
         start = time.monotonic()
         sampled, unreachable = roster.sample(rng, per_round)
-        plans = {s: _on_wire(rule.plan(s, silos[s].rank, state.adapter, round_),
+        plans = {s: _on_wire(_restrict(rule.plan(s, silos[s].rank, state.adapter, round_),
+                                       _shapes_of(shapes, silos[s].targets)),
                              cfg.wire_dtype) for s in sampled}
         messages = [_train_message(cfg, round_, silos[s], plans[s], state, federation_id)
                     for s in sampled]
@@ -175,6 +189,9 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
                "bytes_up": bytes_up, "bytes_down": bytes_down,
                "seconds": round(time.monotonic() - start, 3), "excluded": excluded,
                "participants": sorted(adapters),
+               "peak_memory_bytes": {s: int(m[P.PEAK_MEMORY])
+                                     for s, (_, m, _) in sorted(adapters.items())
+                                     if P.PEAK_MEMORY in m},
                "ranks": {s: silos[s].rank for s in sampled},
                "workers": {s: adapters[s][2] for s in sorted(adapters)}}
         if client_dp is not None:  # a separate guarantee (unit = silo): never added to epsilon
@@ -200,8 +217,9 @@ def _train_message(cfg: RunConfig, round_: int, silo: Silo, plan: SiloPlan,
     config = ConfigRecord({
         P.ROUND: round_, P.FEDERATION_ID: federation_id,
         P.RANK: plan.rank, P.ALPHA: _alpha(cfg, plan.rank),
-        P.TARGETS: ",".join(cfg.lora_targets), P.LOCAL_STEPS: cfg.local_steps,
-        P.PLANNED_ROUNDS: cfg.rounds, P.BATCH_SIZE: cfg.batch_size,
+        P.TARGETS: ",".join(silo.targets), P.LOCAL_STEPS: cfg.local_steps,
+        P.PLANNED_ROUNDS: cfg.rounds, P.BATCH_SIZE: silo.batch,
+        P.PHYSICAL_BATCH_SIZE: silo.physical_batch, P.BASE_PRECISION: silo.precision,
         P.LEARNING_RATE: cfg.learning_rate, P.RUN_SEED: cfg.seed,
         P.FROZEN_FACTORS: ",".join(plan.frozen), P.UPLOAD_FACTORS: ",".join(plan.upload),
         P.LOCAL_FACTORS: ",".join(plan.local), P.WIRE_DTYPE: cfg.wire_dtype,
@@ -242,7 +260,8 @@ def _collect(cfg: RunConfig, roster: Roster, shapes: dict[str, tuple[int, int]],
         bytes_up += record.count_bytes()
         plan = plans[silo]
         scale = _alpha(cfg, plan.rank) / plan.rank  # computed as the silo computes it
-        expected = Expected(rank=plan.rank, scale=scale, shapes=shapes,
+        expected = Expected(rank=plan.rank, scale=scale,
+                            shapes=_shapes_of(shapes, roster.silos[silo].targets),
                             upload=plan.upload, start=plan.init,
                             max_norm=cfg.max_update_norm)
         try:
@@ -261,6 +280,20 @@ def _collect(cfg: RunConfig, roster: Roster, shapes: dict[str, tuple[int, int]],
     for e in excluded:
         log.warning("round excluded %s: %s", e["silo"], e["reason"])
     return adapters, excluded, bytes_up
+
+
+def _shapes_of(shapes: dict[str, tuple[int, int]], targets: tuple[str, ...]
+               ) -> dict[str, tuple[int, int]]:
+    """The adapted modules of a silo that trains `targets` (partial weights, FedPipe)."""
+    return {m: s for m, s in shapes.items() if m.rpartition(".")[2] in targets}
+
+
+def _restrict(plan: SiloPlan, shapes: dict[str, tuple[int, int]]) -> SiloPlan:
+    """The plan's start limited to the modules this silo adapts (seeded starts are per
+    module, so the silo regenerates exactly these from the same seed)."""
+    if plan.init is None:
+        return plan
+    return dataclasses.replace(plan, init={m: f for m, f in plan.init.items() if m in shapes})
 
 
 def _alpha(cfg: RunConfig, rank: int) -> float:

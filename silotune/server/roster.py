@@ -27,21 +27,35 @@ from flwr.serverapp import Grid
 
 from silotune import protocol as P
 from silotune.config import RunConfig
+from silotune.simulations.profiles import SiloProfile
+from silotune.strategies.configurator import PlannedSilo
 
 log = logging.getLogger(__name__)
 NODE_WAIT_SECONDS = 120.0
 NODE_SETTLE_SECONDS = 10.0
 REJOIN_HELLO_SECONDS = 60.0
+HELLO_TIMEOUT_SECONDS = 600.0  # a silo's first message also waits for it to start up
 
 
 @dataclass
 class Silo:
-    """What the coordinator knows about one contacted silo."""
+    """What the coordinator knows about one contacted silo, and what it trains."""
 
     node_id: int
     position: int  # index in the roster (= partition id in simulation)
     num_examples: int
     rank: int  # current LoRA rank (HetLoRA may lower it)
+    targets: tuple[str, ...]  # adapted weight matrices (FedPipe: per silo)
+    batch: int  # expected (Poisson) batch size
+    physical_batch: int  # micro-batch of the DP-SGD step
+    precision: str  # base precision of the silo's training copy
+    profile: SiloProfile | None = None  # declared resources (FedPipe)
+
+    def plan(self, planned: PlannedSilo) -> None:
+        """Take the FedPipe configurator's choice for this silo."""
+        c = planned.best.choice
+        self.rank, self.targets, self.precision = c.rank, c.targets, c.precision
+        self.batch = self.physical_batch = c.batch  # the memory model's micro-batch
 
 
 class Roster:
@@ -56,6 +70,7 @@ class Roster:
         self.silos: dict[str, Silo] = {}  # contacted silos only, by silo id
         self._by_node: dict[int, str] = {}
         self._known_ranks = dict(ranks or {})
+        self._profiles: dict[int, SiloProfile | None] = {}  # declared in hello replies
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -108,13 +123,16 @@ class Roster:
 
     def _hello(self, positions: list[int]) -> list[dict[str, str]]:
         position_of = {self.nodes[p]: p for p in positions}
-        answers, failed = self._ask(list(position_of), NODE_WAIT_SECONDS)
+        answers, failed = self._ask(list(position_of), HELLO_TIMEOUT_SECONDS)
+        profiles = self._profiles
         for node, silo, count in answers:
             if silo in self.silos:
                 raise RuntimeError(f"two nodes claim silo id '{silo}'; silo ids must be unique")
             position = position_of[node]
             rank = self._known_ranks.get(silo, self.cfg.rank_of(position))
-            self.silos[silo] = Silo(node, position, count, rank)
+            self.silos[silo] = Silo(node, position, count, rank, self.cfg.lora_targets,
+                                    self.cfg.batch_size, self.cfg.physical_batch_size,
+                                    self.cfg.base_precision, profiles.get(node))
             self._by_node[node] = silo
         return failed
 
@@ -137,6 +155,9 @@ class Roster:
                 continue
             silo = str(reply.content.config_records[P.INFO][P.SILO_ID])
             count = reply.content.metric_records[P.METRICS][P.NUM_EXAMPLES]
+            declared = reply.content.config_records.get(P.PROFILE)
+            if declared:
+                self._profiles[node] = SiloProfile.from_node_config(dict(declared))
             answers.append((node, silo, P.as_int(count, P.NUM_EXAMPLES)))
         failed += [{"silo": f"node-{n}", "reason": "no hello reply"}
                    for n in nodes if n not in replied]

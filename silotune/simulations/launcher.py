@@ -19,6 +19,7 @@ from silotune.config import RunConfig
 from silotune.server.loop import Progress
 from silotune.simulations.cluster import backend_config
 from silotune.simulations.federation import federated_task, silo_name
+from silotune.simulations.plan import check_profiles
 
 SHOW_SIZES = 8  # silo sizes printed at start-up (the first few)
 
@@ -41,6 +42,7 @@ def simulate(cfg: RunConfig, progress: Progress = print,
         resolve_slm(cfg.slm)  # a missing SLM or text package fails here, not in a worker
         general_text(count=1)
     task = federated_task(cfg)
+    check_profiles(cfg)  # a silo that fits no configuration fails here, not in a worker
     shown = min(task.num_silos, SHOW_SIZES)
     sizes = ", ".join(str(len(task.silo_frame(i))) for i in range(shown))
     more = f", ... ({task.num_silos} silos)" if task.num_silos > shown else ""

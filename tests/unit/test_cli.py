@@ -68,3 +68,47 @@ def test_coordinator_without_certificates_refuses(capsys, tmp_path):
 def test_audit_missing_ledger(capsys, tmp_path):
     code, text = _run(capsys, "audit", str(tmp_path / "none.jsonl"))
     assert code == 1 and "not found" in text
+
+
+def test_plan_prints_each_silo_and_its_binding_constraint(capsys, tiny_model_dir,
+                                                          toy_dataset_file):
+    code, text = _run(capsys, "plan", "--profiles", "hospital-mix", "--silos", "3",
+                      "--model", str(tiny_model_dir), "--dataset", str(toy_dataset_file))
+    assert code == 0, text
+    for expected in ("silo-000", "research-hospital", "silo-002", "clinic-laptop",
+                     "binding", "importance (share)"):
+        assert expected in text
+
+
+def test_plan_of_an_infeasible_profile_names_the_constraint(capsys, monkeypatch,
+                                                            tiny_model_dir,
+                                                            toy_dataset_file):
+    from silotune.simulations import profiles
+
+    tiny = profiles.SiloProfile("tiny-box", memory_gb=1e-4, gflops=1.0, upload_mbps=1.0,
+                                download_mbps=1.0, round_seconds=600.0)
+    monkeypatch.setitem(profiles.MIXES, "tiny-boxes", (tiny,))
+    code, text = _run(capsys, "plan", "--profiles", "tiny-boxes", "--silos", "2",
+                      "--model", str(tiny_model_dir), "--dataset", str(toy_dataset_file))
+    assert code == 2
+    assert "no configuration fits" in text and "memory-gb" in text and "Traceback" not in text
+
+
+def test_unknown_profile_mix(capsys, tmp_path):
+    code, text = _run(capsys, "simulate", "--profiles", "mansions", "--out", str(tmp_path))
+    assert code == 2 and "profiles" in text and "hospital-mix" in text
+
+
+def test_simulate_refuses_an_infeasible_mix_before_starting(capsys, monkeypatch,
+                                                            tiny_model_dir,
+                                                            toy_dataset_file, tmp_path):
+    from silotune.simulations import profiles
+
+    slow = profiles.SiloProfile("slow-box", memory_gb=8.0, gflops=1e-6, upload_mbps=1.0,
+                                download_mbps=1.0, round_seconds=1.0)
+    monkeypatch.setitem(profiles.MIXES, "slow-boxes", (slow,))
+    code, text = _run(capsys, "simulate", "--profiles", "slow-boxes", "--silos", "2",
+                      "--model", str(tiny_model_dir), "--dataset", str(toy_dataset_file),
+                      "--out", str(tmp_path / "run"))
+    assert code == 2 and "time" in text and "round-seconds" in text
+    assert not (tmp_path / "run" / "metrics.json").exists()

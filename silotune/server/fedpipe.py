@@ -1,0 +1,112 @@
+"""The coordinator's side of FedPipe: ask the silos for importance, then plan each silo.
+
+Before round 1: send every silo an importance query (`protocol.QUERY_IMPORTANCE`);
+aggregate the per-matrix scores (`strategies.fedpipe.aggregate_importance`); build each
+silo's budget from the profile it declared in its hello reply and the length of its
+longest example; solve the configurator (`strategies.configurator.plan_federation`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from silotune import protocol as P
+from silotune.config import RunConfig
+from silotune.simulations.profiles import SiloProfile
+from silotune.strategies.configurator import (
+    GB,
+    PlannedSilo,
+    describe,
+    format_plan,
+    plan_federation,
+)
+from silotune.strategies.fedpipe import aggregate_importance, importance_by_type
+from silotune.strategies.resources import ModelSpec
+
+log = logging.getLogger(__name__)
+QUERY_TIMEOUT_SECONDS = 3600.0  # as a round: scoring is one short forward/backward pass
+
+
+@dataclass(frozen=True)
+class FederationPlan:
+    """Every silo's planned configuration and the importance it was based on."""
+
+    silos: Mapping[str, PlannedSilo]
+    profiles: Mapping[str, SiloProfile]
+    importance: Mapping[str, float]  # matrix type -> aggregated share
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "importance": dict(self.importance),
+            "silos": {s: {"profile": self.profiles[s].name,
+                          "targets": list(p.best.choice.targets),
+                          "rank": p.best.choice.rank, "batch": p.best.choice.batch,
+                          "precision": p.best.choice.precision,
+                          "memory_limit_bytes": p.budget.memory_bytes,
+                          "memory_model_bytes": p.best.memory_bytes,
+                          "round_seconds_limit": p.budget.round_seconds,
+                          "round_seconds_model": p.best.seconds,
+                          "binding": p.binding}
+                      for s, p in self.silos.items()}}
+
+    def table(self) -> str:
+        return format_plan(self.silos, self.importance,
+                           {s: p.name for s, p in self.profiles.items()})
+
+
+def query_importance(grid: Grid, cfg: RunConfig, nodes: Mapping[str, int]
+                     ) -> tuple[dict[str, float], dict[str, int]]:
+    """Aggregated per-matrix importance, and each silo's longest example in tokens."""
+    config = ConfigRecord({P.CALIBRATION_STEPS: cfg.calibration_steps,
+                           P.CALIBRATION_BATCH: cfg.calibration_batch, P.RUN_SEED: cfg.seed})
+    asks = [Message(RecordDict({P.CONFIG: config}), dst_node_id=node,
+                    message_type=P.QUERY_IMPORTANCE) for node in nodes.values()]
+    by_node = {node: silo for silo, node in nodes.items()}
+    replies: list[tuple[int, dict[str, float]]] = []
+    max_tokens: dict[str, int] = {}
+    for reply in grid.send_and_receive(asks, timeout=QUERY_TIMEOUT_SECONDS):
+        silo = by_node.get(reply.metadata.src_node_id, "?")
+        if reply.has_error():
+            raise RuntimeError(f"silo {silo} failed the importance query: "
+                               f"{reply.error.reason}")
+        metrics = reply.content.metric_records[P.METRICS]
+        scores = reply.content.metric_records[P.IMPORTANCE]
+        replies.append((P.as_int(metrics[P.NUM_EXAMPLES], P.NUM_EXAMPLES),
+                        {k: P.as_float(v, k) for k, v in scores.items()}))
+        max_tokens[silo] = P.as_int(metrics[P.MAX_TOKENS], P.MAX_TOKENS)
+    missing = sorted(set(nodes) - set(max_tokens))
+    if missing:  # every silo needs a plan, so every silo must answer
+        raise RuntimeError(f"no importance reply from {missing} within "
+                           f"{QUERY_TIMEOUT_SECONDS:.0f} s; check that those silos are "
+                           "running and can load the model")
+    return aggregate_importance(replies), max_tokens
+
+
+def configure(grid: Grid, cfg: RunConfig, nodes: Mapping[str, int],
+              profiles: Mapping[str, SiloProfile | None], spec: ModelSpec,
+              progress: Callable[[str], None]) -> FederationPlan:
+    """Importance query, then one configuration per silo (raises if a silo has no
+    profile or none of its configurations fits)."""
+    if not nodes:
+        raise RuntimeError("no silo answered the hello: nothing to plan")
+    lacking = sorted(s for s, p in profiles.items() if p is None)
+    if lacking:
+        raise RuntimeError(f"silos {lacking} declared no resource profile; with "
+                           f"profiles = '{cfg.profiles}' every silo needs one")
+    declared = {s: p for s, p in profiles.items() if p is not None}
+    scores, max_tokens = query_importance(grid, cfg, nodes)
+    by_type = importance_by_type(scores)
+    budgets = {s: p.budget(cfg.local_steps, max_tokens[s]) for s, p in declared.items()}
+    plan = FederationPlan(plan_federation(spec, by_type, budgets, cfg.plan_mode),
+                          declared, by_type)
+    progress(f"[plan] FedPipe configuration ({cfg.plan_mode}):\n{plan.table()}")
+    for silo, p in plan.silos.items():
+        log.info("plan %s: %s (%.2f GB modelled)", silo, describe(p.best.choice),
+                 p.best.memory_bytes / GB)
+    return plan

@@ -1,0 +1,80 @@
+"""`silotune plan`: the FedPipe plan of a simulated federation, without training.
+
+Runs the same steps as the coordinator does before round 1 (importance on every silo's
+data, aggregation, one configuration per silo), in this process, so that a researcher
+can see the plan and its binding constraints before starting a simulation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from silotune.assets import resolve_model
+from silotune.config import ConfigError, RunConfig
+from silotune.importance import model_spec, raw_sensitivities
+from silotune.lm import encode, load_model
+from silotune.server.fedpipe import FederationPlan
+from silotune.simulations.federation import federated_task, silo_name
+from silotune.simulations.profiles import mix_profiles
+from silotune.strategies.configurator import plan_federation
+from silotune.strategies.fedpipe import (
+    aggregate_importance,
+    importance_by_type,
+    smoothed_sensitivity,
+)
+from silotune.strategies.resources import CANDIDATES
+
+
+def plan_offline(cfg: RunConfig, progress: Callable[[str], None] = print) -> FederationPlan:
+    """The plan `silotune simulate` with these settings would use."""
+    if cfg.profiles in ("", "node"):
+        raise ConfigError("silotune plan needs a simulation mix (--profiles NAME); with "
+                          "'node' profiles the coordinator plans when the silos connect")
+    model, tok = load_model(resolve_model(cfg.model, progress=progress))
+    task = federated_task(cfg)
+    profiles = {silo_name(i): p for i, p in enumerate(mix_profiles(cfg.profiles,
+                                                                   cfg.num_silos))}
+    replies, budgets = [], {}
+    for i in range(task.num_silos):
+        frame = task.silo_frame(i)
+        examples = [encode(tok, t, lab) for t, lab in zip(frame["text"], frame["label"],
+                                                              strict=True)]
+        raw = raw_sensitivities(model, examples, int(tok.pad_token_id),
+                                cfg.calibration_batch, cfg.calibration_steps, cfg.seed)
+        names = sorted(raw)
+        smoothed = smoothed_sensitivity(np.stack([raw[n] for n in names], axis=1))
+        replies.append((len(examples), dict(zip(names, map(float, smoothed), strict=True))))
+        seq_len = max(len(e.input_ids) for e in examples)
+        budgets[silo_name(i)] = profiles[silo_name(i)].budget(cfg.local_steps, seq_len)
+        progress(f"[importance] {silo_name(i)} scored on {cfg.calibration_steps} x "
+                 f"{cfg.calibration_batch} examples")
+    by_type = importance_by_type(aggregate_importance(replies))
+    return FederationPlan(plan_federation(model_spec(model), by_type, budgets,
+                                          cfg.plan_mode), profiles, by_type)
+
+
+def check_profiles(cfg: RunConfig) -> None:
+    """Before the simulation starts: raise `InfeasibleProfileError` (naming the silo and
+    the constraint) if some silo of the mix fits no configuration. Feasibility does not
+    depend on importance, so no scoring is needed; the model is built on the meta device
+    (shapes only, no weights)."""
+    if cfg.profiles in ("", "node"):
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(cfg.model)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    tok = AutoTokenizer.from_pretrained(path)
+    task = federated_task(cfg)
+    budgets = {}
+    for i, profile in enumerate(mix_profiles(cfg.profiles, cfg.num_silos)):
+        frame = task.silo_frame(i)
+        seq_len = max(len(encode(tok, t, lab).input_ids)
+                      for t, lab in zip(frame["text"], frame["label"], strict=True))
+        budgets[silo_name(i)] = profile.budget(cfg.local_steps, seq_len)
+    plan_federation(model_spec(skeleton), dict.fromkeys(CANDIDATES, 1.0), budgets,
+                    cfg.plan_mode)
