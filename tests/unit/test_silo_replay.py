@@ -14,7 +14,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from silotune import protocol as P
 from silotune.client.app import build_client_app
 from silotune.config import RunConfig
-from silotune.server.loop import _GlobalState, _Silo, _train_message
+from silotune.server.loop import _GlobalState, _train_message
+from silotune.server.roster import Silo
 from silotune.strategies.base import SiloPlan
 from silotune.wire import from_record
 
@@ -27,8 +28,10 @@ def _task_identity(monkeypatch):
 
 
 def _ask(app, cfg: RunConfig, run_id: int):
-    msg = _train_message(cfg, 1, _Silo(node_id=7, num_examples=0, rank=2), SiloPlan(rank=2),
-                         _GlobalState(), "fed-test")
+    silo = Silo(node_id=7, position=0, num_examples=0, rank=2, targets=cfg.lora_targets,
+                batch=cfg.batch_size, physical_batch=cfg.physical_batch_size,
+                precision=cfg.base_precision)
+    msg = _train_message(cfg, 1, silo, SiloPlan(rank=2), _GlobalState(), "fed-test")
     msg.metadata.__dict__["_message_id"] = msg.object_id  # as the SuperLink assigns it
     context = Context(run_id=run_id, node_id=7, node_config={"partition-id": 0},
                       state=RecordDict(), run_config={})
