@@ -29,8 +29,11 @@ from silotune import protocol as P
 from silotune.config import RunConfig
 
 log = logging.getLogger(__name__)
-NODE_WAIT_SECONDS = 120.0
+NODE_WAIT_SECONDS = 120.0  # for the nodes to connect
 NODE_SETTLE_SECONDS = 10.0
+# A hello is often a worker's first ClientApp call (it starts the Ray actor, imports
+# torch): on a loaded machine that takes minutes, so it gets a round's timeout.
+HELLO_TIMEOUT_SECONDS = 3600.0
 
 
 @dataclass
@@ -81,7 +84,7 @@ class Roster:
         position_of = {self.nodes[p]: p for p in positions}
         answered: set[int] = set()
         failed: list[dict[str, str]] = []
-        for reply in self.grid.send_and_receive(asks, timeout=NODE_WAIT_SECONDS):
+        for reply in self.grid.send_and_receive(asks, timeout=HELLO_TIMEOUT_SECONDS):
             node = reply.metadata.src_node_id
             answered.add(node)
             if reply.has_error():
