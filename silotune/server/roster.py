@@ -31,10 +31,9 @@ from silotune.simulations.profiles import SiloProfile
 from silotune.strategies.configurator import PlannedSilo
 
 log = logging.getLogger(__name__)
-NODE_WAIT_SECONDS = 120.0
+NODE_WAIT_SECONDS = 120.0  # for the nodes to connect
 NODE_SETTLE_SECONDS = 10.0
 REJOIN_HELLO_SECONDS = 60.0
-HELLO_TIMEOUT_SECONDS = 600.0  # a silo's first message also waits for it to start up
 
 
 @dataclass
@@ -123,7 +122,9 @@ class Roster:
 
     def _hello(self, positions: list[int]) -> list[dict[str, str]]:
         position_of = {self.nodes[p]: p for p in positions}
-        answers, failed = self._ask(list(position_of), HELLO_TIMEOUT_SECONDS)
+        # Often a worker's first ClientApp call (it starts the Ray actor, imports torch):
+        # on a loaded machine that takes minutes, so it gets a round's timeout.
+        answers, failed = self._ask(list(position_of), self.cfg.round_timeout)
         profiles = self._profiles
         for node, silo, count in answers:
             if silo in self.silos:

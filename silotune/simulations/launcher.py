@@ -56,6 +56,10 @@ def simulate(cfg: RunConfig, progress: Progress = print,
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Ray's memory monitor kills workers when the *machine* passes 95% memory use, even
+    # when other programs fill it; on a shared machine that drops silos at random. The
+    # kernel's OOM killer still guards real exhaustion. Set the variable to re-enable.
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     from flwr.simulation import run_simulation  # heavy import (Ray), only when simulating
 
     from silotune.server.app import build_server_app

@@ -46,12 +46,16 @@ def _node_ports() -> list[str]:
     return [f"--{n}={p}" for n, p in zip(names, _free_ports(len(names)), strict=True)]
 
 
-def _stop_cluster(temp: Path) -> None:
-    """Terminate the processes of the cluster whose temp dir is `temp` (and only those)."""
+def _stop_cluster(temp: Path, gcs_port: int) -> None:
+    """Terminate the processes of the cluster whose temp dir is `temp` or whose GCS is on
+    `gcs_port` (the Ray client server names only the latter), and only those."""
+    gcs = f":{gcs_port}"
     mine = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if any(str(temp) in arg for arg in proc.info["cmdline"] or []):
+            args = proc.info["cmdline"] or []
+            if any(str(temp) in arg or (arg.startswith("--address=") and arg.endswith(gcs))
+                   for arg in args):
                 mine.append(proc)
         except psutil.Error:
             continue
@@ -88,7 +92,7 @@ def ray_cluster() -> Iterator[str]:
         assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
         yield address
     finally:
-        _stop_cluster(temp)
+        _stop_cluster(temp, gcs)
         shutil.rmtree(temp, ignore_errors=True)
 
 
