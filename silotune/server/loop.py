@@ -124,8 +124,8 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
                          progress)
         for s, planned in plan.silos.items():
             silos[s].plan(planned)
-    shapes = module_shapes(model, tuple(sorted({t for v in silos.values()
-                                                for t in v.targets})))
+    shapes = module_shapes(model, tuple(sorted({*cfg.lora_targets,
+                                                *(t for v in silos.values() for t in v.targets)})))
     rule.setup({s: v.rank for s, v in silos.items()}, shapes, cfg.seed)
     progress(f"[hello] {len(silos)} silos: " + ", ".join(
         f"{s} (n={v.num_examples}, r={v.rank})" for s, v in sorted(silos.items())))
