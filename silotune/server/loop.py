@@ -142,7 +142,9 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
         for s, planned in plan.silos.items():
             everyone[s].plan(planned)
         metrics["plan"] = plan.to_json()
-        targets = tuple(sorted({t for v in everyone.values() for t in v.targets}))
+        # the run's targets too: a run whose hello got no answer keeps a non-empty set
+        targets = tuple(sorted({*cfg.lora_targets,
+                                *(t for v in everyone.values() for t in v.targets)}))
     shapes = module_shapes(model, targets)
     rule.setup({s: v.rank for s, v in silos.items()} if cfg.profiles else roster.ranks(),
                shapes, cfg.seed)
