@@ -111,9 +111,10 @@ def run_crosslm(grid: Grid, cfg: RunConfig, progress: Progress = print) -> dict[
              f"texts, {time.monotonic() - t0:.0f} s)")
     silos = _hello(grid, cfg)
     for _ in range(HELLO_RETRIES):  # silos still starting (e.g. a loaded machine): ask again
-        if silos:
+        if len(silos) >= cfg.num_silos:
             break
-        silos = _hello(grid, cfg)
+        again = _hello(grid, cfg)
+        silos = again if len(again) > len(silos) else silos
     if not silos:
         raise RuntimeError(f"no silo answered the hello ({HELLO_RETRIES + 1} tries); check "
                            "that the silos run and can reach the coordinator")
