@@ -84,7 +84,7 @@ def replay(run_dir: Path, weighting: str) -> dict[str, Any]:
     )
 
     start = time.monotonic()
-    cfg = RunConfig.from_mapping({k: v for k, v in json.loads(
+    cfg = RunConfig.from_mapping({k.replace("_", "-"): v for k, v in json.loads(
         (run_dir / "config.json").read_text()).items()})
     rows = [json.loads(x) for x in (run_dir / "synthetic.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["round"] == 1]

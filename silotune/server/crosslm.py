@@ -113,7 +113,7 @@ def run_crosslm(grid: Grid, cfg: RunConfig, progress: Progress = print) -> dict[
     roster = Roster(grid, cfg)
     silos = roster.everyone()
     for _ in range(HELLO_RETRIES):  # silos still starting (e.g. a loaded machine): ask again
-        if silos:
+        if len(silos) >= cfg.num_silos:
             break
         silos = roster.everyone()
     if not silos:
