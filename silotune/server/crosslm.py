@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType
 from flwr.serverapp import Grid
 
 from silotune import protocol as P
@@ -34,7 +34,7 @@ from silotune.config import RunConfig
 from silotune.lm import evaluate, load_model
 from silotune.server.loop import Progress, _write_json
 from silotune.server.report import write_report
-from silotune.server.roster import Roster
+from silotune.server.roster import Roster, Silo, broadcast
 from silotune.simulations.federation import federated_task
 from silotune.strategies.crosslm import (
     FeedbackRefusedError,
@@ -182,7 +182,7 @@ def run_crosslm(grid: Grid, cfg: RunConfig, progress: Progress = print) -> dict[
     return metrics
 
 
-def _feedback(grid: Grid, cfg: RunConfig, silos: dict[str, Any], round_: int,
+def _feedback(grid: Grid, cfg: RunConfig, silos: dict[str, Silo], round_: int,
               labels: list[str], examples: list[SyntheticExample], row: dict[str, Any]
               ) -> tuple[np.ndarray | None, list[dict[str, str]]]:
     """Ask every silo to score `examples`; aggregate the valid replies. Adds the bytes
@@ -191,17 +191,10 @@ def _feedback(grid: Grid, cfg: RunConfig, silos: dict[str, Any], round_: int,
     row["bytes_down"] += len(request.encode()) * len(silos)
     config = ConfigRecord({P.ROUND: round_, P.LABELS: json.dumps(labels),
                            P.SYNTHETIC: request, P.PRIVATE_RUN: int(cfg.private)})
-    by_node = {v.node_id: s for s, v in silos.items()}
-    asks = [Message(RecordDict({P.CONFIG: config}), dst_node_id=v.node_id,
-                    message_type=QUERY_SCORE) for _, v in sorted(silos.items())]
+    replies, excluded = broadcast(grid, silos, config, QUERY_SCORE, cfg.round_timeout)
     scores: dict[str, list[float]] = {}
     counts: dict[str, int] = {}
-    excluded: list[dict[str, str]] = []
-    for reply in grid.send_and_receive(asks, timeout=cfg.round_timeout):
-        silo = by_node.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
-        if reply.has_error():
-            excluded.append({"silo": silo, "reason": str(reply.error.reason)})
-            continue
+    for silo, reply in replies.items():
         try:
             scores[silo], counts[silo] = validate_feedback(reply, len(examples), cfg.private)
             row["bytes_up"] += 8 * len(scores[silo])
@@ -212,7 +205,7 @@ def _feedback(grid: Grid, cfg: RunConfig, silos: dict[str, Any], round_: int,
     return aggregate_feedback(scores, counts), excluded
 
 
-def _train_slms(grid: Grid, cfg: RunConfig, silos: dict[str, Any], round_: int,
+def _train_slms(grid: Grid, cfg: RunConfig, silos: dict[str, Silo], round_: int,
                 labels: list[str], kept: list[SyntheticExample], epsilon: dict[str, float],
                 limits: dict[str, float], row: dict[str, Any]
                 ) -> tuple[dict[str, float], list[dict[str, str]]]:
@@ -224,16 +217,9 @@ def _train_slms(grid: Grid, cfg: RunConfig, silos: dict[str, Any], round_: int,
         P.ROUND: round_, P.LABELS: json.dumps(labels), P.SYNTHETIC: synthetic,
         P.SLM_STEPS: cfg.slm_steps, P.BATCH_SIZE: cfg.batch_size,
         P.LEARNING_RATE: cfg.slm_learning_rate, P.PLANNED_ROUNDS: cfg.rounds + 1})
-    by_node = {v.node_id: s for s, v in silos.items()}
-    asks = [Message(RecordDict({P.CONFIG: config}), dst_node_id=v.node_id,
-                    message_type=TRAIN_SLM) for _, v in sorted(silos.items())]
+    replies, excluded = broadcast(grid, silos, config, TRAIN_SLM, cfg.round_timeout)
     accuracy: dict[str, float] = {}
-    excluded: list[dict[str, str]] = []
-    for reply in grid.send_and_receive(asks, timeout=cfg.round_timeout):
-        silo = by_node.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
-        if reply.has_error():
-            excluded.append({"silo": silo, "reason": str(reply.error.reason)})
-            continue
+    for silo, reply in replies.items():
         m = reply.content.metric_records[P.METRICS]
         accuracy[silo] = P.as_float(m[P.SLM_ACCURACY], P.SLM_ACCURACY)
         if P.EPSILON in m:

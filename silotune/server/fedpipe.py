@@ -13,11 +13,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 from silotune import protocol as P
 from silotune.config import RunConfig
+from silotune.server.roster import Silo, broadcast
 from silotune.simulations.profiles import SiloProfile
 from silotune.strategies.configurator import (
     GB,
@@ -60,47 +61,41 @@ class FederationPlan:
                            {s: p.name for s, p in self.profiles.items()})
 
 
-def query_importance(grid: Grid, cfg: RunConfig, nodes: Mapping[str, int]
+def query_importance(grid: Grid, cfg: RunConfig, silos: Mapping[str, Silo]
                      ) -> tuple[dict[str, float], dict[str, int]]:
     """Aggregated per-matrix importance, and each silo's longest example in tokens."""
     config = ConfigRecord({P.CALIBRATION_STEPS: cfg.calibration_steps,
                            P.CALIBRATION_BATCH: cfg.calibration_batch, P.RUN_SEED: cfg.seed})
-    asks = [Message(RecordDict({P.CONFIG: config}), dst_node_id=node,
-                    message_type=P.QUERY_IMPORTANCE) for node in nodes.values()]
-    by_node = {node: silo for silo, node in nodes.items()}
-    replies: list[tuple[int, dict[str, float]]] = []
+    replies, failed = broadcast(grid, silos, config, P.QUERY_IMPORTANCE,
+                                QUERY_TIMEOUT_SECONDS)
+    if failed:  # every silo needs a plan, so every silo must answer
+        raise RuntimeError("the importance query failed for " + "; ".join(
+            f"{f['silo']}: {f['reason']}" for f in failed) + ": check that those silos are "
+            "running and can load the model")
+    scored: list[tuple[int, dict[str, float]]] = []
     max_tokens: dict[str, int] = {}
-    for reply in grid.send_and_receive(asks, timeout=QUERY_TIMEOUT_SECONDS):
-        silo = by_node.get(reply.metadata.src_node_id, "?")
-        if reply.has_error():
-            raise RuntimeError(f"silo {silo} failed the importance query: "
-                               f"{reply.error.reason}")
+    for silo, reply in replies.items():
         metrics = reply.content.metric_records[P.METRICS]
         scores = reply.content.metric_records[P.IMPORTANCE]
-        replies.append((P.as_int(metrics[P.NUM_EXAMPLES], P.NUM_EXAMPLES),
-                        {k: P.as_float(v, k) for k, v in scores.items()}))
+        scored.append((P.as_int(metrics[P.NUM_EXAMPLES], P.NUM_EXAMPLES),
+                       {k: P.as_float(v, k) for k, v in scores.items()}))
         max_tokens[silo] = P.as_int(metrics[P.MAX_TOKENS], P.MAX_TOKENS)
-    missing = sorted(set(nodes) - set(max_tokens))
-    if missing:  # every silo needs a plan, so every silo must answer
-        raise RuntimeError(f"no importance reply from {missing} within "
-                           f"{QUERY_TIMEOUT_SECONDS:.0f} s; check that those silos are "
-                           "running and can load the model")
-    return aggregate_importance(replies), max_tokens
+    return aggregate_importance(scored), max_tokens
 
 
-def configure(grid: Grid, cfg: RunConfig, nodes: Mapping[str, int],
-              profiles: Mapping[str, SiloProfile | None], spec: ModelSpec,
+def configure(grid: Grid, cfg: RunConfig, silos: Mapping[str, Silo], spec: ModelSpec,
               progress: Callable[[str], None]) -> FederationPlan:
     """Importance query, then one configuration per silo (raises if a silo has no
     profile or none of its configurations fits)."""
-    if not nodes:
+    if not silos:
         raise RuntimeError("no silo answered the hello: nothing to plan")
+    profiles = {s: v.profile for s, v in silos.items()}
     lacking = sorted(s for s, p in profiles.items() if p is None)
     if lacking:
         raise RuntimeError(f"silos {lacking} declared no resource profile; with "
                            f"profiles = '{cfg.profiles}' every silo needs one")
     declared = {s: p for s, p in profiles.items() if p is not None}
-    scores, max_tokens = query_importance(grid, cfg, nodes)
+    scores, max_tokens = query_importance(grid, cfg, silos)
     by_type = importance_by_type(scores)
     budgets = {s: p.budget(cfg.local_steps, max_tokens[s]) for s, p in declared.items()}
     plan = FederationPlan(plan_federation(spec, by_type, budgets, cfg.plan_mode),

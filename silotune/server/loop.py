@@ -17,7 +17,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from silotune.server import checkpoint
 from silotune.server.client_dp import ClientLevelRun
 from silotune.server.fedpipe import configure
 from silotune.server.report import write_report
-from silotune.server.roster import Roster, Silo
+from silotune.server.roster import Roster, Silo, exchange
 from silotune.server.validate import Expected, validate_reply
 from silotune.simulations.federation import federated_task
 from silotune.strategies.base import AdapterError, LowRankUpdate, SiloAdapter, SiloPlan
@@ -136,9 +136,7 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
     targets = cfg.lora_targets
     if cfg.profiles:  # FedPipe: targets, rank, batch and base precision per silo
         everyone = roster.everyone()
-        plan = configure(grid, cfg, {s: v.node_id for s, v in everyone.items()},
-                         {s: v.profile for s, v in everyone.items()}, model_spec(model),
-                         progress)
+        plan = configure(grid, cfg, everyone, model_spec(model), progress)
         for s, planned in plan.silos.items():
             everyone[s].plan(planned)
         metrics["plan"] = plan.to_json()
@@ -158,14 +156,12 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
         plans = {s: _on_wire(_restrict(rule.plan(s, silos[s].rank, state.adapter, round_),
                                        _shapes_of(shapes, silos[s].targets)),
                              cfg.wire_dtype) for s in sampled}
-        messages = [_train_message(cfg, round_, silos[s], plans[s], state, federation_id)
-                    for s in sampled]
-        bytes_down = sum(m.content.array_records[P.ARRAYS].count_bytes() for m in messages)
-        replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
-        # Error replies made by the SuperLink (e.g. node unavailable) come from node 1:
-        # match every reply to its silo through the message it answers.
-        sent = {m.metadata.message_id: s for s, m in zip(sampled, messages, strict=True)}
-        adapters, excluded, bytes_up = _collect(cfg, roster, shapes, plans, replies, sent)
+        messages = {s: _train_message(cfg, round_, silos[s], plans[s], state, federation_id)
+                    for s in sampled}
+        bytes_down = sum(m.content.array_records[P.ARRAYS].count_bytes()
+                         for m in messages.values())
+        replies = exchange(grid, messages, cfg.round_timeout)
+        adapters, excluded, bytes_up = _collect(cfg, roster, shapes, plans, replies)
         excluded = unreachable + excluded
         for a_silo, reply_metrics, _ in adapters.values():
             if P.EPSILON in reply_metrics:
@@ -238,19 +234,15 @@ def _train_message(cfg: RunConfig, round_: int, silo: Silo, plan: SiloPlan,
 
 
 def _collect(cfg: RunConfig, roster: Roster, shapes: dict[str, tuple[int, int]],
-             plans: dict[str, SiloPlan], replies: Iterable[Message], sent: dict[str, str],
+             plans: dict[str, SiloPlan], replies: dict[str, Message],
              ) -> tuple[dict[str, tuple[SiloAdapter, dict[str, Any], str]],
                         list[dict[str, str]], int]:
     """Validated adapters by silo, with the reply metrics and the worker that trained it;
-    the excluded silos with reasons; and the bytes uploaded. `sent` maps each train
-    message's id to its silo."""
-    sampled = sorted(plans)
+    the excluded silos with reasons; and the bytes uploaded."""
     adapters: dict[str, tuple[SiloAdapter, dict[str, Any], str]] = {}
     excluded: list[dict[str, str]] = []
     bytes_up = 0
-    for reply in replies:
-        silo = sent.get(reply.metadata.reply_to_message_id) or roster.silo_of_node(
-            reply.metadata.src_node_id)
+    for silo, reply in sorted(replies.items()):
         if reply.has_error():
             excluded.append({"silo": silo, "reason": str(reply.error.reason)})
             continue
@@ -276,9 +268,8 @@ def _collect(cfg: RunConfig, roster: Roster, shapes: dict[str, tuple[int, int]],
         info = reply.content.config_records.get(P.INFO)
         worker = str(info.get(P.WORKER_NODE, "")) if info is not None else ""
         adapters[silo] = (adapter, dict(metrics), worker)
-    answered = set(adapters) | {e["silo"] for e in excluded}
     excluded += [{"silo": s, "reason": "no reply before the round timeout"}
-                 for s in sampled if s not in answered]
+                 for s in sorted(plans) if s not in replies]
     for e in excluded:
         log.warning("round excluded %s: %s", e["silo"], e["reason"])
     return adapters, excluded, bytes_up

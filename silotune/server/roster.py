@@ -20,8 +20,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NamedTuple, TypeVar
 
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 NODE_WAIT_SECONDS = 120.0  # for the nodes to connect
 NODE_SETTLE_SECONDS = 10.0
 REJOIN_HELLO_SECONDS = 60.0
+K = TypeVar("K")
 
 
 @dataclass
@@ -57,6 +59,15 @@ class Silo:
         self.batch = self.physical_batch = c.batch  # the memory model's micro-batch
 
 
+class Hello(NamedTuple):
+    """A silo's answer to the hello: who it is, its size and its declared resources."""
+
+    node_id: int
+    silo: str
+    num_examples: int
+    profile: SiloProfile | None
+
+
 class Roster:
     """Connected nodes in a fixed order; silos learned lazily by a hello when sampled."""
 
@@ -69,7 +80,6 @@ class Roster:
         self.silos: dict[str, Silo] = {}  # contacted silos only, by silo id
         self._by_node: dict[int, str] = {}
         self._known_ranks = dict(ranks or {})
-        self._profiles: dict[int, SiloProfile | None] = {}  # declared in hello replies
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -99,9 +109,6 @@ class Roster:
             log.warning("%s left out: %s", failure["silo"], failure["reason"])
         return self.silos
 
-    def silo_of_node(self, node_id: int) -> str:
-        return self._by_node.get(node_id, f"node-{node_id}")
-
     def rejoin(self) -> None:
         """Silos that came back under a new node id (an agent restarted without node
         authentication registers anew) take their old place in the roster. Nodes that
@@ -110,7 +117,7 @@ class Roster:
         if not new:
             return
         answers, _ = self._ask(new, REJOIN_HELLO_SECONDS)
-        for node, silo, count in answers:
+        for node, silo, count, _ in answers:
             known = self.silos.get(silo)
             if known is None:
                 continue
@@ -125,30 +132,28 @@ class Roster:
         # Often a worker's first ClientApp call (it starts the Ray actor, imports torch):
         # on a loaded machine that takes minutes, so it gets a round's timeout.
         answers, failed = self._ask(list(position_of), self.cfg.round_timeout)
-        profiles = self._profiles
-        for node, silo, count in answers:
+        for node, silo, count, profile in answers:
             if silo in self.silos:
                 raise RuntimeError(f"two nodes claim silo id '{silo}'; silo ids must be unique")
             position = position_of[node]
             rank = self._known_ranks.get(silo, self.cfg.rank_of(position))
             self.silos[silo] = Silo(node, position, count, rank, self.cfg.lora_targets,
                                     self.cfg.batch_size, self.cfg.physical_batch_size,
-                                    self.cfg.base_precision, profiles.get(node))
+                                    self.cfg.base_precision, profile)
             self._by_node[node] = silo
         return failed
 
     def _ask(self, nodes: list[int], timeout: float,
-             ) -> tuple[list[tuple[int, str, int]], list[dict[str, str]]]:
-        """Hello to `nodes`: (node, silo id, example count) of those that answer, and the
-        others as excluded entries with the reason."""
-        asks = [Message(RecordDict(), dst_node_id=n, message_type=P.QUERY_HELLO)
-                for n in nodes]
-        answers: list[tuple[int, str, int]] = []
-        failed: list[dict[str, str]] = []
-        replied: set[int] = set()
-        for reply in self.grid.send_and_receive(asks, timeout=timeout):
-            node = reply.metadata.src_node_id
-            replied.add(node)
+             ) -> tuple[list[Hello], list[dict[str, str]]]:
+        """Hello to `nodes`: the answers of those that answer, and the others as excluded
+        entries with the reason."""
+        replies = exchange(self.grid, {n: Message(RecordDict(), dst_node_id=n,
+                                                  message_type=P.QUERY_HELLO) for n in nodes},
+                           timeout)
+        answers: list[Hello] = []
+        failed = [{"silo": f"node-{n}", "reason": "no hello reply"}
+                  for n in nodes if n not in replies]
+        for node, reply in replies.items():
             if reply.has_error():
                 log.warning("node %s failed the hello: %s", node, reply.error.reason)
                 failed.append({"silo": f"node-{node}",
@@ -157,12 +162,35 @@ class Roster:
             silo = str(reply.content.config_records[P.INFO][P.SILO_ID])
             count = reply.content.metric_records[P.METRICS][P.NUM_EXAMPLES]
             declared = reply.content.config_records.get(P.PROFILE)
-            if declared:
-                self._profiles[node] = SiloProfile.from_node_config(dict(declared))
-            answers.append((node, silo, P.as_int(count, P.NUM_EXAMPLES)))
-        failed += [{"silo": f"node-{n}", "reason": "no hello reply"}
-                   for n in nodes if n not in replied]
+            answers.append(Hello(node, silo, P.as_int(count, P.NUM_EXAMPLES),
+                                 SiloProfile.from_node_config(dict(declared)) if declared
+                                 else None))
         return answers, failed
+
+
+def exchange(grid: Grid, asks: Mapping[K, Message], timeout: float) -> dict[K, Message]:
+    """Send every message of `asks` and wait up to `timeout` seconds; the replies by the
+    key of the message each answers. Replies are matched through `reply_to_message_id`,
+    not the sender: error replies made by the SuperLink (e.g. node unavailable) come from
+    node 1. Keys without a reply in time are absent."""
+    replies = grid.send_and_receive(list(asks.values()), timeout=timeout)
+    key_of = {m.metadata.message_id: k for k, m in asks.items()}  # ids set when pushed
+    return {key_of[r.metadata.reply_to_message_id]: r for r in replies
+            if r.metadata.reply_to_message_id in key_of}
+
+
+def broadcast(grid: Grid, silos: Mapping[str, Silo], config: ConfigRecord, message_type: str,
+              timeout: float) -> tuple[dict[str, Message], list[dict[str, str]]]:
+    """Send the same `config` to every silo: the successful replies by silo, and the
+    others as excluded entries (the error's reason, or no reply in time)."""
+    replies = exchange(grid, {s: Message(RecordDict({P.CONFIG: config}), dst_node_id=v.node_id,
+                                         message_type=message_type)
+                              for s, v in sorted(silos.items())}, timeout)
+    excluded = [{"silo": s, "reason": str(r.error.reason)}
+                for s, r in sorted(replies.items()) if r.has_error()]
+    excluded += [{"silo": s, "reason": "no reply before the timeout"}
+                 for s in sorted(silos) if s not in replies]
+    return {s: r for s, r in replies.items() if not r.has_error()}, excluded
 
 
 def _wait_for_nodes(grid: Grid, cfg: RunConfig) -> set[int]:

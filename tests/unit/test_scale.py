@@ -16,21 +16,22 @@ from flwr.supercore.task_identity import TaskIdentity
 from silotune import protocol as P
 from silotune.config import ConfigError, RunConfig
 from silotune.progress import Tracker, track
-from silotune.server.roster import Roster
+from silotune.server.roster import Roster, broadcast
 from silotune.simulations.cluster import backend_config, worker_node
 
 
 class FakeGrid:
     """`n` nodes registered in order (partition i = i-th registered); answers hellos."""
 
-    def __init__(self, n: int, broken: frozenset[int] = frozenset()) -> None:
+    def __init__(self, n: int, broken: frozenset[int] = frozenset(),
+                 silent: frozenset[int] = frozenset()) -> None:
         start = datetime(2026, 1, 1, tzinfo=UTC)
         ids = random.Random(7).sample(range(10**6, 10**7), n)  # random ids, as Flower's
         self.partition = {node: i for i, node in enumerate(ids)}
         self.infos = [NodeInfo(node_id=node, registered_at=(start + timedelta(
             microseconds=i)).isoformat()) for i, node in enumerate(ids)]
         self.hellos: list[int] = []
-        self.broken = broken
+        self.broken, self.silent = broken, silent
 
     def get_node_ids(self) -> list[int]:
         return sorted(self.partition)
@@ -43,8 +44,12 @@ class FakeGrid:
         for msg in messages:
             node = msg.metadata.dst_node_id
             self.hellos.append(node)
-            meta = SimpleNamespace(src_node_id=node)
-            if self.partition[node] in self.broken:
+            msg.metadata.__dict__["_message_id"] = f"ask-{len(self.hellos)}"  # as Flower's push
+            meta = SimpleNamespace(src_node_id=node, reply_to_message_id=msg.metadata.message_id)
+            if self.partition[node] in self.silent:
+                continue
+            if self.partition[node] in self.broken:  # made by the SuperLink: from node 1
+                meta.src_node_id = 1
                 replies.append(SimpleNamespace(metadata=meta, has_error=lambda: True,
                                                error=SimpleNamespace(reason="disk full")))
                 continue
@@ -100,6 +105,21 @@ def test_roster_reports_a_failed_hello_as_excluded() -> None:
     chosen, failed = roster.sample(random.Random(0), 3)
     assert chosen == ["silo-00000", "silo-00002"]
     assert len(failed) == 1 and "disk full" in failed[0]["reason"]
+
+
+def test_broadcast_matches_replies_by_message_not_sender() -> None:
+    grid = FakeGrid(4, broken=frozenset({1}), silent=frozenset({2}))
+    roster = Roster(grid, RunConfig(num_silos=4))  # type: ignore[arg-type]
+    roster.sample(random.Random(0), 4)  # silos 1 and 2 fail their hello: learn 0 and 3
+    known = dict(roster.silos)
+    grid.broken, grid.silent = frozenset({3}), frozenset({0})
+    replies, excluded = broadcast(grid, known, ConfigRecord({"round": 1}), "query.x", 1.0)
+    assert replies == {}
+    assert excluded == [{"silo": "silo-00003", "reason": "disk full"},
+                        {"silo": "silo-00000", "reason": "no reply before the timeout"}]
+    grid.broken = grid.silent = frozenset()
+    replies, excluded = broadcast(grid, known, ConfigRecord({"round": 2}), "query.x", 1.0)
+    assert sorted(replies) == ["silo-00000", "silo-00003"] and excluded == []
 
 
 def test_progress_plain_lines_off_a_terminal() -> None:
