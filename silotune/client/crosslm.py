@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,25 +52,22 @@ def register_crosslm(app: ClientApp, preset: RunConfig | None) -> None:
     """Add the CrossLM handlers to `app` (``preset`` as in `build_client_app`)."""
     from silotune.client.app import silo_from_context  # app.py registers us: import late
 
-    @app.train(P.TRAIN_SLM)
-    def train(msg: Message, context: Context) -> Message:
-        silo = silo_from_context(context, preset)
-        try:
-            return _train(msg, context, silo)
-        except _REFUSALS as err:
-            log.warning("%s refused SLM training: %s", silo.silo_id, err)
-            return Message(Error(code=ERROR_REFUSED, reason=f"{type(err).__name__}: {err}"),
-                           reply_to=msg)
+    def refusing(what: str, handle: Callable[[Message, Context, Silo], Message]
+                 ) -> Callable[[Message, Context], Message]:
+        """`handle`, answering a refusal (budget, liveness, non-DP SLM, bad input) with an
+        error reply that names it instead of failing the ClientApp."""
+        def handler(msg: Message, context: Context) -> Message:
+            silo = silo_from_context(context, preset)
+            try:
+                return handle(msg, context, silo)
+            except _REFUSALS as err:
+                log.warning("%s refused to %s: %s", silo.silo_id, what, err)
+                return Message(Error(code=ERROR_REFUSED,
+                                     reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+        return handler
 
-    @app.query(P.QUERY_SCORE)
-    def score(msg: Message, context: Context) -> Message:
-        silo = silo_from_context(context, preset)
-        try:
-            return _score(msg, context, silo)
-        except _REFUSALS as err:
-            log.warning("%s refused to score: %s", silo.silo_id, err)
-            return Message(Error(code=ERROR_REFUSED, reason=f"{type(err).__name__}: {err}"),
-                           reply_to=msg)
+    app.train(P.TRAIN_SLM)(refusing("train its SLM", _train))
+    app.query(P.QUERY_SCORE)(refusing("score", _score))
 
 
 def slm_path(silo: Silo) -> Path:
