@@ -95,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="held-out examples for evaluation (%(default)s)")
     s.add_argument("--seed", type=int, default=d.seed,
                    help="public seed: data split, silo sampling, LoRA init; never DP noise")
+    s.add_argument("--dp-noise-seed", type=int, default=d.dp_noise_seed, metavar="N",
+                   help="seed the simulated silos' DP noise from N, so that two runs "
+                   "differ only by what you changed (research comparisons; the ledgers "
+                   "record it, and the noise is predictable to anyone who knows N); -1 = "
+                   "OS-seeded noise, as in every deployment (%(default)s)")
     s.add_argument("--out", default=d.out_dir, help="output folder (%(default)s)")
     c = s.add_argument_group("CrossLM mode (--mode crosslm)")
     c.add_argument("--mode", choices=("lora", "crosslm"), default=d.mode,
@@ -238,8 +243,8 @@ def _simulate(args: argparse.Namespace) -> int:
         local_steps=args.local_steps, batch_size=args.batch_size,
         learning_rate=args.lr, lora_ranks=RunConfig.from_mapping({"lora-ranks": args.ranks}
                                                                  ).lora_ranks,
-        test_size=args.test_size, seed=args.seed, out_dir=args.out,
-        wire_dtype=args.wire_dtype, upload_density=args.compress,
+        test_size=args.test_size, seed=args.seed, dp_noise_seed=args.dp_noise_seed,
+        out_dir=args.out, wire_dtype=args.wire_dtype, upload_density=args.compress,
         max_update_norm=args.max_update_norm, partition=args.partition,
         dirichlet_alpha=args.alpha, client_dp_noise=args.client_dp_noise,
         client_dp_clip=args.client_dp_clip, mode=args.mode, slm=args.slm,

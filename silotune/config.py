@@ -65,6 +65,10 @@ class RunConfig:
     client_dp_noise: float = 0.0
     client_dp_clip: float = 1.0
     seed: int = 0
+    # Simulation only: >= 0 seeds every simulated silo's DP noise from this public number
+    # (reproducible comparisons; the noise is then known to whoever knows it). -1: the OS
+    # seeds it, as always in deployments (deployed silos ignore this key).
+    dp_noise_seed: int = -1
     # Run mode: "lora" (federated LoRA) or "crosslm" (mutual enhancement of the central
     # LLM `model` and silo SLMs `slm`, silotune/server/crosslm.py).
     mode: str = "lora"
@@ -117,6 +121,8 @@ class RunConfig:
         _check(self.test_size >= 1, "test_size", self.test_size, ">= 1")
         _check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, ">= 1")
         _check(self.seed >= 0, "seed", self.seed, ">= 0")
+        _check(self.dp_noise_seed >= -1, "dp_noise_seed", self.dp_noise_seed,
+               ">= 0 (simulation: seeded DP noise) or -1 (OS-seeded noise)")
         _check(self.wire_dtype in ("fp16", "fp32"), "wire_dtype", self.wire_dtype,
                "fp16 or fp32")
         _check(0.0 < self.upload_density <= 1.0, "upload_density", self.upload_density,

@@ -62,6 +62,15 @@ class Silo:
     data: pd.DataFrame | None = None  # a deployed silo's own data (node config data-path)
     profile: SiloProfile | None = None  # resources, for FedPipe auto-configuration
 
+    def noise_seed(self, round_: int) -> int | None:
+        """Seed of this round's DP noise: None (the OS seeds it) unless a simulation asks
+        for reproducible noise (`RunConfig.dp_noise_seed`); a deployed silo never takes
+        one, whatever the run config says."""
+        if self.task is None or self.run.dp_noise_seed < 0:
+            return None
+        seeds = np.random.SeedSequence([self.run.dp_noise_seed, self.index, round_])
+        return int(seeds.generate_state(1, np.uint64)[0] >> np.uint64(1))
+
     @cached_property
     def frame(self) -> pd.DataFrame:
         """This silo's private rows (loaded on first use, then kept for the call)."""
@@ -97,6 +106,9 @@ def _deployed_silo(settings: node.NodeSettings, run: RunConfig,
                    profile: SiloProfile | None) -> Silo:
     """A deployed silo: its own data, budget, state directory and resource profile (its
     node config's, never the run's)."""
+    if run.dp_noise_seed >= 0:
+        log.warning("%s ignores dp-noise-seed: a deployed silo's DP noise is always seeded "
+                    "by its OS", settings.silo_id)
     data = load_dataset_frame(str(settings.data_path), text_column=run.text_column,
                               label_column=run.label_column)
     privacy = SiloPrivacyConfig(
@@ -205,13 +217,15 @@ def _train(msg: Message, context: Context, silo: Silo) -> Message:
         sigma = privacy.noise_multiplier(federation, q, planned)
         step = AccountingStep(noise_multiplier=sigma, sample_rate=q, steps=local.local_steps)
         privacy.check_round(step)  # refuse before any training
+        noise_seed = silo.noise_seed(round_)
         with PeakRSS() as peak:
             result = train_local(base, examples, int(tok.pad_token_id), local,
                                  DPConfig(noise_multiplier=sigma,
-                                          max_grad_norm=silo.privacy.max_grad_norm))
-        report, entry = privacy.record_round(step=step, run_id=federation,
-                                             round_=round_, frame=frame,
-                                             liveness=result.liveness)
+                                          max_grad_norm=silo.privacy.max_grad_norm,
+                                          noise_seed=noise_seed))
+        report, entry = privacy.record_round(
+            step=step, run_id=federation, round_=round_, frame=frame,
+            liveness=result.liveness, noise="os" if noise_seed is None else "seeded")
         metrics.update({P.EPSILON: report.epsilon, P.DELTA: silo.privacy.delta,
                         P.EPSILON_LIMIT: silo.privacy.target_epsilon})
         info[P.LEDGER_HEAD] = str(entry["entry_hash"])

@@ -78,8 +78,13 @@ class SiloPrivacy:
                              delta=self.cfg.delta)
 
     def record_round(self, *, step: AccountingStep, run_id: str, round_: int,
-                     frame: pd.DataFrame, liveness: float) -> tuple[EpsilonReport, dict[str, Any]]:
-        """Compose `step`, then append and sign the ledger entry; returns (report, entry)."""
+                     frame: pd.DataFrame, liveness: float, noise: str = "os",
+                     ) -> tuple[EpsilonReport, dict[str, Any]]:
+        """Compose `step`, then append and sign the ledger entry; returns (report, entry).
+        `noise`: "os" (OS-seeded noise) or "seeded" (a simulation's public noise seed: the
+        guarantee then holds only against those who do not know that seed)."""
+        if noise not in ("os", "seeded"):
+            raise ValueError(f"noise source must be 'os' or 'seeded', got {noise!r}")
         history = [*self.history(), step]
         report = compute_epsilon(history, self.cfg.delta)
         entry = self.ledger.append({
@@ -105,6 +110,7 @@ class SiloPrivacy:
             "remaining": max(0.0, self.cfg.target_epsilon - report.epsilon),
             "liveness": liveness,
             "secure_mode": False,
+            "noise_seed_source": noise,
             "opacus_version": opacus.__version__,
         })
         return report, entry

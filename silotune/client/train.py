@@ -56,6 +56,7 @@ class LocalTrainConfig:
 class DPConfig:
     noise_multiplier: float
     max_grad_norm: float
+    noise_seed: int | None = None  # None: seeded by the OS (always, outside simulations)
 
 
 class OptimizerHook(Protocol):
@@ -164,7 +165,8 @@ def train_local(base: torch.nn.Module, examples: Sequence[EncodedExample], pad_i
 
     With `dp`, DP-SGD (Opacus): Poisson sampling at q = 1/len(loader), per-example
     clipping to `dp.max_grad_norm`, Gaussian noise `dp.noise_multiplier * clip`. The
-    noise comes from a generator seeded by the OS (never by the public run seed).
+    noise comes from a generator seeded by the OS (never by the public run seed), unless
+    a simulation asks for reproducible noise (`dp.noise_seed`).
     `hook` (DP only) wraps the DP optimizer before the first step.
     """
     if not examples:
@@ -217,7 +219,8 @@ def _train_dp(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: 
               cfg: LocalTrainConfig, dp: DPConfig, q: float,
               hook: OptimizerHook | None) -> list[float]:
     engine = PrivacyEngine(accountant="prv", secure_mode=False)
-    noise = torch.Generator().manual_seed(secrets.randbits(63))  # coordinator can't know it
+    seed = secrets.randbits(63) if dp.noise_seed is None else dp.noise_seed
+    noise = torch.Generator().manual_seed(seed)  # OS-seeded: the coordinator can't know it
     hooks, dp_optimizer, dp_loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader,
         noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,

@@ -80,6 +80,9 @@ class LedgerAudit:
     # Empirical one-run audits: {"seq", "m", "eps_lower_bound", "eps_accounted", "sound"}.
     empirical: list[dict[str, Any]] = field(default_factory=list)
     unit: str = "example"  # "silo" for the coordinator's client-level ledger
+    # Train entries whose DP noise came from a simulation's public seed (reproducible, so
+    # the guarantee holds only against whoever does not know that seed).
+    seeded_noise_entries: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (non-finite numbers become None; safe with ``allow_nan=False``)."""
@@ -94,6 +97,7 @@ class LedgerAudit:
             "problems": list(self.problems),
             "history": [[r, _finite(e)] for r, e in self.history],
             "empirical": list(self.empirical), "privacy_unit": self.unit,
+            "seeded_noise_entries": self.seeded_noise_entries,
         }
 
 
@@ -304,7 +308,9 @@ def audit_ledger(path: Path | str, public_key: Ed25519PublicKey | None = None) -
                        problems=problems, history=_plot_history([e for _, e in train]),
                        ok=not problems, signer_key_id=signer_id, cross_check_ok=cross_ok,
                        feedback_entries=sum(e.get("type") == "feedback" for e in entries),
-                       empirical=empirical, unit=unit)
+                       empirical=empirical, unit=unit,
+                       seeded_noise_entries=sum(e.get("noise_seed_source") == "seeded"
+                                                for _, e in train))
 
 
 # --------------------------------------------------------------------------- output
@@ -339,6 +345,10 @@ def format_table(audits: Sequence[LedgerAudit]) -> str:
         if a.unit == "silo":
             lines.append(f"{a.path.name}: client-level DP, unit = one silo (a separate "
                          "guarantee from the silos' record-level epsilon)")
+        if a.seeded_noise_entries:
+            lines.append(f"{a.silo_id or a.path.stem}: {a.seeded_noise_entries} train "
+                         "entries used seeded DP noise (a simulation's dp-noise-seed): "
+                         "reproducible, not private against anyone who knows the seed")
         for e in a.empirical:
             acc = "no DP" if e["eps_accounted"] is None else f"{e['eps_accounted']:.4f}"
             lines.append(f"{a.silo_id or a.path.stem}: empirical audit seq {e['seq']}: "

@@ -54,3 +54,37 @@ def test_reported_epsilon_is_cumulative(tmp_path):
     reports = [silo.record_round(step=step, run_id="r", round_=t, frame=FRAME,
                                  liveness=0.1)[0].epsilon for t in (1, 2, 3)]
     assert reports == pytest.approx([0.7281, 0.9226, 1.0782], abs=2e-3)
+
+
+def test_seeded_noise_is_recorded_in_the_ledger_and_named_by_the_audit(tmp_path):
+    from silotune.privacy.audit import audit_ledger, format_table
+
+    silo = _silo(tmp_path, eps=50.0)
+    step = AccountingStep(1.0, 0.01, 10)
+    silo.record_round(step=step, run_id="r", round_=1, frame=FRAME, liveness=0.1)
+    silo.record_round(step=step, run_id="r", round_=2, frame=FRAME, liveness=0.1,
+                      noise="seeded")
+    with pytest.raises(ValueError, match="noise source"):
+        silo.record_round(step=step, run_id="r", round_=3, frame=FRAME, liveness=0.1,
+                          noise="fixed")
+    assert [e["noise_seed_source"] for e in silo.ledger.entries()] == ["os", "seeded"]
+    audit = audit_ledger(tmp_path / "ledger.jsonl")
+    assert audit.ok and audit.seeded_noise_entries == 1
+    assert "1 train entries used seeded DP noise" in format_table([audit])
+
+
+def test_only_simulated_silos_take_a_noise_seed(tmp_path):
+    from types import SimpleNamespace
+
+    from silotune.client.app import Silo
+    from silotune.config import RunConfig
+
+    def silo(run, index=0, task=SimpleNamespace()):
+        return Silo(f"s{index}", index, run, task, None)  # type: ignore[arg-type]
+
+    seeded = RunConfig(dp_noise_seed=5)
+    assert silo(RunConfig()).noise_seed(1) is None  # default: the OS seeds the noise
+    assert silo(seeded, task=None).noise_seed(1) is None  # deployed: never
+    seeds = {silo(seeded, i).noise_seed(r) for i in range(3) for r in range(1, 4)}
+    assert len(seeds) == 9 and all(0 <= s < 2**63 for s in seeds)
+    assert silo(seeded, 1).noise_seed(2) == silo(RunConfig(dp_noise_seed=5), 1).noise_seed(2)

@@ -69,3 +69,18 @@ def test_dp_training_counts_logical_steps(tiny_model_dir):
     assert res.steps == 4
     assert res.sample_rate == pytest.approx(1 / 4)
     assert res.liveness > 0
+
+
+def test_dp_noise_is_os_seeded_unless_a_simulation_seeds_it(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir)
+    ex = _examples(tok)
+
+    def run(noise_seed):
+        dp = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, noise_seed=noise_seed)
+        return train_local(model, ex, tok.pad_token_id, _cfg(), dp=dp).adapter
+
+    same, again, other, os_a, os_b = run(11), run(11), run(12), run(None), run(None)
+    for k in same:  # same public seed and data order: the very same noise
+        np.testing.assert_array_equal(same[k], again[k])
+    for a, b in ((same, other), (os_a, os_b)):  # else the noise differs
+        assert any(not np.array_equal(a[k], b[k]) for k in a)
