@@ -1,7 +1,8 @@
 """FedPipe on a heterogeneous profile mix against one uniform configuration for all.
 
 Runs the default federation (embedded model and data, 4 non-IID silos, FLoRA, DP at
-epsilon 8) twice with the same seed and the ``hospital-mix`` profiles:
+epsilon 8) twice with the same seed, the same DP noise seed (``--dp-noise-seed``) and the
+``hospital-mix`` profiles:
 
 - ``per-silo``: each silo gets the configurator's optimum for its own profile;
 - ``uniform``: every silo gets the one configuration that fits the weakest profile
@@ -33,7 +34,7 @@ from silotune.config import RunConfig
 def run(mode: str, args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     cmd = [sys.executable, "-m", "silotune.cli", "simulate", "--profiles", args.profiles,
            "--plan-mode", mode, "--rounds", str(args.rounds), "--seed", str(args.seed),
-           "--local-steps", str(args.local_steps),
+           "--local-steps", str(args.local_steps), "--dp-noise-seed", str(args.dp_noise_seed),
            "--test-size", str(args.test_size), "--out", str(out)]
     start = time.monotonic()
     subprocess.run(cmd, check=True)
@@ -64,6 +65,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profiles", default="hospital-mix")
     parser.add_argument("--seed", type=int, default=RunConfig().seed)
+    parser.add_argument("--dp-noise-seed", type=int, default=0,
+                        help="same DP noise streams in both runs (-1: OS noise)")
     parser.add_argument("--local-steps", type=int, default=RunConfig().local_steps)
     parser.add_argument("--test-size", type=int, default=RunConfig().test_size)
     parser.add_argument("--modes", nargs="+", default=["per-silo", "uniform"])
@@ -73,6 +76,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = [{
         "header": True, "machine": platform.machine(), "python": platform.python_version(),
         "profiles": args.profiles, "rounds": args.rounds, "seed": args.seed,
+        "dp_noise_seed": args.dp_noise_seed,
         "local_steps": args.local_steps,
         "test_size": args.test_size,
         "peak_memory": "peak RSS of each training round above its start (silotune.memory)"}]

@@ -1,7 +1,8 @@
 """Compare the aggregation rules on one federation, plus centralised and local-only rows.
 
 Every rule runs the same federation (`silotune simulate` defaults unless overridden: the
-embedded model and data, non-IID silos, heterogeneous ranks, DP at epsilon 8, same seed);
+embedded model and data, non-IID silos, heterogeneous ranks, DP at epsilon 8, same seed
+and the same DP noise seed);
 fedit and fedsa need one rank, so they run with every silo at the largest rank. Reference
 rows: "centralised" trains one LoRA on all silos' data pooled, without DP, for the same
 number of steps as one silo trains in the whole run; "local-only" trains each silo alone
@@ -46,6 +47,7 @@ def run_rule(name: str, cfg: RunConfig, out: Path) -> dict[str, object]:
             "--rounds", str(cfg.rounds), "--silos", str(cfg.num_silos),
             "--local-steps", str(cfg.local_steps), "--test-size", str(cfg.test_size),
             "--epsilon", str(cfg.target_epsilon), "--seed", str(cfg.seed),
+            "--dp-noise-seed", str(cfg.dp_noise_seed),
             "--ranks", ",".join(map(str, ranks)), "--out", str(out)]
     start = time.monotonic()
     subprocess.run([sys.executable, "-m", "silotune.cli", "simulate", *args], check=True)
@@ -92,11 +94,13 @@ def main() -> None:
     parser.add_argument("--dataset", default=RunConfig().dataset)
     parser.add_argument("--test-size", type=int, default=RunConfig().test_size)
     parser.add_argument("--rules", nargs="+", default=strategies.available())
+    parser.add_argument("--dp-noise-seed", type=int, default=0,
+                        help="every rule's silos draw the same DP noise streams (-1: OS)")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "strategies.json")
     args = parser.parse_args()
     cfg = RunConfig(rounds=args.rounds, model=args.model, dataset=args.dataset,
-                    test_size=args.test_size)
+                    test_size=args.test_size, dp_noise_seed=args.dp_noise_seed)
     rows: list[dict[str, object]] = [{
         "header": True, "machine": platform.machine(), "python": platform.python_version(),
         "config": cfg.to_json_dict()}]
