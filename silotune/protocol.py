@@ -32,6 +32,11 @@ EPSILON_LIMIT: Final = "epsilon-limit"
 LEDGER_HEAD: Final = "ledger-head"
 WORKER_NODE: Final = "worker-node"  # info: the machine (Ray node id) that ran the silo
 PEAK_MEMORY: Final = "peak-memory-bytes"  # peak RSS of the silo's training, above its start
+BASE_VERSION: Final = "base-version"  # global rounds the silo now holds on disk
+
+# Error codes of a silo's error reply (the reason names the problem).
+ERROR_REFUSED: Final = 1001  # refused: budget, liveness, bad input, non-DP SLM, ...
+ERROR_MISSING_ROUNDS: Final = 1002  # lost its copy of global rounds: send all of them
 
 # Config keys in a train message.
 ROUND: Final = "round"
@@ -44,6 +49,7 @@ PLANNED_ROUNDS: Final = "planned-rounds"
 BATCH_SIZE: Final = "batch-size"
 LEARNING_RATE: Final = "learning-rate"
 BASE_FINGERPRINTS: Final = "base-fingerprints"  # JSON list: sha256 of each merged round
+FIRST_SENT_ROUND: Final = "first-sent-round"  # the message carries rounds >= this one
 UPDATE_SCALES: Final = "update-scales"  # JSON: {"<round>": scale} of the broadcast updates
 RUN_SEED: Final = "run-seed"
 FEDERATION_ID: Final = "federation-id"  # stable across coordinator restarts (resume)

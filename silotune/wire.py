@@ -6,6 +6,7 @@ the wire (`Array.from_numpy_ndarray` cannot take it), and the base model is neve
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -28,3 +29,14 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     """ArrayRecord -> dict of NumPy arrays in their wire dtype (fp16 stays fp16: consumers
     compute in fp32 or wider; validation is the caller's job)."""
     return {key: value.numpy() for key, value in record.items()}
+
+
+def round_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """sha256 over name-sorted arrays (names and fp32 bytes): a global round update's
+    fingerprint, the same at the coordinator (fp32) and at a silo that received the
+    round as fp16 (exactly representable, so the fp32 bytes agree)."""
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        digest.update(key.encode())
+        digest.update(np.ascontiguousarray(arrays[key], dtype=np.float32).tobytes())
+    return digest.hexdigest()

@@ -24,6 +24,7 @@ from silotune.assets import load_dataset_frame, resolve_model
 from silotune.client import node, replay
 from silotune.client.base_store import STORE
 from silotune.client.fedpipe import importance_reply, silo_profile
+from silotune.client.history import MissingRoundsError, complete_history
 from silotune.client.silo import SiloPrivacy, SiloPrivacyConfig
 from silotune.client.train import (
     DPConfig,
@@ -47,7 +48,6 @@ from silotune.wire import from_record, to_record
 
 log = logging.getLogger(__name__)
 
-ERROR_REFUSED = 1001  # the silo refused the round (budget, bad input); see reason
 
 
 @dataclass(frozen=True)
@@ -146,10 +146,13 @@ def build_client_app(preset: RunConfig | None = None,
         silo = silo_from_context(context, preset)
         try:
             return _train(msg, context, silo)
+        except MissingRoundsError as err:
+            log.warning("%s: %s", silo.silo_id, err)
+            return Message(Error(code=P.ERROR_MISSING_ROUNDS, reason=str(err)), reply_to=msg)
         except (BudgetExhausted, LivenessError, AdapterError, ValueError,
                 RoundAlreadyTrainedError) as err:
             log.warning("%s refused round: %s", silo.silo_id, err)
-            return Message(Error(code=ERROR_REFUSED, reason=f"{type(err).__name__}: {err}"),
+            return Message(Error(code=P.ERROR_REFUSED, reason=f"{type(err).__name__}: {err}"),
                            reply_to=msg)
 
     from silotune.client.crosslm import register_crosslm  # CrossLM mode: train.slm, query.score
@@ -183,7 +186,9 @@ def _train(msg: Message, context: Context, silo: Silo) -> Message:
                 "reply was not kept; the silo will not train (and spend budget on) it twice")
     record = msg.content.array_records.get(P.ARRAYS)
     arrays = from_record(record) if record is not None else {}
-    updates = [update_from_arrays(arrays, f"{P.UPDATE_PREFIX}{t}/", float(scales[str(t)]))
+    rounds = complete_history(state_dir / "history" / federation, arrays, fingerprints,
+                              P.as_int(cfg.get(P.FIRST_SENT_ROUND, 1), P.FIRST_SENT_ROUND))
+    updates = [update_from_arrays(rounds, f"{P.UPDATE_PREFIX}{t}/", float(scales[str(t)]))
                for t in range(1, len(fingerprints) + 1)]
     base, tok = STORE.get(str(resolve_model(silo.run.model)), str(context.run_id),
                           updates, fingerprints)
@@ -208,7 +213,8 @@ def _train(msg: Message, context: Context, silo: Silo) -> Message:
         learning_rate=P.as_float(cfg[P.LEARNING_RATE], P.LEARNING_RATE),
         init_seed=P.as_int(cfg[P.RUN_SEED], P.RUN_SEED) * 100_003 + round_ * 1009 + silo.index)
 
-    metrics: dict[str, int | float | list[int] | list[float]] = {P.NUM_EXAMPLES: len(examples)}
+    metrics: dict[str, int | float | list[int] | list[float]] = {
+        P.NUM_EXAMPLES: len(examples), P.BASE_VERSION: len(fingerprints)}
     info = ConfigRecord({P.SILO_ID: silo.silo_id, P.WORKER_NODE: worker_node()})
     if silo.privacy.private:
         privacy = SiloPrivacy(silo.privacy)

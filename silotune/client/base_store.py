@@ -1,10 +1,11 @@
 """A silo's copy of the global base model, kept at the coordinator's current version.
 
 FLoRA carries nothing low-rank across rounds: the global state is the base merged with
-every round's stacked update, in order (notes/algorithms.md §2.2). Each train message
-carries the updates of all completed rounds, so a silo that missed rounds (or a fresh
-worker) replays the ones it lacks and lands on the exact global base. The store is per
-process: simulated silos on one worker share one base instead of one copy per silo.
+every round's stacked update, in order (notes/algorithms.md §2.2). A silo holds every
+round's update on disk (client/history.py; a train message carries only the rounds it
+lacks), so a silo that missed rounds (or a fresh worker) replays the ones the cached base
+lacks and lands on the exact global base. The store is per process: simulated silos on
+one worker share one base instead of one copy per silo.
 """
 
 from __future__ import annotations

@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ERROR_REFUSED = 1001  # as silotune.client.app: the silo refused; see reason
 _REFUSALS = (BudgetExhausted, LivenessError, FeedbackRefusedError, ValueError)
 
 
@@ -62,7 +61,7 @@ def register_crosslm(app: ClientApp, preset: RunConfig | None) -> None:
                 return handle(msg, context, silo)
             except _REFUSALS as err:
                 log.warning("%s refused to %s: %s", silo.silo_id, what, err)
-                return Message(Error(code=ERROR_REFUSED,
+                return Message(Error(code=P.ERROR_REFUSED,
                                      reason=f"{type(err).__name__}: {err}"), reply_to=msg)
         return handler
 

@@ -31,6 +31,7 @@ import numpy as np
 from silotune.config import ConfigError, RunConfig
 from silotune.merge import update_from_arrays, update_to_arrays
 from silotune.strategies.base import LowRankUpdate
+from silotune.wire import round_digest
 
 STATE = "state.json"
 UPDATES = "updates.npz"
@@ -119,7 +120,7 @@ def load(folder: Path, cfg: RunConfig) -> Checkpoint | None:
               if int(k[len("round-"):].partition("/")[0]) <= round_}
     fingerprints = [str(f) for f in state["fingerprints"]]
     for t, expected in enumerate(fingerprints, start=1):
-        found = _digest({k: v for k, v in arrays.items() if k.startswith(f"round-{t}/")})
+        found = round_digest({k: v for k, v in arrays.items() if k.startswith(f"round-{t}/")})
         if found != expected:
             raise CheckpointError(f"{folder / UPDATES}: round {t}'s update does not match "
                                   "its fingerprint in state.json; the checkpoint is damaged")
@@ -138,11 +139,6 @@ def load(folder: Path, cfg: RunConfig) -> Checkpoint | None:
         fingerprints=fingerprints, adapter=adapter,
         rng_state=(version, tuple(internal), gauss),
         ranks={str(k): int(v) for k, v in state["ranks"].items()}, metrics=state["metrics"])
-
-
-def round_digest(arrays: dict[str, np.ndarray]) -> str:
-    """sha256 over name-sorted arrays (names and bytes): a round update's fingerprint."""
-    return _digest(arrays)
 
 
 def _digest(arrays: dict[str, np.ndarray]) -> str:

@@ -2,7 +2,8 @@
 
 One round (DESIGN.md): sample silos (a hello to those sampled for the first time: the
 roster never contacts unsampled silos, so 10,000 silos cost what 10 do); send each the
-updates of all merged rounds plus its own configuration; validate the replies and
+merged rounds it does not hold yet (all of them to a silo that lost its copy) plus its
+own configuration; validate the replies and
 exclude bad ones; aggregate with the configured rule; merge into the global base;
 evaluate on the held-out split; write metrics and a checkpoint. Flower's
 `Strategy.start` is not used because the loop needs the hello handshake, per-silo
@@ -49,7 +50,7 @@ from silotune.server.validate import Expected, validate_reply
 from silotune.simulations.federation import federated_task
 from silotune.strategies.base import AdapterError, LowRankUpdate, SiloAdapter, SiloPlan
 from silotune.transport import decompress_arrays, upload_reference
-from silotune.wire import from_record, to_record
+from silotune.wire import from_record, round_digest, to_record
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -72,8 +73,14 @@ class _GlobalState:
         new = update_to_arrays(received, f"{P.UPDATE_PREFIX}{version}/")
         self.arrays.update(new)
         self.scales[str(version)] = update.scale
-        self.fingerprints.append(checkpoint.round_digest(new))
+        self.fingerprints.append(round_digest(new))
         return received
+
+    def since(self, version: int) -> dict[str, np.ndarray]:
+        """The arrays of the merged rounds after `version` (what a silo holding rounds
+        1..version lacks)."""
+        return {k: v for k, v in self.arrays.items()
+                if int(k[len(P.UPDATE_PREFIX):].partition("/")[0]) > version}
 
     def updates(self) -> list[LowRankUpdate]:
         """The merged rounds' updates, in order (as the silos decode them)."""
@@ -161,9 +168,23 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
         bytes_down = sum(m.content.array_records[P.ARRAYS].count_bytes()
                          for m in messages.values())
         replies = exchange(grid, messages, cfg.round_timeout)
+        lost: list[str] = sorted(s for s, r in replies.items()
+                      if r.has_error() and r.error.code == P.ERROR_MISSING_ROUNDS)
+        if lost:  # silos that lost their copy of the history: send them all of it, once
+            log.warning("resending the whole global history to %s: %s", lost,
+                        "; ".join(str(replies[s].error.reason) for s in lost))
+            for s in lost:
+                silos[s].base_version = 0
+            again = {s: _train_message(cfg, round_, silos[s], plans[s], state, federation_id)
+                     for s in lost}
+            bytes_down += sum(m.content.array_records[P.ARRAYS].count_bytes()
+                              for m in again.values())
+            replies.update(exchange(grid, again, cfg.round_timeout))
         adapters, excluded, bytes_up = _collect(cfg, roster, shapes, plans, replies)
         excluded = unreachable + excluded
         for a_silo, reply_metrics, _ in adapters.values():
+            if P.BASE_VERSION in reply_metrics:
+                silos[a_silo.silo].base_version = int(reply_metrics[P.BASE_VERSION])
             if P.EPSILON in reply_metrics:
                 epsilon[a_silo.silo] = float(reply_metrics[P.EPSILON])
                 limits[a_silo.silo] = float(reply_metrics[P.EPSILON_LIMIT])
@@ -191,7 +212,8 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
                                      for s, (_, m, _) in sorted(adapters.items())
                                      if P.PEAK_MEMORY in m},
                "ranks": {s: silos[s].rank for s in sampled},
-               "workers": {s: adapters[s][2] for s in sorted(adapters)}}
+               "workers": {s: adapters[s][2] for s in sorted(adapters)},
+               "history_resent": lost}
         if client_dp is not None:  # a separate guarantee (unit = silo): never added to epsilon
             row["client_level"] = client_level.get(round_)
             metrics["client_level_dp"] = client_dp.summary()
@@ -223,8 +245,9 @@ def _train_message(cfg: RunConfig, round_: int, silo: Silo, plan: SiloPlan,
         P.LOCAL_FACTORS: ",".join(plan.local), P.WIRE_DTYPE: cfg.wire_dtype,
         P.UPLOAD_DENSITY: cfg.upload_density,
         P.UPDATE_SCALES: json.dumps(state.scales),
-        P.BASE_FINGERPRINTS: json.dumps(state.fingerprints)})
-    arrays = dict(state.arrays)
+        P.BASE_FINGERPRINTS: json.dumps(state.fingerprints),
+        P.FIRST_SENT_ROUND: silo.base_version + 1})
+    arrays = state.since(silo.base_version)
     if plan.seed is not None:  # the silo regenerates a seeded start: nothing to download
         config[P.INIT_SEED] = plan.seed
     elif plan.init is not None:

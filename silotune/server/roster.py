@@ -51,6 +51,7 @@ class Silo:
     physical_batch: int  # micro-batch of the DP-SGD step
     precision: str  # base precision of the silo's training copy
     profile: SiloProfile | None = None  # declared resources (FedPipe)
+    base_version: int = 0  # global rounds the silo confirmed holding: sent only later ones
 
     def plan(self, planned: PlannedSilo) -> None:
         """Take the FedPipe configurator's choice for this silo."""

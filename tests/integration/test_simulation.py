@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +143,38 @@ def test_spent_budget_is_refused_on_the_next_run(private_run, tiny_model_dir,
     assert "round skipped" in proc.stdout
     after = {p.name: p.read_text() for p in (out / "ledgers").glob("*.jsonl")}
     assert after == before
+
+
+def test_downlink_sends_only_new_rounds_and_repairs_a_lost_history(tiny_model_dir,
+                                                                   toy_dataset_file,
+                                                                   tmp_path):
+    """Each round sends a silo only the global rounds it does not hold; a silo whose copy
+    is deleted mid-run says so and gets the whole history again, in the same round."""
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "silotune.cli", "simulate", "--model", str(tiny_model_dir),
+         "--dataset", str(toy_dataset_file), "--silos", "2", "--rounds", "4",
+         "--local-steps", "2", "--batch-size", "8", "--test-size", "30", "--epsilon", "inf",
+         "--out", str(out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    metrics_file = out / "metrics.json"
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics_file.exists() and len(json.loads(metrics_file.read_text())["rounds"]) >= 2:
+            shutil.rmtree(out / "silos" / "silo-001" / "history")  # rounds 1-2 kept so far
+            break
+        time.sleep(0.05)
+    log, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, log[-5000:]
+    rounds = json.loads(metrics_file.read_text())["rounds"]
+    assert [len(r["participants"]) for r in rounds] == [2, 2, 2, 2]
+    assert all(r["excluded"] == [] for r in rounds)
+    down = [r["bytes_down"] for r in rounds]
+    assert down[0] == 0 and down[1] > 0  # round 2 carries round 1's update
+    resent = [r for r in rounds if r["history_resent"]]
+    assert [r["history_resent"] for r in resent] == [["silo-001"]]
+    for r in rounds[2:]:  # one new round per silo, plus the full history once when lost
+        assert (r["bytes_down"] > down[1]) == bool(r["history_resent"])
+        if not r["history_resent"]:
+            assert r["bytes_down"] == down[1]

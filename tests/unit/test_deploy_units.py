@@ -23,6 +23,7 @@ from silotune.deploy.coordinator import CoordinatorSettings, superlink_command
 from silotune.deploy.submit import build_config, run_config_arg
 from silotune.server import checkpoint
 from silotune.strategies.base import LoraFactors, LowRankUpdate
+from silotune.wire import round_digest
 
 
 def test_certs_have_safe_modes_and_are_never_overwritten(tmp_path):
@@ -112,7 +113,7 @@ def _checkpoint(cfg: RunConfig, round_: int = 2) -> checkpoint.Checkpoint:
     for t in range(1, round_ + 1):
         arrays[f"round-{t}/m.lora_A"] = rng.standard_normal((2, 3)).astype(np.float32)
         arrays[f"round-{t}/m.lora_B"] = rng.standard_normal((4, 2)).astype(np.float32)
-    fingerprints = [checkpoint.round_digest({k: v for k, v in arrays.items()
+    fingerprints = [round_digest({k: v for k, v in arrays.items()
                                              if k.startswith(f"round-{t}/")})
                     for t in range(1, round_ + 1)]
     adapter = LowRankUpdate({"m": LoraFactors(A=np.ones((1, 3), np.float32),

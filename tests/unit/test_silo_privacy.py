@@ -79,7 +79,9 @@ def test_only_simulated_silos_take_a_noise_seed(tmp_path):
     from silotune.client.app import Silo
     from silotune.config import RunConfig
 
-    def silo(run, index=0, task=SimpleNamespace()):
+    simulated = SimpleNamespace()  # a simulated silo has its run's task; a deployed one None
+
+    def silo(run, index=0, task=simulated):
         return Silo(f"s{index}", index, run, task, None)  # type: ignore[arg-type]
 
     seeded = RunConfig(dp_noise_seed=5)
