@@ -75,7 +75,7 @@ class RunConfig:
     slm: str = "minilm-l6"  # crosslm: silo classifier (registered name or encoder folder)
     slm_steps: int = 20  # crosslm: DP-SGD steps per SLM training (and synthetic steps)
     slm_learning_rate: float = 0.05
-    crosslm_per_label: int = 4  # synthetic examples per label per round (0: private only)
+    crosslm_per_label: int = 8  # synthetic examples per label per round (0: private only)
     crosslm_threshold: float = 0.1  # keep synthetic examples with feedback >= this
     crosslm_weighting: str = "feedback"  # LLM update: "feedback" or "uniform" (ablation)
     llm_steps: int = 10  # crosslm: LoRA steps of the central LLM per round
