@@ -9,7 +9,7 @@ number of steps as one silo trains in the whole run; "local-only" trains each si
 (DP, same budget and steps) and reports the mean held-out accuracy.
 
 Writes ``benchmarks/results/strategies.json`` (a header row, then one row per rule:
-``{"strategy", "accuracy", "base_accuracy", "bytes_up", "bytes_down", "seconds"}``).
+``{"strategy", "accuracy", "loss", "base_accuracy", "bytes_up", "bytes_down", "seconds"}``).
 
     .venv/bin/python benchmarks/strategies.py [--rounds 4] [--model PATH --dataset PATH]
 """
@@ -53,7 +53,7 @@ def run_rule(name: str, cfg: RunConfig, out: Path) -> dict[str, object]:
     subprocess.run([sys.executable, "-m", "silotune.cli", "simulate", *args], check=True)
     metrics = json.loads((out / "metrics.json").read_text())
     last = metrics["rounds"][-1]
-    return {"strategy": name, "accuracy": last["accuracy"],
+    return {"strategy": name, "accuracy": last["accuracy"], "loss": last["loss"],
             "base_accuracy": metrics["base_accuracy"],
             "bytes_up": sum(r["bytes_up"] for r in metrics["rounds"]),
             "bytes_down": sum(r["bytes_down"] for r in metrics["rounds"]),
