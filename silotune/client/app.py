@@ -49,7 +49,6 @@ from silotune.wire import from_record, to_record
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class Silo:
     """Everything one silo needs for a run, derived from the run and node config."""

@@ -168,7 +168,7 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
         bytes_down = sum(m.content.array_records[P.ARRAYS].count_bytes()
                          for m in messages.values())
         replies = exchange(grid, messages, cfg.round_timeout)
-        lost: list[str] = sorted(s for s, r in replies.items()
+        lost = sorted(s for s, r in replies.items()
                       if r.has_error() and r.error.code == P.ERROR_MISSING_ROUNDS)
         if lost:  # silos that lost their copy of the history: send them all of it, once
             log.warning("resending the whole global history to %s: %s", lost,
