@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from silotune import strategies
-from silotune.strategies.base import LoraFactors, SiloAdapter
-from silotune.transport import WIRE_DTYPES
+from silotune.adapters.compression import WIRE_DTYPES
+from silotune.adapters.types import LoraFactors, SiloAdapter
 
 # (d_out, d_in) of the q and v projections, times the number of layers.
 SHAPES = {

@@ -69,19 +69,19 @@ def replay(run_dir: Path, weighting: str) -> dict[str, Any]:
     """Round 1's LLM update of `run_dir` redone with `weighting`; held-out measures."""
     import numpy as np
 
-    from silotune.assets import general_text, resolve_model
     from silotune.config import RunConfig
-    from silotune.lm import evaluate, load_model
-    from silotune.server.crosslm import GENERAL_TEXTS
-    from silotune.simulations.federation import federated_task
-    from silotune.strategies.crosslm import example_weights
-    from silotune.synthetic import (
+    from silotune.ml.assets import general_text, resolve_model
+    from silotune.ml.crosslm import example_weights
+    from silotune.ml.lm import evaluate, load_model
+    from silotune.ml.synthetic import (
         SUBJECTS,
         LLMUpdateConfig,
         SyntheticExample,
         perplexity,
         update_llm,
     )
+    from silotune.server.crosslm import GENERAL_TEXTS
+    from silotune.simulations.federation import federated_task
 
     start = time.monotonic()
     cfg = RunConfig.from_mapping({k.replace("_", "-"): v for k, v in json.loads(

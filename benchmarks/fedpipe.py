@@ -79,7 +79,7 @@ def main() -> None:
         "dp_noise_seed": args.dp_noise_seed,
         "local_steps": args.local_steps,
         "test_size": args.test_size,
-        "peak_memory": "peak RSS of each training round above its start (silotune.memory)"}]
+        "peak_memory": "peak RSS of each training round above its start (silotune.ml.memory)"}]
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes:
             rows += run(mode, args, Path(tmp) / mode)

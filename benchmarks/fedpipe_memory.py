@@ -7,12 +7,12 @@ DP-SGD (Opacus, 2 logical steps of twice the micro-batch, so every micro-batch i
 and reads the peak (``VmHWM``). The measured figure is the peak RSS above the RSS just
 before training: the silo's training working set (its private copy of the base at the
 chosen precision, LoRA, optimiser, per-sample gradients, activations), which is what
-`silotune.strategies.resources.memory_bytes` predicts.
+`silotune.planning.resources.memory_bytes` predicts.
 
 Writes ``benchmarks/results/fedpipe_memory.json``: a header row (machine, versions and
 the model's `ModelSpec`), then one row per configuration with the measured and
 predicted MB and the relative error. The first three rows calibrate the model's
-activation constants (`silotune.strategies.resources`); the others check it.
+activation constants (`silotune.planning.resources`); the others check it.
 
     .venv/bin/python benchmarks/fedpipe_memory.py            # the default grid
 """
@@ -30,14 +30,14 @@ from typing import Any
 
 import torch
 
-from silotune.assets import resolve_model
-from silotune.client.train import DPConfig, LocalTrainConfig, train_local
 from silotune.config import RunConfig
-from silotune.importance import model_spec
-from silotune.lm import encode, load_model
-from silotune.memory import PeakRSS
+from silotune.ml.assets import resolve_model
+from silotune.ml.lm import encode, load_model
+from silotune.ml.memory import PeakRSS
+from silotune.ml.train import DPConfig, LocalTrainConfig, train_local
+from silotune.planning.resources import Choice, ModelSpec, memory_bytes
+from silotune.planning.sensitivity import model_spec
 from silotune.simulations.federation import federated_task
-from silotune.strategies.resources import Choice, ModelSpec, memory_bytes
 
 MB = 2 ** 20
 # (targets, rank, micro-batch, precision)

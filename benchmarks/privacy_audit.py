@@ -21,10 +21,10 @@ from pathlib import Path
 import opacus
 import torch
 
-from silotune.assets import resolve_model
-from silotune.client.train import DPConfig, LocalTrainConfig
 from silotune.config import RunConfig
-from silotune.lm import encode, load_model
+from silotune.ml.assets import resolve_model
+from silotune.ml.lm import encode, load_model
+from silotune.ml.train import DPConfig, LocalTrainConfig
 from silotune.privacy.canary_audit import empirical_audit
 from silotune.simulations.federation import federated_task
 

@@ -29,14 +29,14 @@ import numpy as np
 import pandas as pd
 
 from silotune import strategies
-from silotune.assets import resolve_model
+from silotune.adapters.types import LowRankUpdate, modules_from_peft
 from silotune.client.silo import SiloPrivacy, SiloPrivacyConfig
-from silotune.client.train import DPConfig, LocalTrainConfig, sample_rate_for, train_local
 from silotune.config import RunConfig
-from silotune.lm import encode, evaluate, load_model
-from silotune.merge import apply_update
+from silotune.ml.assets import resolve_model
+from silotune.ml.lm import encode, evaluate, load_model
+from silotune.ml.merge import apply_update
+from silotune.ml.train import DPConfig, LocalTrainConfig, sample_rate_for, train_local
 from silotune.simulations.federation import federated_task
-from silotune.strategies.base import LowRankUpdate, modules_from_peft
 
 EQUAL_RANK_RULES = {"fedit", "fedsa"}
 

@@ -210,7 +210,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fedpipe_arguments(p: argparse.ArgumentParser, required: bool = False) -> None:
-    from silotune.simulations.profiles import MIXES
+    from silotune.planning.profiles import MIXES
 
     p.add_argument("--profiles", default=_DEFAULTS.profiles, required=required,
                    metavar="MIX", help="FedPipe automatic configuration: silo resource "
@@ -223,11 +223,13 @@ def _fedpipe_arguments(p: argparse.ArgumentParser, required: bool = False) -> No
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from silotune.simulations.checks import check_names
     from silotune.simulations.plan import plan_offline
 
     cfg = RunConfig(num_silos=args.silos, model=args.model, dataset=args.dataset,
                     local_steps=args.local_steps, seed=args.seed, profiles=args.profiles,
                     plan_mode=args.plan_mode)
+    check_names(cfg)
     print(plan_offline(cfg).table())
     return 0
 
@@ -355,11 +357,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.job in DEPLOY_JOBS:  # before the ML imports below: agents start in seconds
         return run_deploy_job(args)
-    from silotune.assets import AssetError
+    from silotune.adapters.types import AdapterError
+    from silotune.ml.assets import AssetError
+    from silotune.planning.configurator import InfeasibleProfileError
     from silotune.privacy.accounting import BudgetExhausted
     from silotune.strategies import UnknownStrategyError
-    from silotune.strategies.base import AdapterError
-    from silotune.strategies.configurator import InfeasibleProfileError
 
     try:
         if args.job == "simulate":

@@ -2,7 +2,10 @@
 
 The same `RunConfig` is built from `silotune simulate` flags, from Flower's run config
 (`[tool.flwr.app.config]` in pyproject.toml, kebab-case keys) and from tests. Unknown keys
-and out-of-range values raise `ConfigError` naming the key and the allowed range.
+and out-of-range values raise `ConfigError` naming the key and the allowed range. Names
+that a registry of a higher layer owns (partition method, profile mix, base precision) are
+checked against it by `silotune.simulations.checks.check_names`: this module imports
+nothing from silotune.
 """
 
 from __future__ import annotations
@@ -114,10 +117,6 @@ class RunConfig:
         _check(0.0 < self.target_delta < 0.1, "target_delta", self.target_delta, "(0, 0.1)")
         _check(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "> 0")
         _check(self.dirichlet_alpha > 0, "dirichlet_alpha", self.dirichlet_alpha, "> 0")
-        from silotune.simulations.partition import PARTITIONERS
-
-        _check(self.partition in PARTITIONERS, "partition", self.partition,
-               ", ".join(sorted(PARTITIONERS)))
         _check(self.test_size >= 1, "test_size", self.test_size, ">= 1")
         _check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, ">= 1")
         _check(self.seed >= 0, "seed", self.seed, ">= 0")
@@ -151,19 +150,12 @@ class RunConfig:
         _check(self.client_dp_noise == 0 or self.strategy == "flora", "strategy",
                self.strategy, "flora when client_dp_noise > 0 (the only rule whose merge is "
                "linear in the silo updates)")
-        from silotune.precision import PRECISIONS
-        from silotune.simulations.profiles import MIXES
-
-        _check(self.profiles in ("", "node", *MIXES), "profiles", self.profiles,
-               f"'' (off), 'node' (node config) or a mix: {', '.join(sorted(MIXES))}")
         _check(self.plan_mode in ("per-silo", "uniform"), "plan_mode", self.plan_mode,
                "per-silo or uniform")
         _check(self.calibration_steps >= 1, "calibration_steps", self.calibration_steps,
                ">= 1")
         _check(self.calibration_batch >= 1, "calibration_batch", self.calibration_batch,
                ">= 1")
-        _check(self.base_precision in PRECISIONS, "base_precision", self.base_precision,
-               ", ".join(PRECISIONS))
 
     @property
     def private(self) -> bool:

@@ -42,7 +42,7 @@ def build_tiny_model(path: Path) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from silotune.lm import PROMPT
+    from silotune.ml.lm import PROMPT
 
     words = set(PROMPT.replace("{text}", "").replace("\n", " ").replace(":", " : ").split())
     words |= set(TOY_LABELS) | set(_FILLER) | {w for ws in _TOY_WORDS.values() for w in ws}

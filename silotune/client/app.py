@@ -19,32 +19,33 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from silotune import protocol as P
-from silotune.assets import load_dataset_frame, resolve_model
+from silotune.adapters.codec import as_received, update_from_arrays
+from silotune.adapters.compression import compress_arrays, peft_b, upload_reference
+from silotune.adapters.starts import seeded_start
+from silotune.adapters.types import AdapterError, LoraFactors, is_factor, peft_key
 from silotune.client import node, replay
 from silotune.client.base_store import STORE
 from silotune.client.fedpipe import importance_reply, silo_profile
 from silotune.client.history import MissingRoundsError, complete_history
 from silotune.client.silo import SiloPrivacy, SiloPrivacyConfig
-from silotune.client.train import (
+from silotune.config import RunConfig
+from silotune.ml.assets import load_dataset_frame, resolve_model
+from silotune.ml.lm import encode
+from silotune.ml.memory import PeakRSS
+from silotune.ml.merge import module_shapes
+from silotune.ml.train import (
     DPConfig,
     LivenessError,
     LocalTrainConfig,
     sample_rate_for,
     train_local,
 )
-from silotune.config import RunConfig
-from silotune.lm import encode
-from silotune.memory import PeakRSS
-from silotune.merge import as_received, module_shapes, update_from_arrays
+from silotune.planning.profiles import SiloProfile
 from silotune.privacy.accounting import AccountingStep, BudgetExhausted
+from silotune.protocol import keys as P
+from silotune.protocol.codec import from_record, to_record
 from silotune.simulations.cluster import worker_node
 from silotune.simulations.federation import FederatedTask, federated_task, silo_name
-from silotune.simulations.profiles import SiloProfile
-from silotune.strategies.base import AdapterError, LoraFactors, is_factor, peft_key
-from silotune.strategies.rules import seeded_start
-from silotune.transport import compress_arrays, peft_b, upload_reference
-from silotune.wire import from_record, to_record
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from silotune.lm import load_model
-from silotune.merge import apply_update
-from silotune.strategies.base import LowRankUpdate
+from silotune.adapters.types import LowRankUpdate
+from silotune.ml.lm import load_model
+from silotune.ml.merge import apply_update
 
 
 @dataclass

@@ -21,14 +21,11 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from silotune import protocol as P
-from silotune.assets import resolve_slm
 from silotune.client.silo import SiloPrivacy
-from silotune.client.train import DPConfig, LivenessError, sample_rate_for
 from silotune.config import RunConfig
-from silotune.privacy.accounting import AccountingStep, BudgetExhausted
-from silotune.privacy.feedback import record_feedback
-from silotune.slm import (
+from silotune.ml.assets import resolve_slm
+from silotune.ml.crosslm import FeedbackRefusedError, check_feedback_allowed
+from silotune.ml.slm import (
     SLMClassifier,
     SLMTrainConfig,
     labelled_dataset,
@@ -37,7 +34,10 @@ from silotune.slm import (
     train_slm,
     trainable_state,
 )
-from silotune.strategies.crosslm import FeedbackRefusedError, check_feedback_allowed
+from silotune.ml.train import DPConfig, LivenessError, sample_rate_for
+from silotune.privacy.accounting import AccountingStep, BudgetExhausted
+from silotune.privacy.feedback import record_feedback
+from silotune.protocol import keys as P
 
 if TYPE_CHECKING:
     from silotune.client.app import Silo

@@ -1,7 +1,7 @@
 """The silo's side of FedPipe: its resource profile and its importance reply.
 
 The importance query (`protocol.QUERY_IMPORTANCE`) asks a silo to score every candidate
-weight matrix on a small calibration batch of its own data (`silotune.importance`,
+weight matrix on a small calibration batch of its own data (`silotune.planning.sensitivity`,
 AdaLoRA sensitivity with smoothing). The reply carries only one number per matrix and
 the length of the silo's longest example; no data, no gradients. These scores are not
 covered by the DP-SGD guarantee (see README, "Automatic per-silo configuration").
@@ -16,14 +16,14 @@ import numpy as np
 import pandas as pd
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
-from silotune import protocol as P
-from silotune.assets import resolve_model
 from silotune.client.base_store import STORE
 from silotune.config import RunConfig
-from silotune.importance import raw_sensitivities
-from silotune.lm import encode
-from silotune.simulations.profiles import ProfileError, SiloProfile, mix_profiles
-from silotune.strategies.fedpipe import smoothed_sensitivity
+from silotune.ml.assets import resolve_model
+from silotune.ml.lm import encode
+from silotune.planning.importance import smoothed_sensitivity
+from silotune.planning.profiles import ProfileError, SiloProfile, mix_profiles
+from silotune.planning.sensitivity import raw_sensitivities
+from silotune.protocol import keys as P
 
 
 def silo_profile(run: RunConfig, index: int, node_config: Mapping[str, Any]

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from silotune import protocol as P
-from silotune.wire import round_digest
+from silotune.protocol import keys as P
+from silotune.protocol.codec import round_digest
 
 log = logging.getLogger(__name__)
 

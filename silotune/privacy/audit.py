@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from silotune.privacy.accounting import AccountingStep, compute_epsilon
-from silotune.privacy.ledger import key_id, verify_ledger
+from silotune.privacy.ledger import key_id, read_entries, verify_ledger
 
 PLD_REL_TOL = 0.02  # reported PRV epsilon vs independent PLD: within 2 % ...
 PLD_ABS_TOL = 0.02  # ... or within 0.02 for small epsilons (accountants' own error)
@@ -196,22 +196,6 @@ def independent_check(history: Sequence[AccountingStep], delta: float, epsilon: 
     return values, None
 
 
-def _read_lines(path: Path) -> list[dict[str, Any]]:
-    """Parseable JSON-object lines; bad lines are skipped (``verify_ledger`` reports them)."""
-    out = []
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(entry, dict):
-                out.append(entry)
-    return out
-
-
 def _label(entry: dict[str, Any], index: int) -> str:
     return f"seq {entry.get('seq', f'? (line {index + 1})')}"
 
@@ -247,7 +231,7 @@ def audit_ledger(path: Path | str, public_key: Ed25519PublicKey | None = None) -
     prefix = f"{path}: "
     problems = [p.removeprefix(prefix) for p in verify_ledger(path, public_key)]
     try:
-        entries = _read_lines(path)
+        entries = read_entries(path, skip_bad=True)
     except OSError as exc:
         problems.append(f"cannot read ledger: {exc.strerror or exc}")
         entries = []

@@ -22,7 +22,7 @@ Why gradient canaries: input canaries on a small LoRA barely move their own loss
 without noise (a probe with random-label and out-of-vocabulary canaries gave AUC 0.49),
 so the audit had no power. A Dirac canary audits the DP-SGD mechanism itself (clipping,
 sampling, noise, accounting) and with sigma = 0 separates inserted canaries almost
-perfectly. Training is ``silotune.client.train.train_local`` itself (same model, LoRA,
+perfectly. Training is ``silotune.ml.train.train_local`` itself (same model, LoRA,
 Opacus optimizer, Poisson loader, AdamW); the canaries enter through its optimizer hook.
 
 Controls (notes/privacy.md §5): noise off gives a bound clearly above 0 (power), DP on
@@ -43,9 +43,9 @@ import numpy as np
 import torch
 from opacus.optimizers import DPOptimizer
 
-from silotune.client.train import DPConfig, LocalTrainConfig, train_local
 from silotune.config import RunConfig
-from silotune.lm import EncodedExample
+from silotune.ml.lm import EncodedExample
+from silotune.ml.train import DPConfig, LocalTrainConfig, train_local
 from silotune.privacy.accounting import AccountingStep, compute_epsilon
 from silotune.privacy.one_run_audit import (
     AuditResult,
@@ -245,9 +245,9 @@ def audit_silo(run: RunConfig, spec: SiloAuditSpec, ledger_path: Path,
     """Run the empirical audit on silo ``spec.silo_index`` of ``run`` (a RunConfig: model,
     dataset, split, LoRA and batch settings) and append the signed ``audit`` entry to the
     silo's ledger with the silo's existing signing key. Returns ``(audit, entry)``."""
-    from silotune.assets import resolve_model
     from silotune.client.silo import dataset_fingerprint
-    from silotune.lm import encode, load_model
+    from silotune.ml.assets import resolve_model
+    from silotune.ml.lm import encode, load_model
     from silotune.privacy.ledger import Ledger, load_or_create_signing_key
     from silotune.simulations.federation import federated_task, silo_name
 

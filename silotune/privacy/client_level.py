@@ -7,7 +7,7 @@ clip every silo's model update to L2 norm ``C``, aggregate with equal weights, a
 Gaussian noise of standard deviation ``z C / k`` to the mean of the k sampled silos. Flower's
 wrapper needs Flower's ``Strategy.start`` and equal-shape arrays; silotune's round loop
 and heterogeneous ranks need neither, so :class:`ClientLevelDP` applies the same math as a
-wrapper around an :class:`~silotune.strategies.base.AggregationRule`.
+wrapper around an :class:`~silotune.adapters.types.AggregationRule`.
 
 **What is clipped and where the noise goes (FLoRA).** A silo's update is the change of
 the model, ``Delta_k = s_k B_k A_k`` per adapted module (FLoRA starts every silo at
@@ -49,16 +49,9 @@ from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
+from silotune.adapters.types import AdapterError, LoraFactors, LowRankUpdate, SiloAdapter
 from silotune.privacy.accounting import PLD_DISCRETIZATION
-from silotune.strategies.base import (
-    AdapterError,
-    AggregationRule,
-    LoraFactors,
-    LowRankUpdate,
-    RoundResult,
-    SiloAdapter,
-    SiloPlan,
-)
+from silotune.strategies.base import AggregationRule, RoundResult, SiloPlan
 
 SUPPORTED_RULES = ("flora",)
 MECHANISM = "DP-FedAvg server-side fixed clipping (McMahan et al. 2018)"

@@ -93,20 +93,29 @@ def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def _read_entries(path: Path) -> list[dict[str, Any]]:
+def read_entries(path: Path, *, skip_bad: bool = False) -> list[dict[str, Any]]:
+    """The ledger's entries in file order (none for a missing file).
+
+    A line that is not a JSON object raises `LedgerError` naming the file and line, or,
+    with `skip_bad` (the audit's summary, which `verify_ledger` complements), is skipped.
+    """
     if not path.exists():
         return []
     entries = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8", errors="replace" if skip_bad else "strict") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError as exc:
+                if skip_bad:
+                    continue
                 raise LedgerError(f"{path}: line {n}: corrupt ledger entry (invalid JSON: "
                                   f"{exc.msg}); restore the file, do not edit it") from exc
             if not isinstance(entry, dict):
+                if skip_bad:
+                    continue
                 raise LedgerError(f"{path}: line {n}: ledger entry is not a JSON object")
             entries.append(entry)
     return entries
@@ -123,7 +132,7 @@ class Ledger:
 
     def entries(self) -> list[dict[str, Any]]:
         """All entries in file order (``LedgerError`` names the file and line if corrupt)."""
-        return _read_entries(self.path)
+        return read_entries(self.path)
 
     @property
     def head_hash(self) -> str:
@@ -255,7 +264,7 @@ def verify_ledger(path: Path, public_key: Ed25519PublicKey | None = None) -> lis
     if not path.exists():
         return [f"{path}: ledger file does not exist"]
     try:
-        entries = _read_entries(path)
+        entries = read_entries(path)
     except LedgerError as exc:
         return [str(exc)]
     problems: list[str] = []

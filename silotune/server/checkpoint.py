@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from silotune.adapters.codec import update_from_arrays, update_to_arrays
+from silotune.adapters.types import LowRankUpdate
 from silotune.config import ConfigError, RunConfig
-from silotune.merge import update_from_arrays, update_to_arrays
-from silotune.strategies.base import LowRankUpdate
-from silotune.wire import round_digest
+from silotune.protocol.codec import round_digest
 
 STATE = "state.json"
 UPDATES = "updates.npz"

@@ -28,15 +28,9 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType
 from flwr.serverapp import Grid
 
-from silotune import protocol as P
-from silotune.assets import general_text, resolve_model
 from silotune.config import RunConfig
-from silotune.lm import evaluate, load_model
-from silotune.server.loop import Progress, _write_json
-from silotune.server.report import write_report
-from silotune.server.roster import Roster, Silo, broadcast
-from silotune.simulations.federation import federated_task
-from silotune.strategies.crosslm import (
+from silotune.ml.assets import general_text, resolve_model
+from silotune.ml.crosslm import (
     FeedbackRefusedError,
     aggregate_feedback,
     check_feedback_allowed,
@@ -44,7 +38,8 @@ from silotune.strategies.crosslm import (
     keep_mask,
     summarise,
 )
-from silotune.synthetic import (
+from silotune.ml.lm import evaluate, load_model
+from silotune.ml.synthetic import (
     SUBJECTS,
     LLMUpdateConfig,
     SyntheticExample,
@@ -52,6 +47,11 @@ from silotune.synthetic import (
     perplexity,
     update_llm,
 )
+from silotune.protocol import keys as P
+from silotune.server.loop import Progress, _write_json
+from silotune.server.report import write_report
+from silotune.server.roster import Roster, Silo, broadcast
+from silotune.simulations.federation import federated_task
 
 log = logging.getLogger(__name__)
 TRAIN_SLM = f"{MessageType.TRAIN}.{P.TRAIN_SLM}"

@@ -16,19 +16,19 @@ from typing import Any
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
-from silotune import protocol as P
 from silotune.config import RunConfig
-from silotune.server.roster import Silo, broadcast
-from silotune.simulations.profiles import SiloProfile
-from silotune.strategies.configurator import (
+from silotune.planning.configurator import (
     GB,
     PlannedSilo,
     describe,
     format_plan,
     plan_federation,
 )
-from silotune.strategies.fedpipe import aggregate_importance, importance_by_type
-from silotune.strategies.resources import ModelSpec
+from silotune.planning.importance import aggregate_importance, importance_by_type
+from silotune.planning.profiles import SiloProfile
+from silotune.planning.resources import ModelSpec
+from silotune.protocol import keys as P
+from silotune.server.roster import Silo, broadcast
 
 log = logging.getLogger(__name__)
 QUERY_TIMEOUT_SECONDS = 3600.0  # as a round: scoring is one short forward/backward pass

@@ -22,12 +22,12 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
-from silotune import protocol as P
 from silotune import strategies
-from silotune.merge import update_to_arrays
+from silotune.adapters.codec import update_to_arrays
+from silotune.adapters.types import AdapterError, LowRankUpdate, SiloAdapter, modules_from_peft
+from silotune.protocol import keys as P
+from silotune.protocol.codec import from_record, to_record
 from silotune.server.validate import Expected, validate_reply
-from silotune.strategies.base import AdapterError, LowRankUpdate, SiloAdapter, modules_from_peft
-from silotune.wire import from_record, to_record
 
 log = logging.getLogger(__name__)
 SCALE_KEY = "scale"

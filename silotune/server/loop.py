@@ -27,20 +27,18 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from silotune import protocol as P
 from silotune import strategies
-from silotune.assets import resolve_model
+from silotune.adapters.codec import as_received, update_from_arrays, update_to_arrays
+from silotune.adapters.compression import decompress_arrays, upload_reference
+from silotune.adapters.types import AdapterError, LowRankUpdate, SiloAdapter
 from silotune.config import RunConfig
-from silotune.importance import model_spec
-from silotune.lm import evaluate, load_model
-from silotune.merge import (
-    apply_update,
-    as_received,
-    module_shapes,
-    update_from_arrays,
-    update_to_arrays,
-)
+from silotune.ml.assets import resolve_model
+from silotune.ml.lm import evaluate, load_model
+from silotune.ml.merge import apply_update, module_shapes
+from silotune.planning.sensitivity import model_spec
 from silotune.progress import track
+from silotune.protocol import keys as P
+from silotune.protocol.codec import from_record, round_digest, to_record
 from silotune.server import checkpoint
 from silotune.server.client_dp import ClientLevelRun
 from silotune.server.fedpipe import configure
@@ -48,9 +46,7 @@ from silotune.server.report import write_report
 from silotune.server.roster import Roster, Silo, exchange
 from silotune.server.validate import Expected, validate_reply
 from silotune.simulations.federation import federated_task
-from silotune.strategies.base import AdapterError, LowRankUpdate, SiloAdapter, SiloPlan
-from silotune.transport import decompress_arrays, upload_reference
-from silotune.wire import from_record, round_digest, to_record
+from silotune.strategies.base import SiloPlan
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]

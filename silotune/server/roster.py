@@ -26,10 +26,10 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 
-from silotune import protocol as P
 from silotune.config import RunConfig
-from silotune.simulations.profiles import SiloProfile
-from silotune.strategies.configurator import PlannedSilo
+from silotune.planning.configurator import PlannedSilo
+from silotune.planning.profiles import SiloProfile
+from silotune.protocol import keys as P
 
 log = logging.getLogger(__name__)
 NODE_WAIT_SECONDS = 120.0  # for the nodes to connect

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from silotune.strategies.base import (
+from silotune.adapters.types import (
     AdapterError,
     LoraFactors,
     SiloAdapter,

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from silotune.assets import load_dataset_frame
 from silotune.config import RunConfig
+from silotune.ml.assets import load_dataset_frame
 from silotune.simulations.partition import load_silo, make_partitioner, split_holdout
 
 if TYPE_CHECKING:

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from silotune import strategies
-from silotune.assets import resolve_model
 from silotune.client.app import build_client_app
 from silotune.config import RunConfig
+from silotune.ml.assets import resolve_model
 from silotune.server.loop import Progress
 from silotune.simulations.cluster import backend_config
 from silotune.simulations.federation import federated_task, silo_name
+from silotune.simulations.checks import check_names
 from silotune.simulations.plan import check_profiles
 
 SHOW_SIZES = 8  # silo sizes printed at start-up (the first few)
@@ -31,13 +32,14 @@ def simulate(cfg: RunConfig, progress: Progress = print,
     `ray_address` (``HOST:PORT``) runs the silos on an existing Ray cluster instead of a
     private Ray on this machine (see `silotune.simulations.cluster`).
     """
+    check_names(cfg)
     ranks = {silo_name(i): cfg.rank_of(i) for i in range(min(cfg.num_silos,
                                                              len(cfg.lora_ranks)))}
     strategies.create(cfg.strategy).setup(ranks, {}, cfg.seed)  # e.g. equal-rank rules
     backend = backend_config(ray_address)
     resolve_model(cfg.model, progress=progress)  # convert once, before workers race for it
     if cfg.mode == "crosslm":
-        from silotune.assets import general_text, resolve_slm
+        from silotune.ml.assets import general_text, resolve_slm
 
         resolve_slm(cfg.slm)  # a missing SLM or text package fails here, not in a worker
         general_text(count=1)

@@ -11,20 +11,20 @@ from collections.abc import Callable
 
 import numpy as np
 
-from silotune.assets import resolve_model
 from silotune.config import ConfigError, RunConfig
-from silotune.importance import model_spec, raw_sensitivities
-from silotune.lm import encode, load_model
-from silotune.server.fedpipe import FederationPlan
-from silotune.simulations.federation import federated_task, silo_name
-from silotune.simulations.profiles import mix_profiles
-from silotune.strategies.configurator import plan_federation
-from silotune.strategies.fedpipe import (
+from silotune.ml.assets import resolve_model
+from silotune.ml.lm import encode, load_model
+from silotune.planning.configurator import plan_federation
+from silotune.planning.importance import (
     aggregate_importance,
     importance_by_type,
     smoothed_sensitivity,
 )
-from silotune.strategies.resources import CANDIDATES
+from silotune.planning.profiles import mix_profiles
+from silotune.planning.resources import CANDIDATES
+from silotune.planning.sensitivity import model_spec, raw_sensitivities
+from silotune.server.fedpipe import FederationPlan
+from silotune.simulations.federation import federated_task, silo_name
 
 
 def plan_offline(cfg: RunConfig, progress: Callable[[str], None] = print) -> FederationPlan:

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from silotune.strategies.base import AdapterError, LoraFactors, SiloAdapter, example_weights
-from silotune.strategies.zeropad import holders_of, module_names, weighted_padded_average
+from silotune.adapters.types import AdapterError, LoraFactors, SiloAdapter
+from silotune.strategies.base import example_weights
+from silotune.strategies.common import holders_of, module_names, weighted_padded_average
 
 
 def fedit_average(adapters: Sequence[SiloAdapter]) -> dict[str, LoraFactors]:

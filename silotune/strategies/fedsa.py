@@ -19,8 +19,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from silotune.strategies.base import AdapterError, SiloAdapter, example_weights
-from silotune.strategies.zeropad import holders_of, module_names, module_shapes
+from silotune.adapters.types import AdapterError, SiloAdapter
+from silotune.strategies.base import example_weights
+from silotune.strategies.common import holders_of, module_names, module_shapes
 
 
 def fedsa_average(adapters: Sequence[SiloAdapter]) -> dict[str, np.ndarray]:

@@ -23,8 +23,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from silotune.strategies.base import AdapterError, LoraFactors, SiloAdapter, example_weights
-from silotune.strategies.zeropad import holders_of, module_names, module_shapes, pad_factors
+from silotune.adapters.types import AdapterError, LoraFactors, SiloAdapter
+from silotune.strategies.base import example_weights
+from silotune.strategies.common import holders_of, module_names, module_shapes, pad_factors
 
 
 def flexlora_dense(adapters: Sequence[SiloAdapter]) -> dict[str, np.ndarray]:

@@ -26,13 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from silotune.strategies.base import (
-    AdapterError,
-    LoraFactors,
-    LowRankUpdate,
-    SiloAdapter,
-    example_weights,
-)
+from silotune.adapters.types import AdapterError, LoraFactors, LowRankUpdate, SiloAdapter
+from silotune.strategies.base import example_weights
 
 
 def flora_stack(adapters: Sequence[SiloAdapter]) -> LowRankUpdate:

@@ -13,35 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import numpy as np
-
-from silotune.strategies.base import (
-    AdapterError,
-    LoraFactors,
-    LowRankUpdate,
-    RoundResult,
-    SiloAdapter,
-    SiloPlan,
-)
+from silotune.adapters.starts import seeded_start
+from silotune.adapters.types import AdapterError, LoraFactors, LowRankUpdate, SiloAdapter
+from silotune.strategies.base import RoundResult, SiloPlan
+from silotune.strategies.common import truncate_factors
 from silotune.strategies.fedit import fedit_average
 from silotune.strategies.fedsa import fedsa_average
-from silotune.strategies.ffa import ffa_average, frozen_a
+from silotune.strategies.ffa import ffa_average
 from silotune.strategies.flexlora import factored_svd
 from silotune.strategies.flora import flora_stack
 from silotune.strategies.hetlora import hetlora_aggregate, hetlora_prune_rank
-from silotune.strategies.zeropad import truncate_factors, zeropad_average
-
-
-def seeded_start(shapes: Mapping[str, tuple[int, int]], rank: int, seed: int) -> LowRankUpdate:
-    """A common starting adapter: A from the shared seed (PEFT's Kaiming bound), B = 0.
-
-    Rows of A are prefix-consistent, so the rank-r start is the rank-r view of any larger
-    one: silos regenerate their own from (seed, rank) and the module shapes.
-    """
-    modules = {m: LoraFactors(A=frozen_a(seed, m, rank, d_in).astype(np.float64),
-                              B=np.zeros((d_out, rank)))
-               for m, (d_out, d_in) in shapes.items()}
-    return LowRankUpdate(modules=modules, scale=1.0)
+from silotune.strategies.zeropad import zeropad_average
 
 
 def _view(state: LowRankUpdate, rank: int) -> dict[str, LoraFactors]:

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
-from silotune import protocol as P
 from silotune.client.app import build_client_app
 from silotune.config import RunConfig
-from silotune.wire import from_record, to_record
+from silotune.protocol import keys as P
+from silotune.protocol.codec import from_record, to_record
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""Tests for silotune.assets: data-set loading, the ICD-10 built-in, model resolution."""
+"""Tests for silotune.ml.assets: data-set loading, the ICD-10 built-in, model resolution."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from silotune import assets
-from silotune.assets import (
+from silotune.ml import assets
+from silotune.ml.assets import (
     DATASETS,
     ICD10_CHAPTER_LABELS,
     MODELS,

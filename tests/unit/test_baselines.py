@@ -11,14 +11,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from silotune.strategies.base import AdapterError, LoraFactors, SiloAdapter
+from silotune.adapters.starts import frozen_a
+from silotune.adapters.types import AdapterError, LoraFactors, SiloAdapter
+from silotune.strategies.common import pad_factors, truncate_factors
 from silotune.strategies.fedit import fedit_average
 from silotune.strategies.fedsa import fedsa_average
-from silotune.strategies.ffa import ffa_average, frozen_a
+from silotune.strategies.ffa import ffa_average
 from silotune.strategies.flexlora import flexlora_dense, flexlora_redistribute, truncation_error
 from silotune.strategies.flora import flora_stack
 from silotune.strategies.hetlora import hetlora_aggregate, hetlora_prune_rank, hetlora_weights
-from silotune.strategies.zeropad import pad_factors, truncate_factors, zeropad_average
+from silotune.strategies.zeropad import zeropad_average
 
 D_OUT, D_IN = 12, 10
 TOL = {"rtol": 1e-10, "atol": 1e-12}

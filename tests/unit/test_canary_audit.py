@@ -12,8 +12,8 @@ import pytest
 
 from silotune.cli import main
 from silotune.client.silo import SiloPrivacy, SiloPrivacyConfig
-from silotune.client.train import DPConfig, LocalTrainConfig
-from silotune.lm import encode, load_model
+from silotune.ml.lm import encode, load_model
+from silotune.ml.train import DPConfig, LocalTrainConfig
 from silotune.privacy.accounting import AccountingStep
 from silotune.privacy.canary_audit import empirical_audit
 from silotune.privacy.ledger import verify_ledger

@@ -83,7 +83,7 @@ def test_plan_prints_each_silo_and_its_binding_constraint(capsys, tiny_model_dir
 def test_plan_of_an_infeasible_profile_names_the_constraint(capsys, monkeypatch,
                                                             tiny_model_dir,
                                                             toy_dataset_file):
-    from silotune.simulations import profiles
+    from silotune.planning import profiles
 
     tiny = profiles.SiloProfile("tiny-box", memory_gb=1e-4, gflops=1.0, upload_mbps=1.0,
                                 download_mbps=1.0, round_seconds=600.0)
@@ -102,7 +102,7 @@ def test_unknown_profile_mix(capsys, tmp_path):
 def test_simulate_refuses_an_infeasible_mix_before_starting(capsys, monkeypatch,
                                                             tiny_model_dir,
                                                             toy_dataset_file, tmp_path):
-    from silotune.simulations import profiles
+    from silotune.planning import profiles
 
     slow = profiles.SiloProfile("slow-box", memory_gb=8.0, gflops=1e-6, upload_mbps=1.0,
                                 download_mbps=1.0, round_seconds=1.0)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from silotune import strategies
+from silotune.adapters.types import AdapterError, LoraFactors, SiloAdapter
 from silotune.config import ConfigError, RunConfig
 from silotune.privacy.client_level import (
     ClientLevelConfig,
@@ -20,7 +21,6 @@ from silotune.privacy.client_level import (
     update_norm,
 )
 from silotune.privacy.ledger import Ledger, load_or_create_signing_key, verify_ledger
-from silotune.strategies.base import AdapterError, LoraFactors, SiloAdapter
 
 SHAPES = {"l0.q": (6, 5), "l0.v": (4, 5)}
 

@@ -8,8 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from silotune.simulations.profiles import ProfileError, SiloProfile, mix_profiles, weakest
-from silotune.strategies.configurator import (
+from silotune.planning.configurator import (
     GB,
     Grid,
     InfeasibleProfileError,
@@ -18,7 +17,8 @@ from silotune.strategies.configurator import (
     plan_silo,
     solve,
 )
-from silotune.strategies.resources import CANDIDATES, Budget, Choice, ModelSpec, memory_bytes
+from silotune.planning.profiles import ProfileError, SiloProfile, mix_profiles, weakest
+from silotune.planning.resources import CANDIDATES, Budget, Choice, ModelSpec, memory_bytes
 
 # A 4-layer toy spec with the default model's proportions (d = 576, ffn = 1536, kv = 192).
 SPEC = ModelSpec(num_params=40_000_000, vocab_size=49152, hidden_size=576, num_layers=4,

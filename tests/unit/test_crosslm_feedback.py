@@ -12,17 +12,17 @@ import pandas as pd
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from silotune import protocol as P
 from silotune.cli import main
 from silotune.client.app import build_client_app, silo_from_context
 from silotune.client.crosslm import slm_path
 from silotune.client.silo import SiloPrivacy, SiloPrivacyConfig
 from silotune.config import RunConfig
+from silotune.ml.crosslm import FeedbackRefusedError
 from silotune.privacy.audit import audit_ledger
 from silotune.privacy.feedback import check_feedback_entry, record_feedback
 from silotune.privacy.ledger import verify_ledger
+from silotune.protocol import keys as P
 from silotune.server.crosslm import QUERY_SCORE, TRAIN_SLM, validate_feedback
-from silotune.strategies.crosslm import FeedbackRefusedError
 from tests.conftest import TOY_LABELS
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from silotune.strategies.crosslm import (
+from silotune.ml.crosslm import (
     FeedbackRefusedError,
     aggregate_feedback,
     check_feedback_allowed,

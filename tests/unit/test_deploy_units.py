@@ -14,6 +14,7 @@ import pytest
 from cryptography import x509
 from flwr.common.config import parse_config_args
 
+from silotune.adapters.types import LoraFactors, LowRankUpdate
 from silotune.client import node, replay
 from silotune.config import ConfigError, RunConfig
 from silotune.deploy import certs
@@ -21,9 +22,8 @@ from silotune.deploy.agent import AgentSettings, supernode_command
 from silotune.deploy.connection import Connection, DeployError
 from silotune.deploy.coordinator import CoordinatorSettings, superlink_command
 from silotune.deploy.submit import build_config, run_config_arg
+from silotune.protocol.codec import round_digest
 from silotune.server import checkpoint
-from silotune.strategies.base import LoraFactors, LowRankUpdate
-from silotune.wire import round_digest
 
 
 def test_certs_have_safe_modes_and_are_never_overwritten(tmp_path):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from silotune import strategies
-from silotune.merge import apply_update, update_from_arrays, update_to_arrays
-from silotune.strategies.base import (
+from silotune.adapters.codec import update_from_arrays, update_to_arrays
+from silotune.adapters.types import (
     AdapterError,
     LoraFactors,
     LowRankUpdate,
@@ -16,6 +16,7 @@ from silotune.strategies.base import (
     modules_from_peft,
     peft_key,
 )
+from silotune.ml.merge import apply_update
 from silotune.strategies.flora import flora_stack
 
 D_OUT, D_IN = 12, 10

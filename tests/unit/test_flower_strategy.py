@@ -13,10 +13,10 @@ from flwr.app import (
     RecordDict,
 )
 
-from silotune import protocol as P
-from silotune.merge import update_from_arrays
+from silotune.adapters.codec import update_from_arrays
+from silotune.adapters.types import peft_key
+from silotune.protocol import keys as P
 from silotune.server.flower_strategy import SCALE_KEY, LoraRuleStrategy
-from silotune.strategies.base import peft_key
 
 SHAPES = {"layers.0.q_proj": (6, 5), "layers.0.v_proj": (4, 5)}
 

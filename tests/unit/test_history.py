@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from silotune.client.history import MissingRoundsError, complete_history
-from silotune.wire import round_digest
+from silotune.protocol.codec import round_digest
 
 
 def _rounds(n: int) -> tuple[dict[str, np.ndarray], list[str]]:

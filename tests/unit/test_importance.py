@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from silotune.importance import model_spec, raw_sensitivities
-from silotune.lm import encode, load_model
-from silotune.strategies.fedpipe import (
+from silotune.ml.lm import encode, load_model
+from silotune.planning.importance import (
     aggregate_importance,
     importance_by_type,
     smoothed_sensitivity,
 )
-from silotune.strategies.resources import CANDIDATES
+from silotune.planning.resources import CANDIDATES
+from silotune.planning.sensitivity import model_spec, raw_sensitivities
 from tests.conftest import toy_frame
 
 

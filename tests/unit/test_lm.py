@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from silotune.lm import (
+from silotune.ml.lm import (
     IGNORE_INDEX,
     answer_ids,
     collate,

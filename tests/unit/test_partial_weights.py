@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from silotune import strategies
+from silotune.adapters.starts import seeded_start
+from silotune.adapters.types import AdapterError, LoraFactors, SiloAdapter, peft_key
 from silotune.server.loop import _restrict, _shapes_of
 from silotune.server.validate import Expected, validate_reply
-from silotune.strategies.base import AdapterError, LoraFactors, SiloAdapter, peft_key
 from silotune.strategies.flora import flora_stack
-from silotune.strategies.rules import seeded_start
 
 Q, V, OP = "layers.0.q_proj", "layers.0.v_proj", "layers.0.o_proj"
 SHAPES = {Q: (6, 5), V: (4, 5), OP: (5, 6)}

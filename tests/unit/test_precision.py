@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from silotune import precision
-from silotune.client.train import LocalTrainConfig, base_copy, train_local
-from silotune.lm import encode, load_model
+from silotune.ml import precision
+from silotune.ml.lm import encode, load_model
+from silotune.ml.train import LocalTrainConfig, base_copy, train_local
 from tests.conftest import toy_frame
 
 

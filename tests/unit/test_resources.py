@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from silotune.strategies.resources import Choice, ModelSpec, memory_bytes
+from silotune.planning.resources import Choice, ModelSpec, memory_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results" / "fedpipe_memory.json"

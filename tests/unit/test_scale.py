@@ -13,9 +13,9 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.supercore.task_identity import TaskIdentity
 
-from silotune import protocol as P
 from silotune.config import ConfigError, RunConfig
 from silotune.progress import Tracker, track
+from silotune.protocol import keys as P
 from silotune.server.roster import Roster, broadcast
 from silotune.simulations.cluster import backend_config, worker_node
 

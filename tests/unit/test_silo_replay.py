@@ -11,13 +11,13 @@ import pytest
 from flwr.app import Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from silotune import protocol as P
 from silotune.client.app import build_client_app
 from silotune.config import RunConfig
+from silotune.protocol import keys as P
+from silotune.protocol.codec import from_record
 from silotune.server.loop import _GlobalState, _train_message
 from silotune.server.roster import Silo
 from silotune.strategies.base import SiloPlan
-from silotune.wire import from_record
 
 
 @pytest.fixture(autouse=True)

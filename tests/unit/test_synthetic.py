@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from silotune.lm import load_model
-from silotune.synthetic import (
+from silotune.ml.lm import load_model
+from silotune.ml.synthetic import (
     LLMUpdateConfig,
     SyntheticExample,
     generate_examples,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from silotune.client.train import DPConfig, LocalTrainConfig, train_local
-from silotune.lm import encode, load_model
+from silotune.ml.lm import encode, load_model
+from silotune.ml.train import DPConfig, LocalTrainConfig, train_local
 from tests.conftest import toy_frame
 
 

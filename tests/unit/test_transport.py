@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from silotune.strategies.base import LoraFactors, peft_key
-from silotune.transport import (
+from silotune.adapters.compression import (
     compress,
     compress_arrays,
     decompress,
@@ -14,6 +13,7 @@ from silotune.transport import (
     round_trip,
     upload_reference,
 )
+from silotune.adapters.types import LoraFactors, peft_key
 
 
 def test_compress_keeps_top_k_signs_with_mean_magnitude():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from silotune.merge import module_shapes
+from silotune.adapters.types import AdapterError, peft_key
+from silotune.ml.merge import module_shapes
 from silotune.server.validate import Expected, validate_reply
-from silotune.strategies.base import AdapterError, peft_key
 
 SHAPES = {"layers.0.q_proj": (6, 4)}
 EXPECTED = Expected(rank=2, scale=2.0, shapes=SHAPES)
@@ -49,8 +49,8 @@ def test_update_norm_bound_excludes_huge_updates():
 
 
 def test_update_norm_matches_dense_product():
+    from silotune.adapters.types import LoraFactors
     from silotune.server.validate import update_norm
-    from silotune.strategies.base import LoraFactors
 
     rng = np.random.default_rng(0)
     f = LoraFactors(A=rng.normal(size=(3, 5)), B=rng.normal(size=(4, 3)))
@@ -58,7 +58,7 @@ def test_update_norm_matches_dense_product():
 
 
 def test_module_shapes_of_a_real_model(tiny_model_dir):
-    from silotune.lm import load_model
+    from silotune.ml.lm import load_model
 
     model, _ = load_model(tiny_model_dir)
     shapes = module_shapes(model, ("q_proj", "v_proj"))

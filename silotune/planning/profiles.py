@@ -3,7 +3,7 @@
 A deployed silo declares its profile in its node config (``memory-gb``, ``gflops``,
 ``upload-mbps``, ``download-mbps``, ``round-seconds``); a simulation draws them from a
 named mix (``--profiles hospital-mix``), cycled over the silos. The FedPipe
-configurator (`silotune.strategies.configurator`) turns a profile into a `Budget`.
+configurator (`silotune.planning.configurator`) turns a profile into a `Budget`.
 
 The figures of the mixes are scaled to the default 135M-parameter model (a research
 hospital's GPU server holds everything, a clinic's laptop only a bf16 base with a
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from silotune.strategies.resources import Budget
+from silotune.planning.resources import Budget
 
 GB = 1e9
 MBPS = 1e6 / 8  # bytes per second in one megabit per second

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from silotune.transport import cast_for_wire
+from silotune.adapters.compression import cast_for_wire
 
 
 def to_record(arrays: Mapping[str, np.ndarray], dtype: str = "fp32") -> ArrayRecord:

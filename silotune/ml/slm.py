@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from silotune.client.train import DPConfig, LivenessError, _cycle, sample_rate_for
+from silotune.ml.train import DPConfig, LivenessError, _cycle, sample_rate_for
 
 MAX_LENGTH = 48  # tokens per text (ICD-10 descriptions average about 10 words)
 

@@ -22,7 +22,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from silotune import precision
+from silotune.ml import precision
 
 # Candidate weight matrices of a decoder layer (Llama naming), FedPipe's W_q, W_k, W_v,
 # W_o plus the MLP.

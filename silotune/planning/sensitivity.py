@@ -4,7 +4,7 @@ FedPipe (Fang et al., arXiv 2404.06448) scores the weight matrices by their cont
 to training before choosing which to adapt. Here, as AdaLoRA (Zhang et al., ICLR 2023,
 eq. 8): the sensitivity of a weight is ``I(w) = |w * dL/dw|``; a matrix's raw score at a
 calibration step is the sum over its entries, and the smoothing over steps
-(`silotune.strategies.fedpipe.smoothed_sensitivity`) is applied to those per-matrix
+(`silotune.planning.importance.smoothed_sensitivity`) is applied to those per-matrix
 sums. Only the per-matrix scores leave the silo, never data or gradients.
 
 Gradients are taken with respect to the frozen base weights one matrix at a time (each
@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from silotune.client.train import tensor_dataset
-from silotune.lm import EncodedExample, per_sequence_loss
-from silotune.merge import module_shapes
-from silotune.strategies.resources import CANDIDATES, ModelSpec
+from silotune.ml.lm import EncodedExample, per_sequence_loss
+from silotune.ml.merge import module_shapes
+from silotune.ml.train import tensor_dataset
+from silotune.planning.resources import CANDIDATES, ModelSpec
 
 
 def model_spec(model: torch.nn.Module) -> ModelSpec:

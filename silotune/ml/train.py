@@ -24,9 +24,9 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from torch.utils.data import DataLoader, TensorDataset
 
-from silotune.lm import IGNORE_INDEX, EncodedExample, per_sequence_loss
-from silotune.precision import torch_dtype
-from silotune.strategies.base import is_factor
+from silotune.adapters.types import is_factor
+from silotune.ml.lm import IGNORE_INDEX, EncodedExample, per_sequence_loss
+from silotune.ml.precision import torch_dtype
 
 
 class LivenessError(RuntimeError):
@@ -47,7 +47,7 @@ class LocalTrainConfig:
     # divided out of B); None: PEFT's fresh init (A Kaiming-uniform, B = 0).
     init: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None
     frozen: tuple[str, ...] = ()  # factors that must not train, e.g. ("A",) for FFA-LoRA
-    # Precision of the training copy of the base (silotune.precision): "fp32" or "bf16".
+    # Precision of the training copy of the base (silotune.ml.precision): "fp32" or "bf16".
     # The LoRA factors always train in fp32; the fp32 global base stays the master copy.
     base_precision: str = "fp32"
 

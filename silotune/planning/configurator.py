@@ -27,8 +27,8 @@ import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 
-from silotune import precision
-from silotune.strategies.resources import (
+from silotune.ml import precision
+from silotune.planning.resources import (
     CANDIDATES,
     Budget,
     Choice,

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from silotune.client.train import LocalTrainConfig, attach_lora
-from silotune.lm import IGNORE_INDEX, EncodedExample, collate, encode, per_sequence_losses
-from silotune.strategies.crosslm import weighted_loss
+from silotune.ml.crosslm import weighted_loss
+from silotune.ml.lm import IGNORE_INDEX, EncodedExample, collate, encode, per_sequence_losses
+from silotune.ml.train import LocalTrainConfig, attach_lora
 
 INSTRUCTION = ('Write one short {subject} for the category "{label}". '
                "Reply with the {subject} only, on one line.")

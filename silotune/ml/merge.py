@@ -7,14 +7,11 @@ base, notes/algorithms.md §2.2: "apply rounds in order, in fp32").
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from silotune.strategies.base import AdapterError, LoraFactors, LowRankUpdate
-from silotune.transport import round_trip
+from silotune.adapters.types import AdapterError, LowRankUpdate
 
 
 @torch.no_grad()
@@ -40,38 +37,6 @@ def apply_update(model: torch.nn.Module, update: LowRankUpdate) -> None:
             raise AdapterError(f"update for '{name}' has shape {tuple(delta.shape)}, "
                                f"the weight is {tuple(weight.shape)}")
         weight.add_(delta.to(weight.dtype))
-
-
-def update_to_arrays(update: LowRankUpdate, prefix: str) -> dict[str, np.ndarray]:
-    """Name-keyed arrays ``<prefix><module>.lora_{A,B,w}`` for the wire (w if present)."""
-    out: dict[str, np.ndarray] = {}
-    for name, f in update.modules.items():
-        out[f"{prefix}{name}.lora_A"] = f.A
-        out[f"{prefix}{name}.lora_B"] = f.B
-        if f.w is not None:
-            out[f"{prefix}{name}.lora_w"] = f.w
-    return out
-
-
-def update_from_arrays(arrays: Mapping[str, np.ndarray], prefix: str,
-                       scale: float) -> LowRankUpdate:
-    """Inverse of `update_to_arrays` for the keys that start with `prefix`."""
-    pieces: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in arrays.items():
-        if not key.startswith(prefix):
-            continue
-        module, _, factor = key[len(prefix):].rpartition(".lora_")
-        pieces.setdefault(module, {})[factor] = value
-    modules = {m: LoraFactors(A=p["A"], B=p["B"], w=p.get("w"))
-               for m, p in sorted(pieces.items())}
-    return LowRankUpdate(modules=modules, scale=scale)
-
-
-def as_received(update: LowRankUpdate, wire_dtype: str) -> LowRankUpdate:
-    """`update` exactly as a receiver decodes it from the wire: the sender merges or
-    references this version, so that both sides hold bit-identical values."""
-    return update_from_arrays(round_trip(update_to_arrays(update, ""), wire_dtype), "",
-                              update.scale)
 
 
 def module_shapes(model: torch.nn.Module, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:

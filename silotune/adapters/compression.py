@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from silotune.strategies.base import LoraFactors, peft_key
+from silotune.adapters.types import LoraFactors, peft_key
 
 WIRE_DTYPES: dict[str, type[np.floating]] = {"fp16": np.float16, "fp32": np.float32}
 COMPRESSED_SUFFIX = "#topk"

@@ -1,0 +1,1 @@
+"""The torch side: models, tokenised tasks, one DP-SGD loop, SLMs, synthesis."""

@@ -1,0 +1,1 @@
+"""FedPipe-style planning: resource profiles, cost model, importance, configurator."""

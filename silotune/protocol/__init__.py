@@ -1,0 +1,1 @@
+"""Typed messages and the array codec: the only place the coordinator and silos meet."""
