@@ -32,9 +32,10 @@ import torch
 
 from silotune.config import RunConfig
 from silotune.ml.assets import resolve_model
+from silotune.ml.dp_sgd import DPConfig
 from silotune.ml.lm import encode, load_model
 from silotune.ml.memory import PeakRSS
-from silotune.ml.train import DPConfig, LocalTrainConfig, train_local
+from silotune.ml.train import LocalTrainConfig, train_local
 from silotune.planning.resources import Choice, ModelSpec, memory_bytes
 from silotune.planning.sensitivity import model_spec
 from silotune.simulations.federation import federated_task
@@ -59,7 +60,7 @@ def measure_one(targets: tuple[str, ...], rank: int, batch: int, precision: str
     torch.set_num_threads(1)
     cfg = RunConfig()
     model, tok = load_model(resolve_model(cfg.model))
-    frame = federated_task(cfg).silos[0]
+    frame = federated_task(cfg).silo_frame(0)
     examples = [encode(tok, t, lab) for t, lab in zip(frame["text"], frame["label"],
                                                           strict=True)]
     seq_len = max(len(e.input_ids) for e in examples)

@@ -23,8 +23,9 @@ import torch
 
 from silotune.config import RunConfig
 from silotune.ml.assets import resolve_model
+from silotune.ml.dp_sgd import DPConfig
 from silotune.ml.lm import encode, load_model
-from silotune.ml.train import DPConfig, LocalTrainConfig
+from silotune.ml.train import LocalTrainConfig
 from silotune.privacy.canary_audit import empirical_audit
 from silotune.simulations.federation import federated_task
 
@@ -43,7 +44,7 @@ def main() -> None:
     args = p.parse_args()
 
     run = RunConfig(model=args.model, dataset=args.dataset)
-    frame = federated_task(run).silos[args.silo_index]
+    frame = federated_task(run).silo_frame(args.silo_index)
     model, tok = load_model(resolve_model(run.model))
     examples = [encode(tok, t, lab) for t, lab in zip(frame["text"], frame["label"],
                                                           strict=True)]
@@ -55,9 +56,11 @@ def main() -> None:
     rows: list[dict[str, object]] = [{
         "machine": platform.machine(), "cpus": torch.get_num_threads(),
         "python": platform.python_version(), "torch": torch.__version__,
-        "opacus": opacus.__version__, "model": args.model, "silo_examples": len(examples),
-        "rank": rank, "batch_size": run.batch_size, "steps": args.steps,
-        "canaries": args.canaries, "delta": run.target_delta}]
+        "opacus": opacus.__version__, "model": args.model, "dataset": args.dataset,
+        "silos": run.num_silos, "silo_index": args.silo_index,
+        "silo_examples": len(examples), "rank": rank, "batch_size": run.batch_size,
+        "steps": args.steps, "canaries": args.canaries, "sigma": args.sigma,
+        "max_grad_norm": run.max_grad_norm, "delta": run.target_delta}]
     for name, sigma, insert in CONTROLS:
         start = time.monotonic()
         audit = empirical_audit(model, examples, int(tok.pad_token_id), cfg,

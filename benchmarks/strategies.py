@@ -33,9 +33,10 @@ from silotune.adapters.types import LowRankUpdate, modules_from_peft
 from silotune.client.silo import SiloPrivacy, SiloPrivacyConfig
 from silotune.config import RunConfig
 from silotune.ml.assets import resolve_model
+from silotune.ml.dp_sgd import DPConfig, sample_rate_for
 from silotune.ml.lm import encode, evaluate, load_model
 from silotune.ml.merge import apply_update
-from silotune.ml.train import DPConfig, LocalTrainConfig, sample_rate_for, train_local
+from silotune.ml.train import LocalTrainConfig, train_local
 from silotune.simulations.federation import federated_task
 
 EQUAL_RANK_RULES = {"fedit", "fedsa"}

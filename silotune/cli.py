@@ -275,7 +275,8 @@ def _quiet(line: str) -> None:
 def _audit_empirical(args: argparse.Namespace) -> int:
     import json
 
-    from silotune.privacy.canary_audit import SiloAuditSpec, audit_silo
+    from silotune.privacy.canary_audit import SiloAuditSpec
+    from silotune.simulations.audit import audit_simulated_silo
 
     if len(args.ledgers) != 1 or args.signing_key is None:
         print("silotune audit: error: --empirical needs exactly one LEDGER (the silo's) and "
@@ -287,7 +288,7 @@ def _audit_empirical(args: argparse.Namespace) -> int:
                          noise_multiplier=args.noise_multiplier, max_grad_norm=args.clip,
                          steps=args.audit_steps, insert=not args.no_insert)
     try:
-        audit, entry = audit_silo(run, spec, args.ledgers[0], args.signing_key)
+        audit, entry = audit_simulated_silo(run, spec, args.ledgers[0], args.signing_key)
     except ValueError as err:
         print(f"silotune audit: error: {err}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """Compact transport of adapters: fp16 on the wire and ComPEFT-style upload compression.
 
-ComPEFT (Yadav et al., arXiv 2311.13171; notes/algorithms.md §8): keep the top-k entries
+ComPEFT (Yadav et al., arXiv 2311.13171; docs/algorithms.md §8): keep the top-k entries
 of the task vector tau = params - init by magnitude and send only their signs and one
 scale per tensor, tau_c = alpha * sign(tau) * mask, with alpha the mean magnitude of the
 kept entries (the "STC-style" choice of the reference code, ``replace_factor = -2``).

@@ -12,10 +12,15 @@ node config key       meaning
 ``state-dir``         where the silo keeps its ledger, signing key and last reply
 ``epsilon``           the silo's total epsilon budget ("inf": follow a non-private run)
 ``delta``             the silo's DP delta
-``profile``           resource profile, e.g. "cpu" or "gpu" (recorded, informational)
+``text-column``       the column of the silo's data holding the text ("text")
+``label-column``      the column holding the label ("label")
 ====================  =================================================================
 
-``epsilon`` and ``delta`` are optional: without them the run's targets apply.
+``epsilon`` and ``delta`` are optional: without them the run's targets apply. A silo may
+also declare its FedPipe resource profile (``memory-gb``, ``gflops``, ``upload-mbps``,
+``download-mbps``, ``round-seconds``, optional ``precisions`` and ``profile-name``):
+the keys and their ranges are defined once in `silotune.planning.profiles`, which
+reads them (`SiloProfile.from_node_config`).
 """
 
 from __future__ import annotations
@@ -27,13 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from silotune.planning.profiles import ProfileError, SiloProfile
+
 SILO_ID: Final = "silo-id"
 DATA_PATH: Final = "data-path"
 STATE_DIR: Final = "state-dir"
 EPSILON: Final = "epsilon"
 DELTA: Final = "delta"
-PROFILE: Final = "profile"
-PROFILES: Final = ("cpu", "gpu")
+TEXT_COLUMN: Final = "text-column"
+LABEL_COLUMN: Final = "label-column"
 
 
 class NodeConfigError(ValueError):
@@ -49,7 +56,9 @@ class NodeSettings:
     state_dir: Path
     epsilon: float | None = None  # None: the run's target_epsilon
     delta: float | None = None  # None: the run's target_delta
-    profile: str = "cpu"
+    profile: SiloProfile | None = None  # None: no FedPipe resource profile declared
+    text_column: str = "text"
+    label_column: str = "label"
 
     def __post_init__(self) -> None:
         if not self.silo_id or any(c.isspace() or c in "'\"/" for c in self.silo_id):
@@ -59,9 +68,14 @@ class NodeSettings:
             raise NodeConfigError(f"{EPSILON} = {self.epsilon} must be > 0 (or inf)")
         if self.delta is not None and not 0.0 < self.delta < 0.1:
             raise NodeConfigError(f"{DELTA} = {self.delta} must be in (0, 0.1)")
-        if self.profile not in PROFILES:
-            raise NodeConfigError(f"{PROFILE} {self.profile!r} is unknown; use one of "
-                                  f"{', '.join(PROFILES)}")
+        for key, column in ((TEXT_COLUMN, self.text_column),
+                            (LABEL_COLUMN, self.label_column)):
+            if not column.strip() or '"' in column:
+                raise NodeConfigError(f"{key} {column!r} must be a non-empty column name "
+                                      "without double quotes")
+        if self.text_column == self.label_column:
+            raise NodeConfigError(f"{TEXT_COLUMN} and {LABEL_COLUMN} are both "
+                                  f"{self.text_column!r}; they must name different columns")
 
     @property
     def index(self) -> int:
@@ -81,11 +95,14 @@ class NodeSettings:
         values: dict[str, str | float] = {SILO_ID: self.silo_id,
                                           DATA_PATH: str(self.data_path.resolve()),
                                           STATE_DIR: str(self.state_dir.resolve()),
-                                          PROFILE: self.profile}
+                                          TEXT_COLUMN: self.text_column,
+                                          LABEL_COLUMN: self.label_column}
         if self.epsilon is not None:
             values[EPSILON] = "inf" if math.isinf(self.epsilon) else self.epsilon
         if self.delta is not None:
             values[DELTA] = self.delta
+        if self.profile is not None:
+            values.update(self.profile.to_node_config())
         parts = []
         for key, value in values.items():
             text = f'"{value}"' if isinstance(value, str) else repr(value)
@@ -116,9 +133,14 @@ def from_node_config(node_config: Mapping[str, object]) -> NodeSettings:
         except ValueError:
             raise NodeConfigError(f"node config {key} = {value!r} is not a number") from None
 
+    try:
+        profile = SiloProfile.from_node_config(node_config)
+    except ProfileError as err:
+        raise NodeConfigError(str(err)) from None
     return NodeSettings(silo_id=str(node_config[SILO_ID]),
                         data_path=Path(str(node_config[DATA_PATH])),
                         state_dir=Path(str(node_config[STATE_DIR])),
-                        epsilon=number(EPSILON), delta=number(DELTA),
-                        profile=str(node_config.get(PROFILE, "cpu")))
+                        epsilon=number(EPSILON), delta=number(DELTA), profile=profile,
+                        text_column=str(node_config.get(TEXT_COLUMN, "text")),
+                        label_column=str(node_config.get(LABEL_COLUMN, "label")))
 

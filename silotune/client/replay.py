@@ -9,41 +9,34 @@ sends it again when asked for the same federation, round and global base.
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+
+from silotune.files import atomic_write_bytes, atomic_write_json
+from silotune.protocol.messages import TrainReply
 
 REPLY_ARRAYS = "last-reply.npz"
 REPLY_META = "last-reply.json"
 
 
-@dataclass(frozen=True)
-class StoredReply:
-    """The adapter arrays, metrics and info of one sent reply."""
-
-    arrays: dict[str, np.ndarray]
-    metrics: dict[str, Any]
-    info: dict[str, Any]
-
-
 def save_reply(folder: Path, federation: str, round_: int, fingerprints: list[str],
-               reply: StoredReply) -> None:
+               reply: TrainReply) -> None:
     """Keep `reply` as the answer to (`federation`, `round_`, base `fingerprints`)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "last-reply.tmp.npz"
-    np.savez(tmp, allow_pickle=False, **reply.arrays)
-    tmp.replace(folder / REPLY_ARRAYS)
-    meta = {"federation": federation, "round": round_, "fingerprints": fingerprints,
-            "metrics": reply.metrics, "info": reply.info}
-    (folder / "last-reply.tmp").write_text(json.dumps(meta))
-    (folder / "last-reply.tmp").replace(folder / REPLY_META)
+    buffer = io.BytesIO()
+    np.savez(buffer, allow_pickle=False, **reply.arrays)
+    atomic_write_bytes(folder / REPLY_ARRAYS, buffer.getvalue())
+    fields = {k: v for k, v in dataclasses.asdict(reply).items() if k != "arrays"}
+    atomic_write_json(folder / REPLY_META, {"federation": federation, "round": round_,
+                                            "fingerprints": fingerprints, "reply": fields},
+                      indent=None)
 
 
 def load_reply(folder: Path, federation: str, round_: int,
-               fingerprints: list[str]) -> StoredReply | None:
+               fingerprints: list[str]) -> TrainReply | None:
     """The reply kept for exactly this request, or None."""
     try:
         meta = json.loads((folder / REPLY_META).read_text())
@@ -52,6 +45,6 @@ def load_reply(folder: Path, federation: str, round_: int,
             return None
         with np.load(folder / REPLY_ARRAYS, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, KeyError):
+        return TrainReply(**meta["reply"], arrays=arrays)
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    return StoredReply(arrays, dict(meta["metrics"]), dict(meta["info"]))

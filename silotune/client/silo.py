@@ -8,7 +8,6 @@ keep composing (notes/privacy.md §1, §6). The ledger entry is appended and sig
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from silotune.privacy.accounting import (
     compute_epsilon,
     project_round,
 )
+from silotune.privacy.fingerprint import dataset_fingerprint
 from silotune.privacy.ledger import Ledger, load_or_create_signing_key
 
 
@@ -41,14 +41,6 @@ class SiloPrivacyConfig:
     @property
     def private(self) -> bool:
         return math.isfinite(self.target_epsilon)
-
-
-def dataset_fingerprint(frame: pd.DataFrame) -> str:
-    """sha256 over the silo's (text, label) rows in order: detects a changed dataset."""
-    h = hashlib.sha256()
-    for text, label in zip(frame["text"], frame["label"], strict=True):
-        h.update(f"{len(text)}:{text}|{label}\n".encode())
-    return h.hexdigest()
 
 
 class SiloPrivacy:

@@ -1,7 +1,7 @@
 """`silotune agent`: one silo's Flower SuperNode, next to the silo's private data.
 
 Before starting ``flower-supernode`` the agent checks, with errors that name the flag to
-fix (notes/flower.md §7.5):
+fix (docs/flower.md §7.5):
 
 1. its node private key exists and is an EC key Flower accepts (``--key``);
 2. the CA certificate exists and is a certificate (``--ca``);
@@ -10,10 +10,11 @@ fix (notes/flower.md §7.5):
 4. the coordinator's TLS certificate verifies against the CA for the address dialled
    (a wrong CA or a certificate for another host name fails here, clearly).
 
-Then it runs the SuperNode with the silo's node config (client/node.py) and watches its
-log: a SuperNode that fails to activate although the coordinator is reachable and
-trusted was refused by node authentication, so the agent stops with "register this key"
-instead of Flower's bare exit code 305.
+Then it runs the SuperNode with the silo's node config (client/node.py: data, budget,
+data columns and the optional FedPipe resource profile) and watches its log: a
+SuperNode that fails to activate although the coordinator is reachable and trusted was
+refused by node authentication, so the agent stops with "register this key" instead of
+Flower's bare exit code 305.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from typing import IO
 from silotune.client.node import NodeSettings
 from silotune.deploy import certs
 from silotune.deploy.connection import Connection, DeployError, flower_env, flower_tool
+from silotune.ml.precision import PRECISIONS
+from silotune.planning.profiles import RESOURCE_KEYS, SiloProfile
 
 Log = Callable[[str], None]
 CONNECT_TIMEOUT_SECONDS = 5.0
@@ -146,6 +149,8 @@ def run(settings: AgentSettings, log: Log = print) -> int:
         f"budget epsilon {node.epsilon if node.epsilon is not None else '(run target)'}, "
         f"coordinator {settings.connection.address}"
         + (" INSECURE" if settings.connection.insecure else " (TLS, node key)"))
+    log(f"[agent] silo {node.silo_id}: columns text={node.text_column!r} "
+        f"label={node.label_column!r}; {describe_profile(node.profile)}")
     home = node.state_dir / "flwr"
     home.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(supernode_command(settings), env=flower_env(home),
@@ -171,6 +176,19 @@ def run(settings: AgentSettings, log: Log = print) -> int:
     if code != 0 and seen.refused:
         raise AgentError(_refused_message(settings))
     return code
+
+
+def describe_profile(profile: SiloProfile | None) -> str:
+    """One line on the silo's declared FedPipe resource profile, for the agent's log."""
+    if profile is None:
+        return ("no resource profile declared (a run with profiles = \"node\" needs "
+                + ", ".join(f"--{key}" for key in RESOURCE_KEYS) + ")")
+    precisions = ("any" if profile.precisions is None
+                  else ",".join(profile.allowed_precisions(tuple(PRECISIONS))))
+    return (f"resource profile '{profile.name}': {profile.memory_gb:g} GB, "
+            f"{profile.gflops:g} GFLOP/s, up {profile.upload_mbps:g} / down "
+            f"{profile.download_mbps:g} Mbit/s, {profile.round_seconds:g} s per round, "
+            f"base precisions {precisions}")
 
 
 class _LogWatch:

@@ -8,10 +8,32 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from silotune.client.node import PROFILES, NodeConfigError, NodeSettings
+from silotune.client.node import NodeConfigError, NodeSettings
 from silotune.config import ConfigError
 from silotune.deploy.certs import CertsError
 from silotune.deploy.connection import Connection, DeployError
+from silotune.ml.precision import PRECISIONS
+from silotune.planning.profiles import (
+    DOWNLOAD_MBPS,
+    GFLOPS,
+    MEMORY_GB,
+    PROFILE_NAME,
+    PROFILE_PRECISIONS,
+    RESOURCE_KEYS,
+    ROUND_SECONDS,
+    UPLOAD_MBPS,
+    ProfileError,
+    SiloProfile,
+)
+
+# `silotune agent` flags of a FedPipe resource profile: --KEY, one per node-config key.
+_PROFILE_HELP = {
+    MEMORY_GB: "training memory limit in GB",
+    GFLOPS: "sustained training throughput in GFLOP/s",
+    UPLOAD_MBPS: "upload bandwidth to the coordinator in Mbit/s",
+    DOWNLOAD_MBPS: "download bandwidth from the coordinator in Mbit/s",
+    ROUND_SECONDS: "time budget of one round (compute + transfer) in seconds",
+}
 
 
 def _connection_args(p: argparse.ArgumentParser) -> None:
@@ -70,8 +92,20 @@ def add_deploy_parsers(sub: Any) -> None:
     a.add_argument("--epsilon", type=float,
                    help="the silo's total epsilon budget (default: the run's target)")
     a.add_argument("--delta", type=float, help="the silo's DP delta (default: the run's)")
-    a.add_argument("--profile", choices=PROFILES, default="cpu",
-                   help="resource profile (%(default)s)")
+    a.add_argument("--text-column", default="text",
+                   help="the column of the silo's data holding the text (%(default)s)")
+    a.add_argument("--label-column", default="label",
+                   help="the column of the silo's data holding the label (%(default)s)")
+    fedpipe = a.add_argument_group(
+        "resource profile (FedPipe, run config profiles = \"node\")",
+        "what this silo can spend on a round; give all five numbers or none")
+    for key in RESOURCE_KEYS:
+        fedpipe.add_argument(f"--{key}", type=float, metavar="N", help=_PROFILE_HELP[key])
+    fedpipe.add_argument(f"--{PROFILE_PRECISIONS}", metavar="LIST",
+                         help="base precisions the silo can train at, comma separated "
+                         f"(from {', '.join(PRECISIONS)}; default: all)")
+    fedpipe.add_argument(f"--{PROFILE_NAME}", metavar="LABEL",
+                         help="a label for the profile in plans and metrics")
     a.add_argument("--max-attempts", type=int, default=8,
                    help="connection attempts before giving up (%(default)s)")
     a.add_argument("--backoff", type=float, default=1.0,
@@ -102,7 +136,7 @@ def run_deploy_job(args: argparse.Namespace) -> int:
     exit status 2."""
     try:
         return DEPLOY_JOBS[args.job](args)
-    except (DeployError, CertsError, NodeConfigError, ConfigError) as err:
+    except (DeployError, CertsError, NodeConfigError, ConfigError, ProfileError) as err:
         print(f"silotune {args.job}: error: {err}", file=sys.stderr)
         return 2
 
@@ -132,12 +166,21 @@ def _agent(args: argparse.Namespace) -> int:
     from silotune.deploy.agent import AgentSettings, run
 
     node = NodeSettings(silo_id=args.silo_id, data_path=args.data, state_dir=args.state_dir,
-                        epsilon=args.epsilon, delta=args.delta, profile=args.profile)
+                        epsilon=args.epsilon, delta=args.delta, profile=declared_profile(args),
+                        text_column=args.text_column, label_column=args.label_column)
     settings = AgentSettings(
         connection=Connection(args.coordinator, args.ca, args.insecure), key=args.key,
         node=node, max_attempts=max(1, args.max_attempts), backoff_seconds=args.backoff,
         runtime_port=args.runtime_port)
     return run(settings, lambda line: print(line, flush=True))
+
+
+def declared_profile(args: argparse.Namespace) -> SiloProfile | None:
+    """The resource profile of `silotune agent`'s flags, None when none is given; a
+    partial or out-of-range one raises `ProfileError` naming the flags."""
+    flags = (*RESOURCE_KEYS, PROFILE_PRECISIONS, PROFILE_NAME)
+    given = {key: getattr(args, key.replace("-", "_")) for key in flags}
+    return SiloProfile.from_node_config({k: v for k, v in given.items() if v is not None})
 
 
 def _run(args: argparse.Namespace) -> int:

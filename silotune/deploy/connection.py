@@ -1,7 +1,7 @@
 """How the operator's `flwr` commands reach a deployed coordinator.
 
 `flwr run` and `flwr supernode register` find a SuperLink through a named connection in
-``$FLWR_HOME/config.toml`` (notes/flower.md §3). silotune writes that file into a folder
+``$FLWR_HOME/config.toml`` (docs/flower.md §3). silotune writes that file into a folder
 of its own (never the user's ``~/.flwr``) and runs `flwr` with ``FLWR_HOME`` pointing
 there, so that every command states its coordinator, CA and TLS mode explicitly.
 """
@@ -69,7 +69,7 @@ def write_flwr_home(home: Path, conn: Connection) -> Path:
 
 def flower_env(home: Path) -> dict[str, str]:
     """The environment for Flower processes: our FLWR_HOME, this venv's tools first on
-    PATH, and no installation of runtime dependencies (notes/flower.md, "Two traps")."""
+    PATH, and no installation of runtime dependencies (docs/flower.md §3, "Two traps")."""
     env = dict(os.environ)
     env["FLWR_HOME"] = str(home.resolve())
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"

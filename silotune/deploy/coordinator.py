@@ -6,7 +6,7 @@ Starts ``flower-superlink`` with
 - SuperNode authentication (only silos whose public key was registered may join:
   ``silotune coordinator register-silo node.pub``),
 - a persistent SQLite state database in the state directory (runs and registered
-  nodes survive a restart; notes/flower.md §7.6),
+  nodes survive a restart; docs/flower.md §7.6),
 - runtime dependency installation off: the ServerApp runs in this environment.
 
 Without certificates it refuses to start, unless ``--insecure`` is given; then it warns

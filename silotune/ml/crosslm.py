@@ -3,7 +3,7 @@
 CrossLM (Deng et al., "Mutual Enhancement of Large and Small Language Models with
 Cross-Silo Knowledge Transfer", arXiv 2312.05842) lets silos that hold private data and
 small models (SLMs) steer a central LLM's synthetic task data, and then trains both
-sides on it. The loop as built here (notes/algorithms.md §7, a project reconstruction):
+sides on it. The loop as built here (docs/algorithms.md §7, a project reconstruction):
 
 1. each silo trains SLM_k on its private data with DP-SGD;
 2. the LLM G samples texts x_j ~ G(. | prompt(y_j)) for every label y;
@@ -38,7 +38,7 @@ def check_feedback_allowed(slm_dp_trained: bool, private_run: bool) -> None:
     """Refuse feedback from a non-DP SLM unless the run is explicitly non-private.
 
     Without DP, per-example scores of a model trained on private records are a
-    membership side channel (notes/algorithms.md §7); with DP they are post-processing.
+    membership side channel (docs/algorithms.md §7); with DP they are post-processing.
     """
     if private_run and not slm_dp_trained:
         raise FeedbackRefusedError(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -56,6 +57,13 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str, label: str,
     answer = answer_ids(tokenizer, label)
     prompt = prompt_ids(tokenizer, text)[: max(1, max_length - len(answer))]
     return EncodedExample(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer)
+
+
+def encode_frame(tokenizer: PreTrainedTokenizerBase, frame: pd.DataFrame
+                 ) -> list[EncodedExample]:
+    """Every (text, label) row of `frame`, encoded for training, in row order."""
+    return [encode(tokenizer, text, label)
+            for text, label in zip(frame["text"], frame["label"], strict=True)]
 
 
 def collate(batch: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:

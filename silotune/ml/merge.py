@@ -2,7 +2,7 @@
 
 The coordinator and every silo call `apply_update` with the same fp32 factors in the
 same round order, so all copies of the global base stay bit-identical (FLoRA's merged
-base, notes/algorithms.md §2.2: "apply rounds in order, in fp32").
+base, docs/algorithms.md §2.2: "apply rounds in order, in fp32").
 """
 
 from __future__ import annotations

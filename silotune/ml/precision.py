@@ -4,7 +4,7 @@ A silo short of memory trains on a lower-precision copy of the global base (FedP
 Fang et al., arXiv 2404.06448, §"quantisation": a server-specific bit width per edge
 server). The LoRA factors always train in fp32, and the global base that FLoRA merges
 every round stays an fp32 master copy, so every silo and the coordinator keep
-bit-identical bases whatever precision each one trains at (notes/algorithms.md §6,
+bit-identical bases whatever precision each one trains at (docs/algorithms.md §6,
 "clash with FLoRA merging": merge into the master, re-quantise for training only).
 
 Registered here: fp32 and bf16, both of which PyTorch trains on CPU. int8 / NF4 bases

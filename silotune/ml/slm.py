@@ -6,27 +6,26 @@ the top ``train_layers`` encoder layers train (default: the head alone, a DP-fri
 linear probe: few noised dimensions, and no backward pass through the encoder, which
 matters on a CPU); the embeddings always stay frozen (as in FATE-LLM's FDKT DP trainer).
 Training is DP-SGD with Opacus (Poisson sampling, per-example clipping, PRV accounting
-by the silo's `SiloPrivacy`), optionally preceded by plain steps on public synthetic
-data, which cost no privacy. No Flower imports.
+by the silo's `SiloPrivacy`; the loop is silotune.ml.dp_sgd's, shared with LoRA training),
+optionally preceded by plain steps on public synthetic data, which cost no privacy. No
+Flower imports.
 """
 
 from __future__ import annotations
 
-import secrets
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from silotune.ml.train import DPConfig, LivenessError, _cycle, sample_rate_for
+from silotune.ml.dp_sgd import DPConfig, LivenessError, run_dp_sgd, run_sgd
 
 MAX_LENGTH = 48  # tokens per text (ICD-10 descriptions average about 10 words)
 
@@ -104,6 +103,8 @@ class SLMTrainConfig:
     learning_rate: float
     synthetic_steps: int = 0  # plain steps on the public synthetic set, before DP
     seed: int = 0  # public: fixes the batch order of the synthetic steps
+    # Most private examples per forward/backward pass under DP; None: a whole Poisson batch.
+    physical_batch_size: int | None = None
 
 
 def _loss(model: SLMClassifier, batch: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -115,69 +116,30 @@ def _loss(model: SLMClassifier, batch: Sequence[torch.Tensor]) -> torch.Tensor:
 def train_slm(model: SLMClassifier, private: TensorDataset, synthetic: TensorDataset | None,
               cfg: SLMTrainConfig, dp: DPConfig | None) -> float:
     """Train in place: `cfg.synthetic_steps` plain steps on `synthetic`, then `cfg.steps`
-    steps on `private` (DP-SGD when `dp` is given, noise from the OS); returns the mean
-    private loss. Raises LivenessError if no trainable weight moved."""
+    steps on `private` (DP-SGD when `dp` is given, noise from the OS unless
+    `dp.noise_seed`); returns the mean private loss. Raises LivenessError if no trainable
+    weight moved."""
     before = trainable_state(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     order = torch.Generator().manual_seed(cfg.seed)
+    step = partial(_loss, model)
     if synthetic is not None and len(synthetic) and cfg.synthetic_steps:
         opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
-        for batch in _cycle(DataLoader(synthetic, batch_size=cfg.batch_size, shuffle=True,
-                                       generator=order), cfg.synthetic_steps):
-            opt.zero_grad(set_to_none=True)
-            _loss(model, batch).backward()
-            opt.step()
+        run_sgd(opt, DataLoader(synthetic, batch_size=cfg.batch_size, shuffle=True,
+                                generator=order), cfg.synthetic_steps, step)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     loader = DataLoader(private, batch_size=cfg.batch_size, shuffle=True, generator=order)
     if dp is None:
-        losses = []
-        for batch in _cycle(loader, cfg.steps):
-            optimizer.zero_grad(set_to_none=True)
-            loss = _loss(model, batch)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+        loss = run_sgd(optimizer, loader, cfg.steps, step)
     else:
-        losses = _train_dp(model, optimizer, loader, cfg, dp)
+        loss = run_dp_sgd(model, optimizer, loader, cfg.steps, step, dp,
+                          cfg.physical_batch_size or max(1, len(private)))
     model.eval()
     after = trainable_state(model)
     if all(torch.equal(after[k], before[k]) for k in after):
         raise LivenessError("the SLM's trainable weights did not change during training")
-    return float(np.mean(losses)) if losses else 0.0
-
-
-def _train_dp(model: SLMClassifier, optimizer: torch.optim.Optimizer, loader: DataLoader,
-              cfg: SLMTrainConfig, dp: DPConfig) -> list[float]:
-    noise = torch.Generator().manual_seed(secrets.randbits(63))  # coordinator can't know it
-    with warnings.catch_warnings():  # understood: see silotune/client/train.py _BENIGN
-        warnings.filterwarnings("ignore", message=".*(Secure RNG|Full backward hook)")
-        engine = PrivacyEngine(accountant="prv", secure_mode=False)
-        hooks, dp_optimizer, dp_loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader,
-            noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-            poisson_sampling=True, grad_sample_mode="hooks", wrap_model=False,
-            noise_generator=noise)
-        q = sample_rate_for(len(loader.dataset), cfg.batch_size)  # type: ignore[arg-type]
-        if abs(dp_loader.sample_rate - q) > 1e-12:
-            raise RuntimeError(f"sampler q={dp_loader.sample_rate} differs from planned q={q}")
-        losses: list[float] = []
-        try:
-            for batch in _cycle(dp_loader, cfg.steps):
-                dp_optimizer.zero_grad(set_to_none=True)
-                if batch[0].shape[0] == 0:  # an empty Poisson draw: noise-only step
-                    dp_optimizer.step()
-                    continue
-                loss = _loss(model, batch)
-                loss.backward()
-                dp_optimizer.step()
-                losses.append(loss.item())
-        finally:
-            hooks.cleanup()
-    steps = sum(n for _, _, n in engine.accountant.history)
-    if steps != cfg.steps:
-        raise RuntimeError(f"accountant counted {steps} steps, planned {cfg.steps}")
-    return losses
+    return loss
 
 
 @torch.no_grad()

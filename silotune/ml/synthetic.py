@@ -3,9 +3,9 @@ LoRA update, and the held-out measures (task accuracy, general-text perplexity).
 
 Generation samples every label's prompt in left-padded batches with the KV cache
 (``generate``); the update trains a LoRA on two likelihoods per synthetic example,
-weighted by the silos' aggregated feedback (strategies/crosslm.py):
+weighted by the silos' aggregated feedback (silotune/ml/crosslm.py):
 ``NLL(x | generation prompt(y))`` (better task data next round) and
-``NLL(y | task prompt(x))`` (the zero-shot task, silotune/lm.py), then merges it into the
+``NLL(y | task prompt(x))`` (the zero-shot task, silotune/ml/lm.py), then merges it into the
 weights. A small learning rate and few steps keep the LLM's general ability
 (measured as perplexity on held-out general text). No Flower imports.
 """

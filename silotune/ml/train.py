@@ -1,36 +1,36 @@
 """Local LoRA training on one silo: plain, or DP-SGD with Opacus.
 
-Recipe (see notes/privacy.md §1): fp32 base on the device before PEFT and Opacus; only
+Recipe (see docs/privacy.md §1): fp32 base on the device before PEFT and Opacus; only
 LoRA factors trainable; Poisson sampling; per-sequence loss; noise multiplier chosen by
-the silo for its whole planned run; a liveness check that the factors moved. DP is
-layered on by wrapping the model/optimizer/loader (`make_private`), not by flags inside
-the loop.
+the silo for its whole planned run; a liveness check that the factors moved. The
+training loops themselves (plain and DP-SGD) are silotune.ml.dp_sgd's, shared with the
+SLM.
 """
 
 from __future__ import annotations
 
 import copy
-import secrets
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from functools import partial
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
-from opacus.optimizers import DPOptimizer
-from opacus.utils.batch_memory_manager import BatchMemoryManager
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from torch.utils.data import DataLoader, TensorDataset
 
 from silotune.adapters.types import is_factor
+from silotune.ml.dp_sgd import (
+    DPConfig,
+    LivenessError,
+    OptimizerHook,
+    run_dp_sgd,
+    run_sgd,
+    sample_rate_for,
+)
 from silotune.ml.lm import IGNORE_INDEX, EncodedExample, per_sequence_loss
 from silotune.ml.precision import torch_dtype
-
-
-class LivenessError(RuntimeError):
-    """Training finished but the LoRA factors did not change (opacus#820-class bug)."""
 
 
 @dataclass(frozen=True)
@@ -53,31 +53,12 @@ class LocalTrainConfig:
 
 
 @dataclass(frozen=True)
-class DPConfig:
-    noise_multiplier: float
-    max_grad_norm: float
-    noise_seed: int | None = None  # None: seeded by the OS (always, outside simulations)
-
-
-class OptimizerHook(Protocol):
-    """Wraps the DP optimizer before training, e.g. to insert audit canaries
-    (silotune.privacy.canary_audit); called once, with the sampler's q."""
-
-    def attach(self, optimizer: DPOptimizer, sample_rate: float) -> None: ...
-
-
-@dataclass(frozen=True)
 class LocalTrainResult:
     adapter: dict[str, np.ndarray]  # PEFT state-dict keys -> fp32 arrays
     loss: float  # mean training loss over the local steps
     steps: int  # logical optimiser steps (= accountant steps under DP)
     sample_rate: float  # q as used by the sampler (DP), else batch_size / n
     liveness: float  # max |delta| over all LoRA factors
-
-
-def sample_rate_for(num_examples: int, batch_size: int) -> float:
-    """Opacus' q = 1 / len(DataLoader(ds, batch_size)), known before training."""
-    return 1.0 / max(1, -(-num_examples // batch_size))
 
 
 def tensor_dataset(examples: Sequence[EncodedExample], pad_id: int) -> TensorDataset:
@@ -153,9 +134,8 @@ def _step(model: torch.nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor
     return per_sequence_loss(out.logits, labels[:, :width])
 
 
-# Known, understood warnings: secure_mode=False is recorded in every ledger entry; the
-# backward-hook note is expected with a frozen base (inputs need no grad).
-_BENIGN = ("Secure RNG turned off", "Full backward hook is firing", "is_gradient_checkpointing")
+# Known, understood warnings (Opacus' own are silenced in silotune.ml.dp_sgd).
+_BENIGN = ("is_gradient_checkpointing",)
 
 
 def train_local(base: torch.nn.Module, examples: Sequence[EncodedExample], pad_id: int,
@@ -189,18 +169,14 @@ def _train_local(base: torch.nn.Module, examples: Sequence[EncodedExample], pad_
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     order = torch.Generator().manual_seed(cfg.init_seed)
     loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=order)
-    q = sample_rate_for(len(data), cfg.batch_size)
-    losses: list[float] = []
+    step = partial(_step, model)
     if dp is None:
-        for batch in _cycle(loader, cfg.local_steps):
-            optimizer.zero_grad(set_to_none=True)
-            loss = _step(model, batch)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+        loss = run_sgd(optimizer, loader, cfg.local_steps, step)
         q = cfg.batch_size / len(data)
     else:
-        losses = _train_dp(model, optimizer, loader, cfg, dp, q, hook)
+        loss = run_dp_sgd(model, optimizer, loader, cfg.local_steps, step, dp,
+                          cfg.physical_batch_size, hook)
+        q = sample_rate_for(len(data), cfg.batch_size)
     after = _lora_state(model)
     moved = max(float(np.abs(after[k] - before[k]).max()) for k in after)
     changed = [k for k in after if is_factor(k, cfg.frozen)
@@ -211,58 +187,6 @@ def _train_local(base: torch.nn.Module, examples: Sequence[EncodedExample], pad_
         raise LivenessError("LoRA factors did not change during training; refusing to "
                             "report this round (check that the optimizer sees the LoRA "
                             "parameters and the learning rate is > 0)")
-    return LocalTrainResult(adapter=after, loss=float(np.mean(losses)) if losses else 0.0,
-                            steps=cfg.local_steps, sample_rate=q, liveness=moved)
+    return LocalTrainResult(adapter=after, loss=loss, steps=cfg.local_steps, sample_rate=q,
+                            liveness=moved)
 
-
-def _train_dp(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-              cfg: LocalTrainConfig, dp: DPConfig, q: float,
-              hook: OptimizerHook | None) -> list[float]:
-    engine = PrivacyEngine(accountant="prv", secure_mode=False)
-    seed = secrets.randbits(63) if dp.noise_seed is None else dp.noise_seed
-    noise = torch.Generator().manual_seed(seed)  # OS-seeded: the coordinator can't know it
-    hooks, dp_optimizer, dp_loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader,
-        noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-        poisson_sampling=True, grad_sample_mode="hooks", wrap_model=False,
-        noise_generator=noise)
-    if abs(dp_loader.sample_rate - q) > 1e-12:
-        raise RuntimeError(f"sampler q={dp_loader.sample_rate} differs from planned q={q}")
-    if hook is not None:
-        hook.attach(dp_optimizer, q)
-
-    def steps_done() -> int:
-        return sum(n for _, _, n in engine.accountant.history)
-
-    losses: list[float] = []
-    try:
-        with BatchMemoryManager(data_loader=dp_loader, optimizer=dp_optimizer,
-                                max_physical_batch_size=cfg.physical_batch_size) as batches:
-            while steps_done() < cfg.local_steps:
-                for batch in batches:
-                    dp_optimizer.zero_grad(set_to_none=True)
-                    if batch[0].shape[0] == 0:  # an empty Poisson draw: noise-only step
-                        dp_optimizer.step()
-                    else:
-                        loss = _step(model, batch)
-                        loss.backward()
-                        dp_optimizer.step()
-                        losses.append(loss.item())
-                    if steps_done() >= cfg.local_steps:
-                        break
-    finally:
-        hooks.cleanup()
-    if steps_done() != cfg.local_steps:
-        raise RuntimeError(f"accountant counted {steps_done()} steps, planned "
-                           f"{cfg.local_steps}")
-    return losses
-
-
-def _cycle(loader: DataLoader, steps: int) -> Iterator[Sequence[torch.Tensor]]:
-    done = 0
-    while done < steps:
-        for batch in loader:
-            yield batch
-            done += 1
-            if done == steps:
-                return

@@ -1,7 +1,7 @@
 """FedPipe's configurator: per silo, which matrices to adapt, at what rank, batch and base
 precision, solved exactly under the silo's memory and time limits.
 
-Fang et al., arXiv 2404.06448, second stage (notes/algorithms.md §6). For silo i, over
+Fang et al., arXiv 2404.06448, second stage (docs/algorithms.md §6). For silo i, over
 the grid (non-empty subsets W of the candidate matrix types, adapted in every layer;
 ranks R; micro-batches B; base precisions Q), choose the configuration that maximises,
 in this order (lexicographically):

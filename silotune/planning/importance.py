@@ -3,7 +3,7 @@
 Fang et al., "Automated Federated Pipeline for Parameter-Efficient Fine-Tuning of Large
 Language Models" (arXiv 2404.06448), first stage: find the important weights. The
 sensitivity and its smoothing are AdaLoRA's (Zhang et al., ICLR 2023, eqs. 8-11), with
-beta_1 = beta_2 = 0.85 (notes/algorithms.md §6)::
+beta_1 = beta_2 = 0.85 (docs/algorithms.md §6)::
 
     I_bar(t) = b1 I_bar(t-1) + (1 - b1) I(t)
     U_bar(t) = b2 U_bar(t-1) + (1 - b2) |I(t) - I_bar(t)|

@@ -1,7 +1,7 @@
 """FedPipe's explicit memory and time model of one silo's training round.
 
 Fang et al., "Automated Federated Pipeline for Parameter-Efficient Fine-Tuning of Large
-Language Models" (arXiv 2404.06448); the constraints follow notes/algorithms.md §6:
+Language Models" (arXiv 2404.06448); the constraints follow docs/algorithms.md §6:
 
     memory  = q/8 |theta_0| + LoRA state + b * (per-sample gradients + ACT(seq))  <= M_i
     time    = E * b * FLOPs(seq, {r}) / f_i + |adapter| (1/beta_up + 1/beta_down) <= T_i

@@ -15,6 +15,7 @@ no more memory than one weight gradient on top of a forward/backward.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 from silotune.ml.lm import EncodedExample, per_sequence_loss
 from silotune.ml.merge import module_shapes
 from silotune.ml.train import tensor_dataset
+from silotune.planning.importance import smoothed_sensitivity
 from silotune.planning.resources import CANDIDATES, ModelSpec
 
 
@@ -99,3 +101,24 @@ def raw_sensitivities(model: torch.nn.Module, examples: Sequence[EncodedExample]
             p.grad = None
         model.train(was_training)
     return scores
+
+
+@dataclass(frozen=True)
+class SiloImportance:
+    """One silo's importance answer: smoothed sensitivity per candidate matrix."""
+
+    scores: dict[str, float]
+    num_examples: int
+    max_tokens: int  # the silo's longest encoded example (memory model)
+
+
+def silo_importance(model: torch.nn.Module, examples: Sequence[EncodedExample], pad_id: int,
+                    batch_size: int, steps: int, seed: int) -> SiloImportance:
+    """What a silo answers to an importance query (and what `silotune plan` computes for
+    each simulated silo): `raw_sensitivities` smoothed over the calibration steps."""
+    raw = raw_sensitivities(model, examples, pad_id, batch_size, steps, seed)
+    names = sorted(raw)
+    smoothed = smoothed_sensitivity(np.stack([raw[n] for n in names], axis=1))  # (M,)
+    return SiloImportance(scores=dict(zip(names, map(float, smoothed), strict=True)),
+                          num_examples=len(examples),
+                          max_tokens=max(len(e.input_ids) for e in examples))

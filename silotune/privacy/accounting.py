@@ -7,7 +7,7 @@ Reported value: the PRV upper bound of Opacus ``PRVAccountant`` (Gopi, Lee & Wut
 "Numerical Composition of Differential Privacy", NeurIPS 2021, arXiv 2106.02848; eps_error
 0.01, delta_error delta/1000). If PRV raises (opacus#591, #601, #604): RDP from Google
 ``dp_accounting`` (Mironov, "Rényi Differential Privacy", CSF 2017), a valid looser bound.
-Cross-check: ``dp_accounting`` PLD (discretization 1e-4) and RDP (notes privacy.md §3).
+Cross-check: ``dp_accounting`` PLD (discretization 1e-4) and RDP (docs/privacy.md §3).
 
 Golden row: q=0.01, sigma=1, T=1000, delta=1e-5 gives PRV 1.8384, PLD 1.8282, RDP 2.1014.
 """
@@ -286,7 +286,8 @@ def project_round(history: Sequence[AccountingStep], planned: AccountingStep, *,
 
 
 def cross_check_ok(report: EpsilonReport) -> bool:
-    """Notes §3 rule: ``|eps_prv - eps_pld| <= 0.02 + 0.01*eps_pld`` and ``rdp >= pld - 1e-6``.
+    """docs/privacy.md §3 rule: ``|eps_prv - eps_pld| <= 0.02 + 0.01*eps_pld`` and
+    ``rdp >= pld - 1e-6``.
 
     For an RDP-fallback report the reported value must itself be >= PLD - 1e-6.
     Returns False when the cross-check values are missing.

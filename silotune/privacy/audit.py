@@ -6,7 +6,7 @@ entry hashes, signatures, epsilon recomputed per train entry, epsilon never decr
 never above its limit, histories only growing), checks that one key signed the whole
 ledger, and recomputes the final cumulative epsilon *now* from the last train entry's
 ``accounting_history`` with Google ``dp_accounting`` (PLD and RDP) as an independent
-cross-check of the reported value (notes/privacy.md §3, §6):
+cross-check of the reported value (docs/privacy.md §3, §6):
 
 * accountant ``prv``: ``|eps - eps_pld| <= max(2 % of eps_pld, 0.02)``. PRV (eps_error
   0.01) and PLD (discretization 1e-4) are both near-tight upper bounds; the 0.02 floor
@@ -23,12 +23,11 @@ Only the final cumulative value is cross-checked with PLD (about 0.5 s per ledge
 every entry is already recomputed with PRV/RDP by ``verify_ledger``.
 
 A ledger cannot prove it was not truncated at its tail: compare its head hash with one
-published elsewhere (notes §6, anchoring).
+published elsewhere (docs/privacy.md §6, anchoring).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence

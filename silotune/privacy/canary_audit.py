@@ -25,7 +25,7 @@ sampling, noise, accounting) and with sigma = 0 separates inserted canaries almo
 perfectly. Training is ``silotune.ml.train.train_local`` itself (same model, LoRA,
 Opacus optimizer, Poisson loader, AdamW); the canaries enter through its optimizer hook.
 
-Controls (notes/privacy.md §5): noise off gives a bound clearly above 0 (power), DP on
+Controls (docs/privacy.md §5): noise off gives a bound clearly above 0 (power), DP on
 gives a bound below the accounted epsilon (soundness), and canaries drawn but never
 inserted (``insert=False``) give 0.
 """
@@ -40,13 +40,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from opacus.optimizers import DPOptimizer
 
 from silotune.config import RunConfig
+from silotune.ml.dp_sgd import DPConfig
 from silotune.ml.lm import EncodedExample
-from silotune.ml.train import DPConfig, LocalTrainConfig, train_local
+from silotune.ml.train import LocalTrainConfig, train_local
 from silotune.privacy.accounting import AccountingStep, compute_epsilon
+from silotune.privacy.fingerprint import dataset_fingerprint
+from silotune.privacy.ledger import Ledger, load_or_create_signing_key
 from silotune.privacy.one_run_audit import (
     AuditResult,
     _default_k_grid,
@@ -153,7 +157,7 @@ class EmpiricalAudit:
 
     def ledger_body(self, silo_id: str, dataset_fingerprint: str,
                     dataset_size: int) -> dict[str, Any]:
-        """The ``type = "audit"`` ledger entry (fields of notes/privacy.md §5)."""
+        """The ``type = "audit"`` ledger entry (fields of docs/privacy.md §5)."""
         r = self.result
         return {
             "type": "audit", "silo_id": silo_id, "method": METHOD,
@@ -240,17 +244,11 @@ def _last_train(ledger_entries: Sequence[dict[str, Any]]) -> dict[str, Any] | No
     return next((e for e in reversed(ledger_entries) if e.get("type") == "train"), None)
 
 
-def audit_silo(run: RunConfig, spec: SiloAuditSpec, ledger_path: Path,
-               key_path: Path) -> tuple[EmpiricalAudit, dict[str, Any]]:
-    """Run the empirical audit on silo ``spec.silo_index`` of ``run`` (a RunConfig: model,
-    dataset, split, LoRA and batch settings) and append the signed ``audit`` entry to the
-    silo's ledger with the silo's existing signing key. Returns ``(audit, entry)``."""
-    from silotune.client.silo import dataset_fingerprint
-    from silotune.ml.assets import resolve_model
-    from silotune.ml.lm import encode, load_model
-    from silotune.privacy.ledger import Ledger, load_or_create_signing_key
-    from silotune.simulations.federation import federated_task, silo_name
-
+def open_audit_ledger(run: RunConfig, spec: SiloAuditSpec, ledger_path: Path,
+                      key_path: Path) -> tuple[Ledger, float, float]:
+    """The silo's ledger, opened with the silo's own signing key, and the audit's
+    ``(noise_multiplier, max_grad_norm)``: the spec's, else the ledger's last train entry
+    (clip: else ``run.max_grad_norm``). Raises ValueError without the key or a sigma."""
     key_path, ledger_path = Path(key_path), Path(ledger_path)
     if not key_path.is_file():
         raise ValueError(f"signing key {key_path} not found: the audit entry must be signed "
@@ -265,8 +263,33 @@ def audit_silo(run: RunConfig, spec: SiloAuditSpec, ledger_path: Path,
     if sigma is None:
         raise ValueError(f"{ledger_path} has no train entry to take the noise multiplier "
                          "from; pass --noise-multiplier")
-    task = federated_task(run)
-    frame = task.silo_frame(spec.silo_index)  # raises ValueError for a bad index
+    return ledger, float(sigma), float(clip)
+
+
+def audit_silo(run: RunConfig, spec: SiloAuditSpec, frame: pd.DataFrame, silo_id: str,
+               ledger_path: Path, key_path: Path) -> tuple[EmpiricalAudit, dict[str, Any]]:
+    """Run the empirical audit on one silo's data and append the signed ``audit`` entry to
+    the silo's ledger with the silo's existing signing key. Returns ``(audit, entry)``.
+
+    Parameters
+    ----------
+    run : RunConfig
+        Model, LoRA, batch and learning-rate settings, and the delta under test; the LoRA
+        rank is ``run.rank_of(spec.silo_index)``.
+    spec : SiloAuditSpec
+        Canaries, steps, controls; sigma and clip default to the ledger's last train entry.
+    frame : pandas.DataFrame
+        The silo's training rows (columns ``text`` and ``label``), as the silo trains on
+        them (a simulated silo's: :func:`silotune.simulations.audit.audit_simulated_silo`).
+    silo_id : str
+        The silo's id, recorded in the entry.
+    ledger_path, key_path
+        The silo's ledger and its ledger signing key (which must exist).
+    """
+    from silotune.ml.assets import resolve_model
+    from silotune.ml.lm import encode, load_model
+
+    ledger, sigma, clip = open_audit_ledger(run, spec, ledger_path, key_path)
     model, tok = load_model(resolve_model(run.model))
     examples = [encode(tok, t, lab) for t, lab in zip(frame["text"], frame["label"],
                                                           strict=True)]
@@ -277,9 +300,8 @@ def audit_silo(run: RunConfig, spec: SiloAuditSpec, ledger_path: Path,
                            physical_batch_size=run.physical_batch_size,
                            learning_rate=run.learning_rate, init_seed=run.seed)
     audit = empirical_audit(model, examples, int(tok.pad_token_id), cfg,
-                            DPConfig(float(sigma), float(clip)), canaries=spec.canaries,
+                            DPConfig(sigma, clip), canaries=spec.canaries,
                             delta=run.target_delta, significance=spec.significance,
                             insert=spec.insert)
-    body = audit.ledger_body(silo_name(spec.silo_index), dataset_fingerprint(frame),
-                             len(frame))
+    body = audit.ledger_body(silo_id, dataset_fingerprint(frame), len(frame))
     return audit, ledger.append(body)

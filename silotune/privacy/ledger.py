@@ -2,7 +2,7 @@
 
 One ledger per silo and dataset: the privacy budget belongs to the dataset, so every
 train round appends its *cumulative* ``accounting_history`` and epsilon. Design per the
-project notes (``shared/notes/privacy.md`` §6): ``entry_hash = sha256(canonical(body))``
+project's privacy recipe (``docs/privacy.md`` §6): ``entry_hash = sha256(canonical(body))``
 over every field except ``entry_hash``/``signature``; ``prev_hash`` chains the entries;
 the silo's Ed25519 key (RFC 8032) signs the raw hash bytes; JSONL written with ``O_APPEND``
 and ``fsync`` per entry. ``verify_ledger`` re-checks the chain and signatures and recomputes

@@ -2,7 +2,7 @@
 
 Steinke, Nasr & Jagielski, "Privacy Auditing with One (1) Training Run", NeurIPS 2023,
 arXiv 2305.08846 (Theorem 3.1 / Algorithm 1). Same p-value as ``epsilon_one_run`` in
-google-deepmind/jax_privacy ``jax_privacy/auditing.py``. Notes: shared/notes/privacy.md §5.
+google-deepmind/jax_privacy ``jax_privacy/auditing.py``. See docs/privacy.md §5.
 
 Each of m canaries is inserted independently with probability 1/2 (secret bits S_i). After
 training, the auditor guesses "in" for the k_pos highest-scoring canaries and "out" for the

@@ -61,6 +61,10 @@ UPLOAD_DENSITY: Final = "upload-density"  # < 1: compress uploads (ComPEFT-style
 LOCAL_FACTORS: Final = "local-factors"  # factors kept on the silo across rounds (FedSA)
 PHYSICAL_BATCH_SIZE: Final = "physical-batch-size"  # micro-batch (memory) of DP-SGD
 BASE_PRECISION: Final = "base-precision"  # precision of the silo's training copy of the base
+MODEL: Final = "model"  # the base model (registered name or folder) the silo trains
+MAX_GRAD_NORM: Final = "max-grad-norm"  # DP-SGD clipping norm C
+TARGET_EPSILON: Final = "target-epsilon"  # the run's epsilon ("inf": a non-private run)
+TARGET_DELTA: Final = "target-delta"
 
 # Keys of an importance query and its reply (FedPipe).
 CALIBRATION_STEPS: Final = "calibration-steps"
@@ -97,6 +101,7 @@ QUERY_SCORE: Final = "score"  # handler name: message type "query.score" (feedba
 SYNTHETIC: Final = "synthetic"  # JSON [[text, label], ...]: the LLM's public synthetic data
 LABELS: Final = "labels"  # JSON list of the task's labels, in the SLM head's order
 PRIVATE_RUN: Final = "private-run"  # 1, or 0 when the run is marked non-private
+SLM: Final = "slm"  # the silo's small model (registered name or encoder folder)
 SLM_STEPS: Final = "slm-steps"
 SLM_ACCURACY: Final = "slm-accuracy"  # the silo's SLM on held-out private-style data
 SCORES: Final = "scores"  # p_SLM(y_j | x_j) per synthetic example: a feedback reply's payload

@@ -31,5 +31,3 @@ def build_server_app(preset: RunConfig | None = None, progress: Progress = print
 
     return app
 
-
-app = build_server_app()

@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType
+from flwr.app import Message
 from flwr.serverapp import Grid
 
 from silotune.config import RunConfig
+from silotune.files import atomic_write_json
 from silotune.ml.assets import general_text, resolve_model
 from silotune.ml.crosslm import (
     FeedbackRefusedError,
@@ -38,6 +39,7 @@ from silotune.ml.crosslm import (
     keep_mask,
     summarise,
 )
+from silotune.ml.data import held_out_split
 from silotune.ml.lm import evaluate, load_model
 from silotune.ml.synthetic import (
     SUBJECTS,
@@ -48,14 +50,18 @@ from silotune.ml.synthetic import (
     update_llm,
 )
 from silotune.protocol import keys as P
-from silotune.server.loop import Progress, _write_json
+from silotune.protocol.messages import (
+    MessageError,
+    ScoreReply,
+    ScoreRequest,
+    SlmTrainReply,
+    SlmTrainRequest,
+)
+from silotune.server.loop import Progress
 from silotune.server.report import write_report
 from silotune.server.roster import Roster, Silo, broadcast
-from silotune.simulations.federation import federated_task
 
 log = logging.getLogger(__name__)
-TRAIN_SLM = f"{MessageType.TRAIN}.{P.TRAIN_SLM}"
-QUERY_SCORE = f"{MessageType.QUERY}.{P.QUERY_SCORE}"
 FEEDBACK_METRICS = frozenset({P.SCORES, P.NUM_EXAMPLES, P.SLM_DP})
 FEEDBACK_INFO = frozenset({P.SILO_ID, P.LEDGER_HEAD})
 HELLO_RETRIES = 4
@@ -79,15 +85,13 @@ def validate_feedback(reply: Message, expected: int, private_run: bool) -> tuple
     extra |= set(info or {}) - FEEDBACK_INFO
     if extra:
         raise ValueError(f"feedback reply carries unexpected fields {sorted(extra)}")
-    check_feedback_allowed(bool(P.as_int(metrics.get(P.SLM_DP, 0), P.SLM_DP)), private_run)
-    scores = metrics.get(P.SCORES)
-    if not isinstance(scores, list) or len(scores) != expected:
-        raise ValueError(f"feedback reply has {len(scores) if isinstance(scores, list) else 0}"
-                         f" scores, expected {expected}")
-    values = [float(s) for s in scores]
-    if not all(0.0 <= v <= 1.0 for v in values):
+    answer = ScoreReply.from_message(reply)
+    check_feedback_allowed(answer.slm_dp, private_run)
+    if len(answer.scores) != expected:
+        raise ValueError(f"feedback reply has {len(answer.scores)} scores, expected {expected}")
+    if not all(0.0 <= v <= 1.0 for v in answer.scores):
         raise ValueError("feedback scores must be probabilities in [0, 1]")
-    return values, P.as_int(metrics.get(P.NUM_EXAMPLES), P.NUM_EXAMPLES)
+    return answer.scores, answer.num_examples
 
 
 def run_crosslm(grid: Grid, cfg: RunConfig, progress: Progress = print) -> dict[str, Any]:
@@ -95,9 +99,10 @@ def run_crosslm(grid: Grid, cfg: RunConfig, progress: Progress = print) -> dict[
     out = Path(cfg.out_dir)
     (out / "ledgers").mkdir(parents=True, exist_ok=True)
     llm, tok = load_model(resolve_model(cfg.model, progress=progress))
-    task = federated_task(cfg)
-    labels = list(task.labels)
-    texts, gold = list(task.test["text"]), list(task.test["label"])
+    split = held_out_split(cfg.dataset, cfg.text_column, cfg.label_column, cfg.test_size,
+                           cfg.seed)
+    labels = list(split.labels)
+    texts, gold = list(split.test["text"]), list(split.test["label"])
     general = general_text(GENERAL_TEXTS)
     subject = SUBJECTS.get(cfg.dataset, "text")
 
@@ -171,7 +176,7 @@ def run_crosslm(grid: Grid, cfg: RunConfig, progress: Progress = print) -> dict[
             "epsilon_limit": dict(sorted(limits.items())), "excluded": excluded,
             "seconds": round(time.monotonic() - start, 3)})
         metrics["rounds"].append(row)
-        _write_json(out / "metrics.json", metrics)
+        atomic_write_json(out / "metrics.json", metrics)
         progress(f"[round {round_}/{cfg.rounds}] LLM accuracy {row['accuracy']:.3f}, "
                  f"perplexity {row['perplexity']:.2f}, synthetic kept "
                  f"{row.get('synthetic_kept', 0)}/{row.get('synthetic_size', 0)} (mean score "
@@ -187,11 +192,11 @@ def _feedback(grid: Grid, cfg: RunConfig, silos: dict[str, Silo], round_: int,
               ) -> tuple[np.ndarray | None, list[dict[str, str]]]:
     """Ask every silo to score `examples`; aggregate the valid replies. Adds the bytes
     sent (request JSON) and received (8 bytes a score) to `row`."""
-    request = json.dumps([[e.text, e.label] for e in examples])
-    row["bytes_down"] += len(request.encode()) * len(silos)
-    config = ConfigRecord({P.ROUND: round_, P.LABELS: json.dumps(labels),
-                           P.SYNTHETIC: request, P.PRIVATE_RUN: int(cfg.private)})
-    replies, excluded = broadcast(grid, silos, config, QUERY_SCORE, cfg.round_timeout)
+    request = [[e.text, e.label] for e in examples]
+    row["bytes_down"] += len(json.dumps(request).encode()) * len(silos)
+    ask = ScoreRequest(round=round_, slm=cfg.slm, labels=labels, synthetic=request,
+                       private_run=cfg.private, run_seed=cfg.seed)
+    replies, excluded = broadcast(grid, silos, ask, cfg.round_timeout)
     scores: dict[str, list[float]] = {}
     counts: dict[str, int] = {}
     for silo, reply in replies.items():
@@ -211,20 +216,25 @@ def _train_slms(grid: Grid, cfg: RunConfig, silos: dict[str, Silo], round_: int,
                 ) -> tuple[dict[str, float], list[dict[str, str]]]:
     """Every silo trains its SLM (kept synthetic set + private data); held-out accuracy.
     Updates `epsilon` and `limits` per silo and the bytes sent in `row`."""
-    synthetic = json.dumps([[e.text, e.label] for e in kept])
-    row["bytes_down"] += len(synthetic.encode()) * len(silos)
-    config = ConfigRecord({
-        P.ROUND: round_, P.LABELS: json.dumps(labels), P.SYNTHETIC: synthetic,
-        P.SLM_STEPS: cfg.slm_steps, P.BATCH_SIZE: cfg.batch_size,
-        P.LEARNING_RATE: cfg.slm_learning_rate, P.PLANNED_ROUNDS: cfg.rounds + 1})
-    replies, excluded = broadcast(grid, silos, config, TRAIN_SLM, cfg.round_timeout)
+    synthetic = [[e.text, e.label] for e in kept]
+    row["bytes_down"] += len(json.dumps(synthetic).encode()) * len(silos)
+    ask = SlmTrainRequest(
+        round=round_, slm=cfg.slm, labels=labels, synthetic=synthetic,
+        slm_steps=cfg.slm_steps, batch_size=cfg.batch_size,
+        learning_rate=cfg.slm_learning_rate, max_grad_norm=cfg.max_grad_norm,
+        target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta,
+        planned_rounds=cfg.rounds + 1, run_seed=cfg.seed)
+    replies, excluded = broadcast(grid, silos, ask, cfg.round_timeout)
     accuracy: dict[str, float] = {}
     for silo, reply in replies.items():
-        m = reply.content.metric_records[P.METRICS]
-        accuracy[silo] = P.as_float(m[P.SLM_ACCURACY], P.SLM_ACCURACY)
-        if P.EPSILON in m:
-            epsilon[silo] = P.as_float(m[P.EPSILON], P.EPSILON)
-            limits[silo] = P.as_float(m[P.EPSILON_LIMIT], P.EPSILON_LIMIT)
+        try:
+            answer = SlmTrainReply.from_message(reply)
+        except MessageError as err:
+            excluded.append({"silo": silo, "reason": f"bad SLM training reply: {err}"})
+            continue
+        accuracy[silo] = answer.slm_accuracy
+        if answer.epsilon is not None and answer.epsilon_limit is not None:
+            epsilon[silo], limits[silo] = answer.epsilon, answer.epsilon_limit
     return dict(sorted(accuracy.items())), excluded
 
 

@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 from silotune.config import RunConfig
@@ -27,7 +26,7 @@ from silotune.planning.configurator import (
 from silotune.planning.importance import aggregate_importance, importance_by_type
 from silotune.planning.profiles import SiloProfile
 from silotune.planning.resources import ModelSpec
-from silotune.protocol import keys as P
+from silotune.protocol.messages import ImportanceQuery, ImportanceReply, MessageError
 from silotune.server.roster import Silo, broadcast
 
 log = logging.getLogger(__name__)
@@ -64,22 +63,24 @@ class FederationPlan:
 def query_importance(grid: Grid, cfg: RunConfig, silos: Mapping[str, Silo]
                      ) -> tuple[dict[str, float], dict[str, int]]:
     """Aggregated per-matrix importance, and each silo's longest example in tokens."""
-    config = ConfigRecord({P.CALIBRATION_STEPS: cfg.calibration_steps,
-                           P.CALIBRATION_BATCH: cfg.calibration_batch, P.RUN_SEED: cfg.seed})
-    replies, failed = broadcast(grid, silos, config, P.QUERY_IMPORTANCE,
-                                QUERY_TIMEOUT_SECONDS)
+    query = ImportanceQuery(model=cfg.model, calibration_steps=cfg.calibration_steps,
+                            calibration_batch=cfg.calibration_batch, run_seed=cfg.seed)
+    replies, failed = broadcast(grid, silos, query, QUERY_TIMEOUT_SECONDS)
+    answers: dict[str, ImportanceReply] = {}
+    for silo, reply in replies.items():
+        try:
+            answers[silo] = ImportanceReply.from_message(reply)
+        except MessageError as err:
+            failed.append({"silo": silo, "reason": f"bad importance reply: {err}"})
     if failed:  # every silo needs a plan, so every silo must answer
         raise RuntimeError("the importance query failed for " + "; ".join(
             f"{f['silo']}: {f['reason']}" for f in failed) + ": check that those silos are "
             "running and can load the model")
     scored: list[tuple[int, dict[str, float]]] = []
     max_tokens: dict[str, int] = {}
-    for silo, reply in replies.items():
-        metrics = reply.content.metric_records[P.METRICS]
-        scores = reply.content.metric_records[P.IMPORTANCE]
-        scored.append((P.as_int(metrics[P.NUM_EXAMPLES], P.NUM_EXAMPLES),
-                       {k: P.as_float(v, k) for k, v in scores.items()}))
-        max_tokens[silo] = P.as_int(metrics[P.MAX_TOKENS], P.MAX_TOKENS)
+    for silo, answer in answers.items():
+        scored.append((answer.num_examples, answer.scores or {}))
+        max_tokens[silo] = answer.max_tokens
     return aggregate_importance(scored), max_tokens
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import random
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
 
 from silotune import strategies
@@ -32,20 +31,22 @@ from silotune.adapters.codec import as_received, update_from_arrays, update_to_a
 from silotune.adapters.compression import decompress_arrays, upload_reference
 from silotune.adapters.types import AdapterError, LowRankUpdate, SiloAdapter
 from silotune.config import RunConfig
+from silotune.files import atomic_write_json
 from silotune.ml.assets import resolve_model
+from silotune.ml.data import held_out_split
 from silotune.ml.lm import evaluate, load_model
 from silotune.ml.merge import apply_update, module_shapes
 from silotune.planning.sensitivity import model_spec
 from silotune.progress import track
 from silotune.protocol import keys as P
-from silotune.protocol.codec import from_record, round_digest, to_record
+from silotune.protocol.codec import round_digest
+from silotune.protocol.messages import TrainInstruction, TrainReply
 from silotune.server import checkpoint
 from silotune.server.client_dp import ClientLevelRun
 from silotune.server.fedpipe import configure
 from silotune.server.report import write_report
 from silotune.server.roster import Roster, Silo, exchange
 from silotune.server.validate import Expected, validate_reply
-from silotune.simulations.federation import federated_task
 from silotune.strategies.base import SiloPlan
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ Progress = Callable[[str], None]
 
 
 @dataclass
-class _GlobalState:
+class GlobalState:
     """Merged rounds so far (what a silo needs to reach the current global base) and the
     global adapter that rules of the FedIT family carry on top of it."""
 
@@ -91,7 +92,8 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
     for sub in ("ledgers", "checkpoint"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     model, tok = load_model(resolve_model(cfg.model, progress=progress))
-    task = federated_task(cfg)
+    task = held_out_split(cfg.dataset, cfg.text_column, cfg.label_column, cfg.test_size,
+                          cfg.seed)
     texts, gold = list(task.test["text"]), list(task.test["label"])
 
     def held_out(adapter: LowRankUpdate | None) -> tuple[float, float]:
@@ -103,7 +105,7 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
         return res.accuracy, res.loss
 
     resumed = checkpoint.load(out / "checkpoint", cfg) if cfg.resume else None
-    state = _GlobalState()
+    state = GlobalState()
     rng = random.Random(cfg.seed)  # public: fixes which silos are sampled
     if resumed is None:
         t0 = time.monotonic()
@@ -116,7 +118,7 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
             "config": cfg.to_json_dict(), "private": cfg.private,
             "base_accuracy": base_accuracy, "base_loss": base_loss, "rounds": []}
     else:
-        state = _GlobalState(resumed.arrays, resumed.scales, resumed.fingerprints,
+        state = GlobalState(resumed.arrays, resumed.scales, resumed.fingerprints,
                              resumed.adapter)
         for update in state.updates():  # the global base as of the checkpoint
             apply_update(model, update)
@@ -159,7 +161,7 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
         plans = {s: _on_wire(_restrict(rule.plan(s, silos[s].rank, state.adapter, round_),
                                        _shapes_of(shapes, silos[s].targets)),
                              cfg.wire_dtype) for s in sampled}
-        messages = {s: _train_message(cfg, round_, silos[s], plans[s], state, federation_id)
+        messages = {s: train_message(cfg, round_, silos[s], plans[s], state, federation_id)
                     for s in sampled}
         bytes_down = sum(m.content.array_records[P.ARRAYS].count_bytes()
                          for m in messages.values())
@@ -171,19 +173,18 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
                         "; ".join(str(replies[s].error.reason) for s in lost))
             for s in lost:
                 silos[s].base_version = 0
-            again = {s: _train_message(cfg, round_, silos[s], plans[s], state, federation_id)
+            again = {s: train_message(cfg, round_, silos[s], plans[s], state, federation_id)
                      for s in lost}
             bytes_down += sum(m.content.array_records[P.ARRAYS].count_bytes()
                               for m in again.values())
             replies.update(exchange(grid, again, cfg.round_timeout))
         adapters, excluded, bytes_up = _collect(cfg, roster, shapes, plans, replies)
         excluded = unreachable + excluded
-        for a_silo, reply_metrics, _ in adapters.values():
-            if P.BASE_VERSION in reply_metrics:
-                silos[a_silo.silo].base_version = int(reply_metrics[P.BASE_VERSION])
-            if P.EPSILON in reply_metrics:
-                epsilon[a_silo.silo] = float(reply_metrics[P.EPSILON])
-                limits[a_silo.silo] = float(reply_metrics[P.EPSILON_LIMIT])
+        for a_silo, answer in adapters.values():
+            silos[a_silo.silo].base_version = answer.base_version
+            if answer.epsilon is not None and answer.epsilon_limit is not None:
+                epsilon[a_silo.silo] = answer.epsilon
+                limits[a_silo.silo] = answer.epsilon_limit
         valid = [adapters[s][0] for s in sorted(adapters)]
         if len(valid) < cfg.min_replies:
             progress(f"[round {round_}] only {len(valid)} valid replies (< min_replies "
@@ -204,17 +205,16 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
                "bytes_up": bytes_up, "bytes_down": bytes_down,
                "seconds": round(time.monotonic() - start, 3), "excluded": excluded,
                "participants": sorted(adapters),
-               "peak_memory_bytes": {s: int(m[P.PEAK_MEMORY])
-                                     for s, (_, m, _) in sorted(adapters.items())
-                                     if P.PEAK_MEMORY in m},
+               "peak_memory_bytes": {s: a.peak_memory for s, (_, a) in sorted(adapters.items())
+                                     if a.peak_memory is not None},
                "ranks": {s: silos[s].rank for s in sampled},
-               "workers": {s: adapters[s][2] for s in sorted(adapters)},
+               "workers": {s: a.worker for s, (_, a) in sorted(adapters.items())},
                "history_resent": lost}
         if client_dp is not None:  # a separate guarantee (unit = silo): never added to epsilon
             row["client_level"] = client_level.get(round_)
             metrics["client_level_dp"] = client_dp.summary()
         metrics["rounds"].append(row)
-        _write_json(out / "metrics.json", metrics)
+        atomic_write_json(out / "metrics.json", metrics)
         checkpoint.save(out / "checkpoint", checkpoint.Checkpoint(
             round=round_, federation_id=federation_id, config=cfg.to_json_dict(),
             arrays=state.arrays, scales=state.scales, fingerprints=state.fingerprints,
@@ -228,37 +228,31 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> di
     return metrics
 
 
-def _train_message(cfg: RunConfig, round_: int, silo: Silo, plan: SiloPlan,
-                   state: _GlobalState, federation_id: str) -> Message:
-    config = ConfigRecord({
-        P.ROUND: round_, P.FEDERATION_ID: federation_id,
-        P.RANK: plan.rank, P.ALPHA: _alpha(cfg, plan.rank),
-        P.TARGETS: ",".join(silo.targets), P.LOCAL_STEPS: cfg.local_steps,
-        P.PLANNED_ROUNDS: cfg.rounds, P.BATCH_SIZE: silo.batch,
-        P.PHYSICAL_BATCH_SIZE: silo.physical_batch, P.BASE_PRECISION: silo.precision,
-        P.LEARNING_RATE: cfg.learning_rate, P.RUN_SEED: cfg.seed,
-        P.FROZEN_FACTORS: ",".join(plan.frozen), P.UPLOAD_FACTORS: ",".join(plan.upload),
-        P.LOCAL_FACTORS: ",".join(plan.local), P.WIRE_DTYPE: cfg.wire_dtype,
-        P.UPLOAD_DENSITY: cfg.upload_density,
-        P.UPDATE_SCALES: json.dumps(state.scales),
-        P.BASE_FINGERPRINTS: json.dumps(state.fingerprints),
-        P.FIRST_SENT_ROUND: silo.base_version + 1})
+def train_message(cfg: RunConfig, round_: int, silo: Silo, plan: SiloPlan,
+                   state: GlobalState, federation_id: str) -> Message:
     arrays = state.since(silo.base_version)
-    if plan.seed is not None:  # the silo regenerates a seeded start: nothing to download
-        config[P.INIT_SEED] = plan.seed
-    elif plan.init is not None:
+    if plan.seed is None and plan.init is not None:  # a start the silo cannot regenerate
         arrays.update(update_to_arrays(LowRankUpdate(plan.init), P.INIT_PREFIX))
-    content = RecordDict({P.ARRAYS: to_record(arrays, cfg.wire_dtype), P.CONFIG: config})
-    return Message(content, dst_node_id=silo.node_id, message_type=MessageType.TRAIN)
+    ask = TrainInstruction(
+        round=round_, federation_id=federation_id, model=cfg.model, rank=plan.rank,
+        alpha=_alpha(cfg, plan.rank), targets=silo.targets, local_steps=cfg.local_steps,
+        planned_rounds=cfg.rounds, batch_size=silo.batch,
+        physical_batch_size=silo.physical_batch, base_precision=silo.precision,
+        learning_rate=cfg.learning_rate, max_grad_norm=cfg.max_grad_norm,
+        target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta, run_seed=cfg.seed,
+        frozen=plan.frozen, upload=plan.upload, local=plan.local, wire_dtype=cfg.wire_dtype,
+        upload_density=cfg.upload_density, update_scales=dict(state.scales),
+        base_fingerprints=list(state.fingerprints), first_sent_round=silo.base_version + 1,
+        init_seed=plan.seed, arrays=arrays)
+    return ask.to_message(silo.node_id, cfg.wire_dtype)
 
 
 def _collect(cfg: RunConfig, roster: Roster, shapes: dict[str, tuple[int, int]],
              plans: dict[str, SiloPlan], replies: dict[str, Message],
-             ) -> tuple[dict[str, tuple[SiloAdapter, dict[str, Any], str]],
-                        list[dict[str, str]], int]:
-    """Validated adapters by silo, with the reply metrics and the worker that trained it;
-    the excluded silos with reasons; and the bytes uploaded."""
-    adapters: dict[str, tuple[SiloAdapter, dict[str, Any], str]] = {}
+             ) -> tuple[dict[str, tuple[SiloAdapter, TrainReply]], list[dict[str, str]], int]:
+    """Validated adapters by silo, with the silo's typed reply; the excluded silos with
+    reasons; and the bytes uploaded."""
+    adapters: dict[str, tuple[SiloAdapter, TrainReply]] = {}
     excluded: list[dict[str, str]] = []
     bytes_up = 0
     for silo, reply in sorted(replies.items()):
@@ -266,11 +260,7 @@ def _collect(cfg: RunConfig, roster: Roster, shapes: dict[str, tuple[int, int]],
             excluded.append({"silo": silo, "reason": str(reply.error.reason)})
             continue
         record = reply.content.array_records.get(P.ARRAYS)
-        metrics = reply.content.metric_records.get(P.METRICS)
-        if record is None or metrics is None:
-            excluded.append({"silo": silo, "reason": "reply lacks adapter arrays or metrics"})
-            continue
-        bytes_up += record.count_bytes()
+        bytes_up += record.count_bytes() if record is not None else 0
         plan = plans[silo]
         scale = _alpha(cfg, plan.rank) / plan.rank  # computed as the silo computes it
         expected = Expected(rank=plan.rank, scale=scale,
@@ -278,15 +268,14 @@ def _collect(cfg: RunConfig, roster: Roster, shapes: dict[str, tuple[int, int]],
                             upload=plan.upload, start=plan.init,
                             max_norm=cfg.max_update_norm)
         try:
+            answer = TrainReply.from_message(reply)
             reference = upload_reference(plan.init, scale, plan.local)
-            arrays = decompress_arrays(from_record(record), reference)
-            adapter = validate_reply(silo, arrays, metrics.get(P.NUM_EXAMPLES), expected)
+            arrays = decompress_arrays(answer.arrays, reference)
+            adapter = validate_reply(silo, arrays, answer.num_examples, expected)
         except (AdapterError, ValueError, KeyError) as err:
             excluded.append({"silo": silo, "reason": str(err)})
             continue
-        info = reply.content.config_records.get(P.INFO)
-        worker = str(info.get(P.WORKER_NODE, "")) if info is not None else ""
-        adapters[silo] = (adapter, dict(metrics), worker)
+        adapters[silo] = (adapter, answer)
     excluded += [{"silo": s, "reason": "no reply before the round timeout"}
                  for s in sorted(plans) if s not in replies]
     for e in excluded:
@@ -321,7 +310,3 @@ def _on_wire(plan: SiloPlan, wire_dtype: str) -> SiloPlan:
                                                       wire_dtype).modules)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
-    tmp.replace(path)

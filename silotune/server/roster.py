@@ -22,14 +22,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import NamedTuple, TypeVar
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 
 from silotune.config import RunConfig
 from silotune.planning.configurator import PlannedSilo
 from silotune.planning.profiles import SiloProfile
-from silotune.protocol import keys as P
+from silotune.protocol.messages import Hello, HelloReply, Payload
 
 log = logging.getLogger(__name__)
 NODE_WAIT_SECONDS = 120.0  # for the nodes to connect
@@ -60,7 +60,7 @@ class Silo:
         self.batch = self.physical_batch = c.batch  # the memory model's micro-batch
 
 
-class Hello(NamedTuple):
+class Answer(NamedTuple):
     """A silo's answer to the hello: who it is, its size and its declared resources."""
 
     node_id: int
@@ -145,13 +145,11 @@ class Roster:
         return failed
 
     def _ask(self, nodes: list[int], timeout: float,
-             ) -> tuple[list[Hello], list[dict[str, str]]]:
+             ) -> tuple[list[Answer], list[dict[str, str]]]:
         """Hello to `nodes`: the answers of those that answer, and the others as excluded
         entries with the reason."""
-        replies = exchange(self.grid, {n: Message(RecordDict(), dst_node_id=n,
-                                                  message_type=P.QUERY_HELLO) for n in nodes},
-                           timeout)
-        answers: list[Hello] = []
+        replies = exchange(self.grid, {n: Hello().to_message(n) for n in nodes}, timeout)
+        answers: list[Answer] = []
         failed = [{"silo": f"node-{n}", "reason": "no hello reply"}
                   for n in nodes if n not in replies]
         for node, reply in replies.items():
@@ -160,12 +158,14 @@ class Roster:
                 failed.append({"silo": f"node-{node}",
                                "reason": f"hello failed: {reply.error.reason}"})
                 continue
-            silo = str(reply.content.config_records[P.INFO][P.SILO_ID])
-            count = reply.content.metric_records[P.METRICS][P.NUM_EXAMPLES]
-            declared = reply.content.config_records.get(P.PROFILE)
-            answers.append(Hello(node, silo, P.as_int(count, P.NUM_EXAMPLES),
-                                 SiloProfile.from_node_config(dict(declared)) if declared
-                                 else None))
+            try:
+                hello = HelloReply.from_message(reply)
+                profile = (SiloProfile.from_node_config(hello.profile) if hello.profile
+                           else None)
+            except ValueError as err:  # MessageError, ProfileError
+                failed.append({"silo": f"node-{node}", "reason": f"bad hello reply: {err}"})
+                continue
+            answers.append(Answer(node, hello.silo_id, hello.num_examples, profile))
         return answers, failed
 
 
@@ -180,12 +180,11 @@ def exchange(grid: Grid, asks: Mapping[K, Message], timeout: float) -> dict[K, M
             if r.metadata.reply_to_message_id in key_of}
 
 
-def broadcast(grid: Grid, silos: Mapping[str, Silo], config: ConfigRecord, message_type: str,
-              timeout: float) -> tuple[dict[str, Message], list[dict[str, str]]]:
-    """Send the same `config` to every silo: the successful replies by silo, and the
+def broadcast(grid: Grid, silos: Mapping[str, Silo], request: Payload, timeout: float,
+              ) -> tuple[dict[str, Message], list[dict[str, str]]]:
+    """Send the same `request` to every silo: the successful replies by silo, and the
     others as excluded entries (the error's reason, or no reply in time)."""
-    replies = exchange(grid, {s: Message(RecordDict({P.CONFIG: config}), dst_node_id=v.node_id,
-                                         message_type=message_type)
+    replies = exchange(grid, {s: request.to_message(v.node_id)
                               for s, v in sorted(silos.items())}, timeout)
     excluded = [{"silo": s, "reason": str(r.error.reason)}
                 for s, r in sorted(replies.items()) if r.has_error()]

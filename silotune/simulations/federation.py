@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from silotune.config import RunConfig
-from silotune.ml.assets import load_dataset_frame
-from silotune.simulations.partition import load_silo, make_partitioner, split_holdout
+from silotune.ml.data import held_out_split
+from silotune.simulations.partition import load_silo, make_partitioner
 
 if TYPE_CHECKING:
     from flwr_datasets.partitioner import Partitioner
@@ -58,11 +58,9 @@ def federated_task(cfg: RunConfig) -> FederatedTask:
 @lru_cache(maxsize=4)
 def _cached(dataset: str, text_column: str, label_column: str, num_silos: int,
             method: str, alpha: float, test_size: int, seed: int) -> FederatedTask:
-    frame = load_dataset_frame(dataset, text_column=text_column, label_column=label_column)
-    fraction = min(0.5, test_size / len(frame))
-    train, test = split_holdout(frame, test_fraction=fraction, seed=seed, max_test=test_size)
+    split = held_out_split(dataset, text_column, label_column, test_size, seed)
+    train = split.train
     parts = make_partitioner(train, num_partitions=num_silos, method=method, alpha=alpha,
                              seed=seed, min_partition_size=min(10, len(train) // num_silos))
-    labels = tuple(sorted(frame["label"].unique()))
-    return FederatedTask(labels=labels, test=test.reset_index(drop=True),
-                         num_silos=num_silos, partitioner=parts)
+    return FederatedTask(labels=split.labels, test=split.test, num_silos=num_silos,
+                         partitioner=parts)

@@ -17,10 +17,11 @@ from silotune.client.app import build_client_app
 from silotune.config import RunConfig
 from silotune.ml.assets import resolve_model
 from silotune.server.loop import Progress
+from silotune.simulations.checks import check_names
 from silotune.simulations.cluster import backend_config
 from silotune.simulations.federation import federated_task, silo_name
-from silotune.simulations.checks import check_names
 from silotune.simulations.plan import check_profiles
+from silotune.simulations.silos import simulated_silos
 
 SHOW_SIZES = 8  # silo sizes printed at start-up (the first few)
 
@@ -73,7 +74,7 @@ def simulate(cfg: RunConfig, progress: Progress = print,
         progress(f"[ray] joining the Ray cluster at {ray_address}")
     run_simulation(
         server_app=build_server_app(cfg, progress),
-        client_app=build_client_app(cfg),
+        client_app=build_client_app(simulated_silos(cfg)),
         num_supernodes=cfg.num_silos,
         backend_config=backend,
     )

@@ -9,20 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
-
 from silotune.config import ConfigError, RunConfig
 from silotune.ml.assets import resolve_model
-from silotune.ml.lm import encode, load_model
+from silotune.ml.lm import encode_frame, load_model
 from silotune.planning.configurator import plan_federation
-from silotune.planning.importance import (
-    aggregate_importance,
-    importance_by_type,
-    smoothed_sensitivity,
-)
+from silotune.planning.importance import aggregate_importance, importance_by_type
 from silotune.planning.profiles import mix_profiles
 from silotune.planning.resources import CANDIDATES
-from silotune.planning.sensitivity import model_spec, raw_sensitivities
+from silotune.planning.sensitivity import model_spec, silo_importance
 from silotune.server.fedpipe import FederationPlan
 from silotune.simulations.federation import federated_task, silo_name
 
@@ -38,16 +32,12 @@ def plan_offline(cfg: RunConfig, progress: Callable[[str], None] = print) -> Fed
                                                                    cfg.num_silos))}
     replies, budgets = [], {}
     for i in range(task.num_silos):
-        frame = task.silo_frame(i)
-        examples = [encode(tok, t, lab) for t, lab in zip(frame["text"], frame["label"],
-                                                              strict=True)]
-        raw = raw_sensitivities(model, examples, int(tok.pad_token_id),
-                                cfg.calibration_batch, cfg.calibration_steps, cfg.seed)
-        names = sorted(raw)
-        smoothed = smoothed_sensitivity(np.stack([raw[n] for n in names], axis=1))
-        replies.append((len(examples), dict(zip(names, map(float, smoothed), strict=True))))
-        seq_len = max(len(e.input_ids) for e in examples)
-        budgets[silo_name(i)] = profiles[silo_name(i)].budget(cfg.local_steps, seq_len)
+        answer = silo_importance(model, encode_frame(tok, task.silo_frame(i)),
+                                 int(tok.pad_token_id), cfg.calibration_batch,
+                                 cfg.calibration_steps, cfg.seed)
+        replies.append((answer.num_examples, answer.scores))
+        budgets[silo_name(i)] = profiles[silo_name(i)].budget(cfg.local_steps,
+                                                              answer.max_tokens)
         progress(f"[importance] {silo_name(i)} scored on {cfg.calibration_steps} x "
                  f"{cfg.calibration_batch} examples")
     by_type = importance_by_type(aggregate_importance(replies))
@@ -72,9 +62,7 @@ def check_profiles(cfg: RunConfig) -> None:
     task = federated_task(cfg)
     budgets = {}
     for i, profile in enumerate(mix_profiles(cfg.profiles, cfg.num_silos)):
-        frame = task.silo_frame(i)
-        seq_len = max(len(encode(tok, t, lab).input_ids)
-                      for t, lab in zip(frame["text"], frame["label"], strict=True))
+        seq_len = max(len(e.input_ids) for e in encode_frame(tok, task.silo_frame(i)))
         budgets[silo_name(i)] = profile.budget(cfg.local_steps, seq_len)
     plan_federation(model_spec(skeleton), dict.fromkeys(CANDIDATES, 1.0), budgets,
                     cfg.plan_mode)

@@ -2,7 +2,7 @@
 
 Zhang et al., "Towards Building the Federated GPT: Federated Instruction Tuning",
 ICASSP 2024; reference code ``JayZhang42/FederatedGPT-Shepherd``,
-``fed_utils/model_aggregation.py`` (notes/algorithms.md §3). Not the FLoRA repository's
+``fed_utils/model_aggregation.py`` (docs/algorithms.md §3). Not the FLoRA repository's
 FedIT, whose accumulation typo keeps only the first client (§5.1).
 
 For every adapted module, with p_k = n_k / sum_j n_j and the silo's scale s_k folded

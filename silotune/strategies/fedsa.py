@@ -2,7 +2,7 @@
 
 Guo et al., "Selective Aggregation for Low-Rank Adaptation in Federated Learning",
 ICLR 2025; reference configs ``Pengxin-Guo/FedSA-LoRA``
-(``personalization.local_param: ['lora_B', 'classifier']``); notes/algorithms.md §3, §4.
+(``personalization.local_param: ['lora_B', 'classifier']``); docs/algorithms.md §3, §4.
 For every adapted module, with p_k = n_k / sum_j n_j::
 
     A_g = sum_k p_k A_k      (r, d_in)    equal ranks required

@@ -1,7 +1,7 @@
 """FFA-LoRA: a frozen shared random A, only B trained and averaged (exact).
 
 Sun et al., "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024
-(arXiv 2403.12313); notes/algorithms.md §3, §10 #6. Every silo starts from the same
+(arXiv 2403.12313); docs/algorithms.md §3, §10 #6. Every silo starts from the same
 non-zero A_0 drawn from a shared seed and keeps it frozen; B (zero init) is the only
 trained and transmitted factor. With p_k = n_k / sum_j n_j and s_k folded into B::
 

@@ -2,7 +2,7 @@
 
 Bai et al., "Federated Fine-tuning of Large Language Models under Heterogeneous Tasks and
 Client Resources", NeurIPS 2024 (arXiv 2402.11505); rule from the paper abstract plus a
-reconstruction (notes/algorithms.md §3, §4). For every adapted module, with
+reconstruction (docs/algorithms.md §3, §4). For every adapted module, with
 p_k = n_k / sum_j n_j::
 
     dW = sum_k p_k s_k B_k A_k       (d_out, d_in)   exact, any ranks

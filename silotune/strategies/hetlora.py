@@ -2,7 +2,7 @@
 
 Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation
 Models", EMNLP 2024 (arXiv 2401.06432). Reconstructed from the paper and a third-party
-FederatedScope implementation, not from official code (notes/algorithms.md §3, tagged
+FederatedScope implementation, not from official code (docs/algorithms.md §3, tagged
 [recon + 2nd]): label results "HetLoRA-style".
 
 Aggregation: zero-pad every silo's factors to the largest rank present and average with

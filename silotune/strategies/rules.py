@@ -4,7 +4,7 @@ Thin wrappers over the pure functions of the sibling modules (one per paper), in
 the round loop expects (`AggregationRule` in base.py). Two families:
 
 - FLoRA merges each round's exact stacked update into the base; silos start every round
-  from a fresh LoRA (notes/algorithms.md §2.2).
+  from a fresh LoRA (docs/algorithms.md §2.2).
 - FedIT, zero-padding, HetLoRA, FlexLoRA, FFA-LoRA and FedSA-LoRA carry a global adapter
   across rounds; each silo starts from its rank-r_k view of it (§3).
 """

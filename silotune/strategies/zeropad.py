@@ -1,6 +1,6 @@
 """Zero-padding FedAvg of heterogeneous-rank LoRA factors, and the shared padding helpers.
 
-Project baseline (notes/algorithms.md §3, "Zero-padding"; FedIT after padding, and the
+Project baseline (docs/algorithms.md §3, "Zero-padding"; FedIT after padding, and the
 aggregation step of HetLoRA, Cho et al., EMNLP 2024, arXiv 2401.06432). For every adapted
 module, pad A_k with r_max - r_k zero rows and B_k with zero columns, then average with
 weights w_k (default p_k = n_k / sum_j n_j), folding the silo's scale s_k into B::

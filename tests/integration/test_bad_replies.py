@@ -16,6 +16,7 @@ from silotune.client.app import build_client_app
 from silotune.config import RunConfig
 from silotune.protocol import keys as P
 from silotune.protocol.codec import from_record, to_record
+from silotune.simulations.silos import simulated_silos
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +59,8 @@ def test_each_bad_reply_kind_is_excluded_and_the_round_completes(
                     target_epsilon=float("inf"), wire_dtype="fp32", max_update_norm=100.0,
                     out_dir=str(tmp_path / "run"))
     run_simulation(server_app=build_server_app(cfg, progress=lambda _: None),
-                   client_app=build_client_app(cfg, mods=[_corrupt]), num_supernodes=6,
+                   client_app=build_client_app(simulated_silos(cfg), mods=[_corrupt]),
+                   num_supernodes=6,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": 2, "include_dashboard": False}})
     row = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"][0]

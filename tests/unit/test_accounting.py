@@ -1,4 +1,4 @@
-"""Accounting: golden values from shared/notes/privacy.md §3 and §6, composition, calibration."""
+"""Accounting: golden values from docs/privacy.md §3 and §6, composition, calibration."""
 
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ def test_calibration_hits_target_from_below(prior: list[AccountingStep], q: floa
 
 
 def test_calibration_matches_notes_sigma() -> None:
-    # notes §3: eps=3, q=0.01, T=1000 -> sigma 0.8147 (PRV)
+    # docs/privacy.md §3: eps=3, q=0.01, T=1000 -> sigma 0.8147 (PRV)
     sigma = calibrate_noise_multiplier(prior=[], sample_rate=0.01, steps=1000,
                                        target_epsilon=3.0, delta=DELTA)
     assert sigma == pytest.approx(0.8147, rel=0.01)

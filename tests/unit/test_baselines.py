@@ -1,5 +1,5 @@
 """Baseline aggregation rules against hand-computed values and the identities of
-notes/algorithms.md §2.3, §3 and §10 (FedIT, zero-padding, HetLoRA, FlexLoRA, FFA-LoRA,
+docs/algorithms.md §2.3, §3 and §10 (FedIT, zero-padding, HetLoRA, FlexLoRA, FFA-LoRA,
 FedSA-LoRA)."""
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ import pytest
 
 from silotune.cli import main
 from silotune.client.silo import SiloPrivacy, SiloPrivacyConfig
+from silotune.ml.dp_sgd import DPConfig
 from silotune.ml.lm import encode, load_model
-from silotune.ml.train import DPConfig, LocalTrainConfig
+from silotune.ml.train import LocalTrainConfig
 from silotune.privacy.accounting import AccountingStep
 from silotune.privacy.canary_audit import empirical_audit
 from silotune.privacy.ledger import verify_ledger

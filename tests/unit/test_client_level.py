@@ -103,7 +103,7 @@ def test_noise_std_is_z_clip_over_k_and_mean_is_the_clipped_average():
 def test_client_level_epsilon_matches_reference_values():
     cfg = ClientLevelConfig(1.0, 1.0, population=10, per_round=10, delta=1e-5)
     eps = client_level_epsilon(cfg, 5)
-    assert eps["rdp"] == pytest.approx(12.30, abs=0.01)  # Flower notes: 5 releases, z=1
+    assert eps["rdp"] == pytest.approx(12.30, abs=0.01)  # docs/privacy.md §4: 5 releases, z=1
     assert eps["pld"] <= eps["rdp"]
     sampled = client_level_epsilon(ClientLevelConfig(1.0, 1.0, 1000, 10, 1e-5), 5)
     assert "pld" not in sampled and 0 < sampled["rdp"] < eps["rdp"]

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_pyproject_flower_config_is_the_default_run():
     flwr_cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    assert flwr_cfg["components"]["serverapp"] == "silotune.server.app:app"
+    assert flwr_cfg["components"]["serverapp"] == "silotune.app:server_app"
     cfg = RunConfig.from_mapping(flwr_cfg["config"])
     assert cfg == RunConfig(out_dir=cfg.out_dir)
     # every key is there, so that `flwr run --run-config` can override any of them

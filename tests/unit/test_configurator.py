@@ -140,8 +140,8 @@ def test_profiles_mix_node_config_and_weakest():
 
 
 def test_silo_profile_from_node_config_or_mix():
-    from silotune.client.fedpipe import silo_profile
     from silotune.config import RunConfig
+    from silotune.simulations.silos import simulated_profile as silo_profile
 
     declared = mix_profiles("clinics", 1)[0].to_node_config()
     assert silo_profile(RunConfig(), 0, {}) is None  # auto-configuration off
@@ -149,5 +149,6 @@ def test_silo_profile_from_node_config_or_mix():
     assert silo_profile(RunConfig(profiles="node"), 0, declared).name == "clinic-laptop"
     with pytest.raises(ProfileError, match="node config declares none"):
         silo_profile(RunConfig(profiles="node"), 0, {"partition-id": 0})
-    with pytest.raises(ProfileError, match=r"memory-gb = -1\.0 must be > 0"):
+    with pytest.raises(ProfileError, match=r"memory-gb = -1\.0 is out of range; allowed: "
+                       "a finite number > 0"):
         SiloProfile("bad", -1.0, 1.0, 1.0, 1.0, 1.0)

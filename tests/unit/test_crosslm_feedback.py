@@ -13,7 +13,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from silotune.cli import main
-from silotune.client.app import build_client_app, silo_from_context
+from silotune.client.app import build_client_app
 from silotune.client.crosslm import slm_path
 from silotune.client.silo import SiloPrivacy, SiloPrivacyConfig
 from silotune.config import RunConfig
@@ -22,7 +22,9 @@ from silotune.privacy.audit import audit_ledger
 from silotune.privacy.feedback import check_feedback_entry, record_feedback
 from silotune.privacy.ledger import verify_ledger
 from silotune.protocol import keys as P
-from silotune.server.crosslm import QUERY_SCORE, TRAIN_SLM, validate_feedback
+from silotune.protocol.messages import ScoreRequest, SlmTrainRequest
+from silotune.server.crosslm import validate_feedback
+from silotune.simulations.silos import simulated_silos
 from tests.conftest import TOY_LABELS
 
 
@@ -51,24 +53,25 @@ def _app(tmp_path: Path, encoder: Path, data: Path, epsilon: float):
     run = RunConfig(mode="crosslm", slm=str(encoder), dataset=str(data), num_silos=1,
                     target_epsilon=epsilon, out_dir=str(tmp_path), batch_size=16,
                     slm_steps=4, test_size=30)
-    silo = silo_from_context(_context(), run)  # the handlers derive the same silo
-    return build_client_app(run), silo, silo.frame
+    source = simulated_silos(run)
+    silo = source(_context())  # the handlers derive the same silo
+    return (build_client_app(source), str(encoder)), silo, silo.frame
 
 
 def _train(app, round_: int = 0, synthetic=()) -> Message:
-    cfg = ConfigRecord({P.ROUND: round_, P.LABELS: json.dumps(TOY_LABELS),
-                        P.SYNTHETIC: json.dumps(list(synthetic)), P.SLM_STEPS: 4,
-                        P.BATCH_SIZE: 16, P.LEARNING_RATE: 0.01, P.PLANNED_ROUNDS: 2})
-    msg = Message(RecordDict({P.CONFIG: cfg}), dst_node_id=1, message_type=TRAIN_SLM)
-    return app(msg, _context())
+    app, slm = app
+    ask = SlmTrainRequest(round=round_, slm=slm, labels=list(TOY_LABELS),
+                          synthetic=list(synthetic), slm_steps=4, batch_size=16,
+                          learning_rate=0.01, max_grad_norm=1.0, target_epsilon=8.0,
+                          target_delta=1e-5, planned_rounds=2, run_seed=0)
+    return app(ask.to_message(1), _context())
 
 
 def _score(app, private_run: bool = True) -> Message:
-    cfg = ConfigRecord({P.ROUND: 1, P.LABELS: json.dumps(TOY_LABELS),
-                        P.SYNTHETIC: json.dumps(SYNTHETIC),
-                        P.PRIVATE_RUN: int(private_run)})
-    msg = Message(RecordDict({P.CONFIG: cfg}), dst_node_id=1, message_type=QUERY_SCORE)
-    return app(msg, _context())
+    app, slm = app
+    ask = ScoreRequest(round=1, slm=slm, labels=list(TOY_LABELS), synthetic=SYNTHETIC,
+                       private_run=private_run, run_seed=0)
+    return app(ask.to_message(1), _context())
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +113,7 @@ def test_score_reply_carries_scores_only(dp_silo):
 
 def test_feedback_release_is_ledgered_at_zero_epsilon_and_audits(dp_silo, capsys):
     _, silo, _, _, scored = dp_silo
-    ledger = silo.privacy.ledger_path
+    ledger = silo.ledger_path
     entries = [json.loads(line) for line in ledger.read_text().splitlines()]
     assert [e["type"] for e in entries] == ["train", "feedback"]
     train, feedback = entries
@@ -159,7 +162,7 @@ def test_non_dp_slm_is_refused_in_a_private_run(tmp_path, tiny_encoder_dir, toy_
     assert not _train(app).has_error()  # a non-private silo trains without DP
     refused = _score(app, private_run=True)
     assert refused.has_error() and "FeedbackRefusedError" in refused.error.reason
-    assert not silo.privacy.ledger_path.exists()  # nothing released, nothing recorded
+    assert not silo.ledger_path.exists()  # nothing released, nothing recorded
     allowed = _score(app, private_run=False)  # the run is marked non-private: allowed
     assert not allowed.has_error()
     assert allowed.content.metric_records[P.METRICS][P.SLM_DP] == 0
@@ -186,4 +189,4 @@ def test_coordinator_rejects_feedback_with_anything_but_scores(dp_silo):
 
 
 def _score_request() -> Message:
-    return Message(RecordDict(), dst_node_id=1, message_type=QUERY_SCORE)
+    return Message(RecordDict(), dst_node_id=1, message_type=ScoreRequest.message_type)

@@ -1,4 +1,4 @@
-"""CrossLM feedback math (strategies/crosslm.py) against hand-computed values."""
+"""CrossLM feedback math (silotune/ml/crosslm.py) against hand-computed values."""
 
 from __future__ import annotations
 

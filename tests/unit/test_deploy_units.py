@@ -22,7 +22,9 @@ from silotune.deploy.agent import AgentSettings, supernode_command
 from silotune.deploy.connection import Connection, DeployError
 from silotune.deploy.coordinator import CoordinatorSettings, superlink_command
 from silotune.deploy.submit import build_config, run_config_arg
+from silotune.planning.profiles import SiloProfile
 from silotune.protocol.codec import round_digest
+from silotune.protocol.messages import TrainReply
 from silotune.server import checkpoint
 
 
@@ -62,14 +64,20 @@ def test_missing_or_wrong_key_material_is_named(tmp_path):
 
 
 def test_node_config_round_trips_through_flowers_parser(tmp_path):
+    profile = SiloProfile("gpu box", 8.0, 400.0, 100.0, 50.0, 600.0, frozenset({"bf16"}))
     settings = node.NodeSettings(silo_id="hospital-1", data_path=tmp_path / "d.jsonl",
                                  state_dir=tmp_path / "state", epsilon=math.inf, delta=1e-6,
-                                 profile="gpu")
+                                 profile=profile, text_column="note text",
+                                 label_column="icd10")
     parsed = parse_config_args([settings.to_node_config()])
     assert node.is_deployed(parsed)
     assert node.from_node_config(parsed) == node.NodeSettings(
         "hospital-1", (tmp_path / "d.jsonl").resolve(), (tmp_path / "state").resolve(),
-        math.inf, 1e-6, "gpu")
+        math.inf, 1e-6, profile, "note text", "icd10")
+    assert SiloProfile.from_node_config(parsed) == profile  # what the ClientApp reads
+    plain = node.from_node_config(parse_config_args([node.NodeSettings(
+        "h2", tmp_path / "d.jsonl", tmp_path / "s").to_node_config()]))
+    assert (plain.profile, plain.text_column, plain.label_column) == (None, "text", "label")
     with pytest.raises(node.NodeConfigError, match="state-dir"):
         node.from_node_config({"silo-id": "x", "data-path": "/d"})
     with pytest.raises(node.NodeConfigError, match="epsilon"):
@@ -169,11 +177,12 @@ def test_checkpoint_ignores_a_half_written_next_round_and_detects_damage(tmp_pat
 
 
 def test_kept_reply_answers_only_the_same_request(tmp_path):
-    reply = replay.StoredReply({"m.lora_A": np.arange(6, dtype=np.float32).reshape(2, 3)},
-                               {"num-examples": 10, "epsilon": 1.5}, {"silo-id": "a"})
+    reply = TrainReply(silo_id="a", num_examples=10, base_version=1, steps=5, train_loss=2.5,
+                       epsilon=1.5, arrays={"m.lora_A": np.arange(6, dtype=np.float32
+                                                                  ).reshape(2, 3)})
     replay.save_reply(tmp_path, "fed-1", 2, ["f1"], reply)
     kept = replay.load_reply(tmp_path, "fed-1", 2, ["f1"])
-    assert kept is not None and kept.metrics == reply.metrics and kept.info == reply.info
+    assert kept == reply  # every field but the arrays, compared below
     assert np.array_equal(kept.arrays["m.lora_A"], reply.arrays["m.lora_A"])
     assert replay.load_reply(tmp_path, "fed-1", 3, ["f1"]) is None
     assert replay.load_reply(tmp_path, "fed-2", 2, ["f1"]) is None

@@ -1,4 +1,4 @@
-"""FLoRA stacking against hand-computed values (notes/algorithms.md §2.1, §10)."""
+"""FLoRA stacking against hand-computed values (docs/algorithms.md §2.1, §10)."""
 
 from __future__ import annotations
 

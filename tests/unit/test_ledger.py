@@ -1,4 +1,4 @@
-"""Ledger: hash chain, Ed25519 signatures, epsilon recomputation, tamper detection (notes §6)."""
+"""Ledger: hash chain, Ed25519 signatures, recomputed epsilon, tampering (docs/privacy.md §6)."""
 
 from __future__ import annotations
 

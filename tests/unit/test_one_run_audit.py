@@ -1,5 +1,5 @@
 """One-run audit (Steinke, Nasr & Jagielski, arXiv 2305.08846): golden values from
-shared/notes/privacy.md §5, monotonicity, score-based audit, AUC and input validation."""
+docs/privacy.md §5, monotonicity, score-based audit, AUC and input validation."""
 
 from __future__ import annotations
 

@@ -6,13 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from silotune.ml.data import split_holdout
 from silotune.simulations.partition import (
     PARTITIONERS,
     load_silo,
     make_partitioner,
     partition,
     skewed_sizes,
-    split_holdout,
 )
 
 

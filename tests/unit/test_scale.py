@@ -16,6 +16,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from silotune.config import ConfigError, RunConfig
 from silotune.progress import Tracker, track
 from silotune.protocol import keys as P
+from silotune.protocol.messages import Hello
 from silotune.server.roster import Roster, broadcast
 from silotune.simulations.cluster import backend_config, worker_node
 
@@ -113,12 +114,12 @@ def test_broadcast_matches_replies_by_message_not_sender() -> None:
     roster.sample(random.Random(0), 4)  # silos 1 and 2 fail their hello: learn 0 and 3
     known = dict(roster.silos)
     grid.broken, grid.silent = frozenset({3}), frozenset({0})
-    replies, excluded = broadcast(grid, known, ConfigRecord({"round": 1}), "query.x", 1.0)
+    replies, excluded = broadcast(grid, known, Hello(), 1.0)
     assert replies == {}
     assert excluded == [{"silo": "silo-00003", "reason": "disk full"},
                         {"silo": "silo-00000", "reason": "no reply before the timeout"}]
     grid.broken = grid.silent = frozenset()
-    replies, excluded = broadcast(grid, known, ConfigRecord({"round": 2}), "query.x", 1.0)
+    replies, excluded = broadcast(grid, known, Hello(), 1.0)
     assert sorted(replies) == ["silo-00000", "silo-00003"] and excluded == []
 
 

@@ -74,19 +74,27 @@ def test_seeded_noise_is_recorded_in_the_ledger_and_named_by_the_audit(tmp_path)
 
 
 def test_only_simulated_silos_take_a_noise_seed(tmp_path):
-    from types import SimpleNamespace
+    from silotune.client.local import Silo
 
-    from silotune.client.app import Silo
-    from silotune.config import RunConfig
+    def silo(base, index=0):
+        return Silo(f"s{index}", index, tmp_path, tmp_path / "l.jsonl", pd.DataFrame,
+                    noise_seed_base=base)
 
-    simulated = SimpleNamespace()  # a simulated silo has its run's task; a deployed one None
-
-    def silo(run, index=0, task=simulated):
-        return Silo(f"s{index}", index, run, task, None)  # type: ignore[arg-type]
-
-    seeded = RunConfig(dp_noise_seed=5)
-    assert silo(RunConfig()).noise_seed(1) is None  # default: the OS seeds the noise
-    assert silo(seeded, task=None).noise_seed(1) is None  # deployed: never
-    seeds = {silo(seeded, i).noise_seed(r) for i in range(3) for r in range(1, 4)}
+    assert silo(None).noise_seed(1) is None  # default and deployed silos: the OS seeds it
+    seeds = {silo(5, i).noise_seed(r) for i in range(3) for r in range(1, 4)}
     assert len(seeds) == 9 and all(0 <= s < 2**63 for s in seeds)
-    assert silo(seeded, 1).noise_seed(2) == silo(RunConfig(dp_noise_seed=5), 1).noise_seed(2)
+    assert silo(5, 1).noise_seed(2) == silo(5, 1).noise_seed(2)
+
+
+def test_a_deployed_silo_takes_no_noise_seed_whatever_the_run_says(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from silotune.client.local import deployed_silo
+    from silotune.client.node import NodeSettings
+
+    settings = NodeSettings(silo_id="h1", data_path=tmp_path / "d.csv", state_dir=tmp_path)
+    node_config = dict(__import__("flwr.common.config", fromlist=["x"]).parse_config_args(
+        [settings.to_node_config()]))
+    context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
+                      run_config={"dp-noise-seed": 5})
+    assert deployed_silo(context).noise_seed(1) is None

@@ -15,8 +15,9 @@ from silotune.client.app import build_client_app
 from silotune.config import RunConfig
 from silotune.protocol import keys as P
 from silotune.protocol.codec import from_record
-from silotune.server.loop import _GlobalState, _train_message
+from silotune.server.loop import GlobalState, train_message
 from silotune.server.roster import Silo
+from silotune.simulations.silos import simulated_silos
 from silotune.strategies.base import SiloPlan
 
 
@@ -31,7 +32,7 @@ def _ask(app, cfg: RunConfig, run_id: int):
     silo = Silo(node_id=7, position=0, num_examples=0, rank=2, targets=cfg.lora_targets,
                 batch=cfg.batch_size, physical_batch=cfg.physical_batch_size,
                 precision=cfg.base_precision)
-    msg = _train_message(cfg, 1, silo, SiloPlan(rank=2), _GlobalState(), "fed-test")
+    msg = train_message(cfg, 1, silo, SiloPlan(rank=2), GlobalState(), "fed-test")
     msg.metadata.__dict__["_message_id"] = msg.object_id  # as the SuperLink assigns it
     context = Context(run_id=run_id, node_id=7, node_config={"partition-id": 0},
                       state=RecordDict(), run_config={})
@@ -43,7 +44,7 @@ def test_round_asked_twice_is_answered_from_the_kept_reply(tiny_model_dir, toy_d
     cfg = RunConfig(model=str(tiny_model_dir), dataset=str(toy_dataset_file), num_silos=2,
                     rounds=2, local_steps=1, batch_size=8, lora_ranks=(2,), test_size=30,
                     target_epsilon=8.0, out_dir=str(tmp_path))
-    app = build_client_app(cfg)
+    app = build_client_app(simulated_silos(cfg))
     ledger = tmp_path / "ledgers" / "silo-000.jsonl"
     first = _ask(app, cfg, run_id=1)
     assert not first.has_error() and len(ledger.read_text().splitlines()) == 1

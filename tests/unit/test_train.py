@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from silotune.ml.dp_sgd import DPConfig
 from silotune.ml.lm import encode, load_model
-from silotune.ml.train import DPConfig, LocalTrainConfig, train_local
+from silotune.ml.train import LocalTrainConfig, train_local
 from tests.conftest import toy_frame
 
 

@@ -1,0 +1,92 @@
+"""What a silo's own operator set up: its identity, private data and privacy policy.
+
+A silo never takes these from the coordinator. A deployed silo reads them from its node
+config (`silotune agent`, client/node.py); a simulation launcher hands each simulated
+silo its own `Silo` through a `SiloSource` (silotune/simulations/silos.py). Whether a
+silo is simulated is decided by what the operator started, never inferred.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from flwr.app import Context
+
+from silotune.client import node
+from silotune.client.silo import SiloPrivacyConfig
+from silotune.ml.assets import load_dataset_frame
+from silotune.planning.profiles import SiloProfile
+from silotune.privacy.ledger import Ledger, load_or_create_signing_key
+
+
+@dataclass(frozen=True)
+class Silo:
+    """One silo: who it is, where its data and state live, and its own policy."""
+
+    silo_id: str
+    index: int  # a stable small integer: seeds the silo's LoRA start (public)
+    state_dir: Path  # ledger signing key, kept replies, global rounds, SLM weights
+    ledger_path: Path
+    load_data: Callable[[], pd.DataFrame]  # its private rows (text, label)
+    epsilon: float | None = None  # its own epsilon limit (None: the run's target)
+    delta: float | None = None  # its own delta (None: the run's target)
+    profile: SiloProfile | None = None  # declared resources (FedPipe), public
+    # Simulation only: base of reproducible DP noise (None: the OS seeds the noise, as
+    # always on a deployed silo), where it ran, and the held-out rows of the task.
+    noise_seed_base: int | None = None
+    worker: str = ""
+    held_out: Callable[[], pd.DataFrame] | None = None
+
+    @cached_property
+    def frame(self) -> pd.DataFrame:
+        """This silo's private rows (loaded on first use, then kept for the call)."""
+        return self.load_data()
+
+    @property
+    def key_path(self) -> Path:
+        return self.state_dir / "ledger-signing-key.pem"
+
+    def ledger(self) -> Ledger:
+        """The silo's signed privacy ledger."""
+        return Ledger(self.ledger_path, load_or_create_signing_key(self.key_path))
+
+    def privacy(self, target_epsilon: float, target_delta: float,
+                max_grad_norm: float) -> SiloPrivacyConfig:
+        """The privacy settings of one training: the silo's own limits where it set
+        them, else the run's targets."""
+        return SiloPrivacyConfig(
+            silo_id=self.silo_id,
+            target_epsilon=target_epsilon if self.epsilon is None else self.epsilon,
+            delta=target_delta if self.delta is None else self.delta,
+            max_grad_norm=max_grad_norm, ledger_path=self.ledger_path,
+            key_path=self.key_path)
+
+    def noise_seed(self, round_: int) -> int | None:
+        """Seed of this round's DP noise: None (the OS seeds it) unless a simulation asked
+        for reproducible noise."""
+        if self.noise_seed_base is None:
+            return None
+        seeds = np.random.SeedSequence([self.noise_seed_base, self.index, round_])
+        return int(seeds.generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+SiloSource = Callable[[Context], Silo]
+
+
+def deployed_silo(context: Context) -> Silo:
+    """The silo that `silotune agent` started: everything from its own node config."""
+    settings = node.from_node_config(context.node_config)
+
+    def load() -> pd.DataFrame:
+        return load_dataset_frame(str(settings.data_path), text_column=settings.text_column,
+                                  label_column=settings.label_column)
+
+    return Silo(silo_id=settings.silo_id, index=settings.index,
+                state_dir=settings.state_dir, ledger_path=settings.ledger_path,
+                load_data=load, epsilon=settings.epsilon, delta=settings.delta,
+                profile=settings.profile)

@@ -1,0 +1,174 @@
+"""The one DP-SGD training loop of the package, on Opacus; LoRA and SLM training share it.
+
+DP-SGD (Abadi et al., "Deep Learning with Differential Privacy", CCS 2016,
+arXiv:1607.00133): every logical step draws a Poisson-sampled batch at rate q, clips each
+example's gradient to L2 norm C, sums, adds Gaussian noise N(0, sigma^2 C^2) and takes an
+optimiser step. Opacus (Yousefpour et al., "Opacus: User-Friendly Differential Privacy
+Library in PyTorch", arXiv:2109.12298) supplies the per-example gradients, the clipping
+and noise (`PrivacyEngine.make_private`), the Poisson sampler and the split of a logical
+batch into physical micro-batches (`BatchMemoryManager`). The accounting that turns
+(sigma, q, steps) into epsilon lives with the silo (silotune.privacy), not here.
+"""
+
+from __future__ import annotations
+
+import secrets
+import warnings
+from collections.abc import Callable, Iterator, Sequence, Sized
+from dataclasses import dataclass
+from typing import Protocol, cast
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch.utils.data import DataLoader
+
+Batch = Sequence[torch.Tensor]
+LossFn = Callable[[Batch], torch.Tensor]  # a batch -> the mean loss over its examples
+
+# Understood Opacus/torch warnings: secure_mode=False is recorded in every ledger entry;
+# the backward-hook note is expected with a frozen base (its inputs need no grad).
+_BENIGN = ("Secure RNG turned off", "Full backward hook is firing")
+
+
+class LivenessError(RuntimeError):
+    """Training finished but no trainable weight changed (opacus#820-class bug)."""
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    noise_multiplier: float
+    max_grad_norm: float
+    noise_seed: int | None = None  # None: seeded by the OS (always, outside simulations)
+
+
+class OptimizerHook(Protocol):
+    """Wraps the DP optimizer before training, e.g. to insert audit canaries
+    (silotune.privacy.canary_audit); called once, with the sampler's q."""
+
+    def attach(self, optimizer: DPOptimizer, sample_rate: float) -> None: ...
+
+
+def sample_rate_for(num_examples: int, batch_size: int) -> float:
+    """Opacus' q = 1 / len(DataLoader(ds, batch_size)), known before training."""
+    return 1.0 / max(1, -(-num_examples // batch_size))
+
+
+def run_sgd(optimizer: torch.optim.Optimizer, loader: DataLoader, steps: int,
+            loss_fn: LossFn) -> float:
+    """`steps` plain optimiser steps on `loader`'s batches (cycled); the mean loss."""
+    losses: list[float] = []
+    for batch in _cycle(loader, steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(batch)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return _mean(losses)
+
+
+def run_dp_sgd(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+               steps: int, loss_fn: LossFn, dp: DPConfig, physical_batch_size: int,
+               hook: OptimizerHook | None = None) -> float:
+    """Train `model` in place with DP-SGD for exactly `steps` logical steps.
+
+    Parameters
+    ----------
+    model, optimizer
+        The model (trainable parameters only in `optimizer`) and its plain optimiser.
+    loader
+        A DataLoader over a fixed-width dataset; Opacus replaces it by a Poisson sampler
+        at q = 1 / len(loader) (`sample_rate_for`), drawing from the loader's generator.
+    steps
+        Logical steps (= accountant steps); an empty Poisson draw is a noise-only step.
+    loss_fn
+        A batch -> its mean loss (Opacus rescales per-example gradients accordingly).
+    dp
+        sigma, clip norm C, and the noise seed: None draws it from the OS (the
+        coordinator cannot know it); an int gives reproducible noise (simulations).
+    physical_batch_size
+        The most examples per forward/backward pass (`BatchMemoryManager`).
+    hook
+        Wraps the DP optimizer once, before the first step.
+
+    Returns
+    -------
+    float
+        The mean loss over the physical batches that held examples (0.0 if none).
+    """
+    q = sample_rate_for(len(cast(Sized, loader.dataset)), _batch_size(loader))
+    with warnings.catch_warnings():
+        for text in _BENIGN:
+            warnings.filterwarnings("ignore", message=f".*{text}")
+        engine = PrivacyEngine(accountant="prv", secure_mode=False)
+        hooks, dp_optimizer, dp_loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader,
+            noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+            poisson_sampling=True, grad_sample_mode="hooks", wrap_model=False,
+            noise_generator=_noise_generator(dp.noise_seed))
+        if abs(dp_loader.sample_rate - q) > 1e-12:
+            raise RuntimeError(f"sampler q={dp_loader.sample_rate} differs from planned q={q}")
+        if hook is not None:
+            hook.attach(dp_optimizer, q)
+        try:
+            losses = _logical_steps(engine, dp_optimizer, dp_loader, steps, loss_fn,
+                                    physical_batch_size)
+        finally:
+            hooks.cleanup()
+    done = _steps_done(engine)
+    if done != steps:
+        raise RuntimeError(f"accountant counted {done} steps, planned {steps}")
+    return _mean(losses)
+
+
+def _noise_generator(seed: int | None) -> torch.Generator:
+    """The noise source: OS-seeded unless a simulation fixes `seed`; never the run seed."""
+    return torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+
+
+def _logical_steps(engine: PrivacyEngine, optimizer: DPOptimizer, loader: DataLoader,
+                   steps: int, loss_fn: LossFn, physical_batch_size: int) -> list[float]:
+    """Physical micro-batches until the accountant has counted `steps` logical steps."""
+    losses: list[float] = []
+    with BatchMemoryManager(data_loader=loader, optimizer=optimizer,
+                            max_physical_batch_size=physical_batch_size) as batches:
+        while _steps_done(engine) < steps:
+            for batch in batches:
+                optimizer.zero_grad(set_to_none=True)
+                if batch[0].shape[0] == 0:  # an empty Poisson draw: noise-only step
+                    optimizer.step()
+                else:
+                    loss = loss_fn(batch)
+                    loss.backward()
+                    optimizer.step()
+                    losses.append(loss.item())
+                if _steps_done(engine) >= steps:
+                    break
+    return losses
+
+
+def _steps_done(engine: PrivacyEngine) -> int:
+    return sum(n for _, _, n in engine.accountant.history)
+
+
+def _batch_size(loader: DataLoader) -> int:
+    if loader.batch_size is None:
+        raise ValueError("DP-SGD needs a loader with a batch_size (Poisson sampling sets q "
+                         "from it)")
+    return loader.batch_size
+
+
+def _cycle(loader: DataLoader, steps: int) -> Iterator[Batch]:
+    done = 0
+    while done < steps:
+        for batch in loader:
+            yield batch
+            done += 1
+            if done == steps:
+                return
+
+
+def _mean(losses: Sequence[float]) -> float:
+    return float(np.mean(losses)) if losses else 0.0
