@@ -269,7 +269,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _quiet(line: str) -> None:
-    """Progress sink that drops the line."""
+    """Emit sink that drops the line."""
 
 
 def _audit_empirical(args: argparse.Namespace) -> int:

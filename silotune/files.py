@@ -7,11 +7,15 @@ flushed to disk, and renamed over the target in one step.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -33,6 +37,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` (UTF-8) to `path` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write name-keyed arrays as an uncompressed ``.npz`` (no pickles) atomically."""
+    buffer = io.BytesIO()
+    np.savez(buffer, allow_pickle=False, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def atomic_write_json(path: Path, obj: Any, *, indent: int | None = 2) -> None:

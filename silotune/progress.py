@@ -1,4 +1,4 @@
-"""Progress of long operations: a bar on a terminal, plain lines in logs (CI).
+"""Emit of long operations: a bar on a terminal, plain lines in logs (CI).
 
 Used for model conversion, simulation rounds and ledger audits. On a TTY the bar is
 tqdm's (with its rate and ETA); elsewhere each finished step prints one line such as

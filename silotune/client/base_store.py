@@ -1,7 +1,7 @@
 """A silo's copy of the global base model, kept at the coordinator's current version.
 
 FLoRA carries nothing low-rank across rounds: the global state is the base merged with
-every round's stacked update, in order (notes/algorithms.md §2.2). A silo holds every
+every round's stacked update, in order (docs/algorithms.md §2.2). A silo holds every
 round's update on disk (client/history.py; a train message carries only the rounds it
 lacks), so a silo that missed rounds (or a fresh worker) replays the ones the cached base
 lacks and lands on the exact global base. The store is per process: simulated silos on

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from silotune.files import atomic_write_npz
 from silotune.protocol import keys as P
 from silotune.protocol.codec import round_digest
 
@@ -50,10 +51,7 @@ def complete_history(folder: Path, received: Mapping[str, np.ndarray],
                 raise ValueError(f"global update of round {t} does not match its "
                                  "fingerprint (damaged in transit?)")
             try:
-                folder.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp.npz")
-                np.savez(tmp, allow_pickle=False, **arrays)
-                tmp.replace(path)
+                atomic_write_npz(path, arrays)
             except OSError as err:  # this round still trains; a later one asks for all
                 log.warning("could not keep global round %d in %s: %s", t, folder, err)
         else:

@@ -10,13 +10,12 @@ sends it again when asked for the same federation, round and global base.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 
-from silotune.files import atomic_write_bytes, atomic_write_json
+from silotune.files import atomic_write_json, atomic_write_npz
 from silotune.protocol.messages import TrainReply
 
 REPLY_ARRAYS = "last-reply.npz"
@@ -26,9 +25,7 @@ REPLY_META = "last-reply.json"
 def save_reply(folder: Path, federation: str, round_: int, fingerprints: list[str],
                reply: TrainReply) -> None:
     """Keep `reply` as the answer to (`federation`, `round_`, base `fingerprints`)."""
-    buffer = io.BytesIO()
-    np.savez(buffer, allow_pickle=False, **reply.arrays)
-    atomic_write_bytes(folder / REPLY_ARRAYS, buffer.getvalue())
+    atomic_write_npz(folder / REPLY_ARRAYS, reply.arrays)
     fields = {k: v for k, v in dataclasses.asdict(reply).items() if k != "arrays"}
     atomic_write_json(folder / REPLY_META, {"federation": federation, "round": round_,
                                             "fingerprints": fingerprints, "reply": fields},

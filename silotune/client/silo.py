@@ -2,7 +2,7 @@
 
 The budget belongs to the silo's dataset, not to a run: the cumulative accounting history
 is read back from the silo's ledger on disk, so restarts and new runs on the same data
-keep composing (notes/privacy.md §1, §6). The ledger entry is appended and signed
+keep composing (docs/privacy.md §1, §6). The ledger entry is appended and signed
 *before* the adapter leaves the silo, so a crash can over-count but never under-count.
 """
 

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import importlib.metadata
 import importlib.util
+import io
 import os
 import shutil
 import tempfile
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from silotune.files import atomic_write_bytes
 from silotune.progress import Tracker
 
 __all__ = [
@@ -224,10 +226,9 @@ def icd10_chapters_frame(
                 chapter = next(a for a in cm.get_ancestors(code) if cm.is_chapter(a))
                 rows.append((code, cm.get_description(code), ICD10_CHAPTER_LABELS[chapter]))
         full = pd.DataFrame(rows, columns=["code", "text", "label"]).sort_values("code")
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f".tmp-{os.getpid()}-{cached.name}")
-        full.to_parquet(tmp, index=False)
-        os.replace(tmp, cached)
+        buffer = io.BytesIO()
+        full.to_parquet(buffer, index=False)
+        atomic_write_bytes(cached, buffer.getvalue())
     full = full.sort_values("code", kind="stable").reset_index(drop=True)
     parts = [
         g if len(g) <= per_label_cap else g.sample(n=per_label_cap, random_state=0)

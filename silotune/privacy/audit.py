@@ -29,7 +29,6 @@ published elsewhere (docs/privacy.md §6, anchoring).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from silotune.files import atomic_write_bytes
 from silotune.privacy.accounting import AccountingStep, compute_epsilon
 from silotune.privacy.ledger import key_id, read_entries, verify_ledger
 
@@ -155,13 +155,7 @@ def export_public_key(key_path: Path | str, out_path: Path | str) -> Path:
         raise KeyFileError(f"{key_path}: not an Ed25519 private key ({type(key).__name__})")
     pem = key.public_key().public_bytes(serialization.Encoding.PEM,
                                         serialization.PublicFormat.SubjectPublicKeyInfo)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(pem)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(out_path, pem)
     return out_path
 
 

@@ -53,8 +53,8 @@ from silotune.privacy.fingerprint import dataset_fingerprint
 from silotune.privacy.ledger import Ledger, load_or_create_signing_key
 from silotune.privacy.one_run_audit import (
     AuditResult,
-    _default_k_grid,
     audit_from_scores,
+    default_k_grid,
     draw_inclusion,
     seed_commitment,
 )
@@ -221,7 +221,7 @@ def empirical_audit(base: torch.nn.Module, examples: Sequence[EncodedExample], p
         inserted=insert, inserted_canaries=int(included.sum()) if insert else 0,
         canary_seed_commitment=seed_commitment(seed),
         scores_sha256=hashlib.sha256(np.ascontiguousarray(scores, "<f8").tobytes()).hexdigest(),
-        k_grid_size=len(_default_k_grid(canaries)))
+        k_grid_size=len(default_k_grid(canaries)))
 
 
 @dataclass(frozen=True)

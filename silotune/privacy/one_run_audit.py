@@ -70,7 +70,7 @@ def _check_delta_significance(delta: float, significance: float) -> None:
         raise ValueError(f"significance must be in (0, 1), got {significance!r}")
 
 
-def _p_value(eps: float, m: int, r: int, v: int, delta: float) -> float:
+def p_value(eps: float, m: int, r: int, v: int, delta: float) -> float:
     """p(eps) = beta + 2 m delta alpha of arXiv 2305.08846, Theorem 3.1 (capped at 1)."""
     q = float(special.expit(eps))
     beta = float(stats.binom.sf(v - 1, r, q))  # P[Bin(r, q) >= v]
@@ -119,7 +119,7 @@ def epsilon_lower_bound(*, m: int, r: int, v: int, delta: float,
     delta, significance = float(delta), float(significance)
 
     def slack(eps: float) -> float:  # > 0 while the (eps, delta) claim is rejected
-        return significance - _p_value(eps, m, r, v, delta)
+        return significance - p_value(eps, m, r, v, delta)
 
     if slack(0.0) <= 0.0:
         return 0.0
@@ -131,7 +131,7 @@ def epsilon_lower_bound(*, m: int, r: int, v: int, delta: float,
     return float(optimize.brentq(slack, lo, hi, xtol=1e-9))
 
 
-def _default_k_grid(m: int) -> list[int]:
+def default_k_grid(m: int) -> list[int]:
     return sorted({min(m, max(2, 2 * round(f * m / 2))) for f in DEFAULT_K_FRACTIONS})
 
 
@@ -197,7 +197,7 @@ def audit_from_scores(scores: np.ndarray, included: np.ndarray, *, delta: float,
         inc = inc.astype(bool)
     _check_delta_significance(delta, significance)
     m = int(s.size)
-    grid = _default_k_grid(m) if k_grid is None else [_int("k", k) for k in k_grid]
+    grid = default_k_grid(m) if k_grid is None else [_int("k", k) for k in k_grid]
     if not grid:
         raise ValueError("k_grid must not be empty")
     if any(not 1 <= k <= m for k in grid):

@@ -1,6 +1,6 @@
 """The coordinator's checkpoint after every round, and resuming from it.
 
-Flower's `Strategy.start` cannot resume (notes/flower.md §2, §7.6), so the round loop
+Flower's `Strategy.start` cannot resume (docs/flower.md §2, §7.6), so the round loop
 writes, after each completed round, everything needed to continue as if never stopped:
 
 - ``updates.npz``: the merged global updates ``round-<t>/<module>.lora_{A,B}`` (append
@@ -13,8 +13,9 @@ writes, after each completed round, everything needed to continue as if never st
 A restarted coordinator given ``resume = true`` (``silotune run --resume``) loads this,
 rebuilds the global base and continues at the next round with the same federation id,
 so no silo trains a completed round again and a non-private run ends with the same
-global state as an uninterrupted one (the RNG state covers silo sampling; training is
-seeded by the public run seed; DP noise never is, DESIGN.md convention 11).
+global state as an uninterrupted one (the RNG state covers silo sampling; a non-private
+run's training is seeded by the public run seed; DP noise never is, docs/architecture.md
+convention 11).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np
 from silotune.adapters.codec import update_from_arrays, update_to_arrays
 from silotune.adapters.types import LowRankUpdate
 from silotune.config import ConfigError, RunConfig
+from silotune.files import atomic_write_json, atomic_write_npz
 from silotune.protocol.codec import round_digest
 
 STATE = "state.json"
@@ -69,15 +71,11 @@ def new_federation_id() -> str:
 def save(folder: Path, ckpt: Checkpoint) -> None:
     """Write `ckpt` under `folder`; ``state.json`` last, so a crash leaves the previous
     round's state readable (the update history only grows)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "checkpoint.tmp.npz"
-    np.savez(tmp, allow_pickle=False, **ckpt.arrays)
-    tmp.replace(folder / UPDATES)
+    atomic_write_npz(folder / UPDATES, ckpt.arrays)
     adapter_digest = None
     if ckpt.adapter is not None:
         adapter_arrays = update_to_arrays(ckpt.adapter, "")
-        np.savez(tmp, allow_pickle=False, **adapter_arrays)
-        tmp.replace(folder / ADAPTER)
+        atomic_write_npz(folder / ADAPTER, adapter_arrays)
         adapter_digest = _digest(adapter_arrays)
     state = {
         "version": VERSION, "round": ckpt.round, "federation_id": ckpt.federation_id,
@@ -86,9 +84,7 @@ def save(folder: Path, ckpt: Checkpoint) -> None:
         "adapter_sha256": adapter_digest,
         "rng_state": [ckpt.rng_state[0], list(ckpt.rng_state[1]), ckpt.rng_state[2]],
         "ranks": ckpt.ranks, "config": ckpt.config, "metrics": ckpt.metrics}
-    text = json.dumps(state, indent=1, allow_nan=False) + "\n"
-    (folder / "state.tmp").write_text(text)
-    (folder / "state.tmp").replace(folder / STATE)
+    atomic_write_json(folder / STATE, state, indent=1)
 
 
 def load(folder: Path, cfg: RunConfig) -> Checkpoint | None:

@@ -1,7 +1,7 @@
 """The coordinator's CrossLM workflow on Flower's Grid (``--mode crosslm``).
 
 Round 0: every silo trains its SLM on its private data with DP-SGD ("train.slm").
-Rounds 1..R (strategies/crosslm.py has the math, notes/algorithms.md §7 the design):
+Rounds 1..R (silotune/ml/crosslm.py has the math, docs/algorithms.md §7 the design):
 
 1. the central LLM generates `crosslm_per_label` texts for every label;
 2. every silo scores them with its SLM ("query.score") and returns the scores only;
@@ -49,6 +49,7 @@ from silotune.ml.synthetic import (
     perplexity,
     update_llm,
 )
+from silotune.progress import Emit
 from silotune.protocol import keys as P
 from silotune.protocol.messages import (
     MessageError,
@@ -57,7 +58,6 @@ from silotune.protocol.messages import (
     SlmTrainReply,
     SlmTrainRequest,
 )
-from silotune.server.loop import Progress
 from silotune.server.report import write_report
 from silotune.server.roster import Roster, Silo, broadcast
 
@@ -94,97 +94,123 @@ def validate_feedback(reply: Message, expected: int, private_run: bool) -> tuple
     return answer.scores, answer.num_examples
 
 
-def run_crosslm(grid: Grid, cfg: RunConfig, progress: Progress = print) -> dict[str, Any]:
+def run_crosslm(grid: Grid, cfg: RunConfig, progress: Emit = print) -> dict[str, Any]:
     """Run `cfg.rounds` CrossLM rounds; write metrics.json, synthetic.jsonl, report."""
     out = Path(cfg.out_dir)
     (out / "ledgers").mkdir(parents=True, exist_ok=True)
-    llm, tok = load_model(resolve_model(cfg.model, progress=progress))
-    split = held_out_split(cfg.dataset, cfg.text_column, cfg.label_column, cfg.test_size,
-                           cfg.seed)
-    labels = list(split.labels)
-    texts, gold = list(split.test["text"]), list(split.test["label"])
-    general = general_text(GENERAL_TEXTS)
-    subject = SUBJECTS.get(cfg.dataset, "text")
-
-    def llm_eval() -> tuple[float, float, float]:
-        res = evaluate(llm, tok, texts, gold, labels, cfg.eval_batch_size)
-        return res.accuracy, res.loss, perplexity(llm, tok, general)
-
+    llm = CentralLLM(cfg, progress)
     t0 = time.monotonic()
-    base_acc, base_loss, base_ppl = llm_eval()
-    progress(f"[base LLM] task accuracy {base_acc:.3f}, general-text perplexity "
-             f"{base_ppl:.2f} ({len(texts)} held-out examples, {len(general)} general "
-             f"texts, {time.monotonic() - t0:.0f} s)")
-    roster = Roster(grid, cfg)
+    base = llm.evaluate()
+    progress(f"[base LLM] task accuracy {base['accuracy']:.3f}, general-text perplexity "
+             f"{base['perplexity']:.2f} ({len(llm.texts)} held-out examples, "
+             f"{len(llm.general)} general texts, {time.monotonic() - t0:.0f} s)")
+    silos = _hello_everyone(Roster(grid, cfg), cfg, progress)
+    metrics: dict[str, Any] = {
+        "config": cfg.to_json_dict(), "private": cfg.private, "mode": "crosslm",
+        "base_accuracy": base["accuracy"], "base_loss": base["loss"],
+        "base_perplexity": base["perplexity"], "rounds": []}
+    synthetic_file = out / "synthetic.jsonl"
+    synthetic_file.unlink(missing_ok=True)
+    kept: list[SyntheticExample] = []
+    epsilon: dict[str, float] = {}
+    limits: dict[str, float] = {}
+    llm_now = base
+    for round_ in range(0, cfg.rounds + 1):
+        start = time.monotonic()
+        row: dict[str, Any] = {"round": round_, "bytes_up": 0, "bytes_down": 0}
+        excluded: list[dict[str, str]] = []
+        if round_ > 0 and cfg.crosslm_per_label > 0:
+            kept, excluded = llm.learn_from_feedback(grid, silos, round_, row, synthetic_file)
+            llm_now = llm.evaluate()
+        row.update(llm_now)  # the LLM as it is after this round (unchanged in round 0)
+        slm, slm_excluded = _train_slms(grid, cfg, silos, round_, llm.labels, kept, epsilon,
+                                        limits, row)
+        row.update({
+            "slm_accuracy": slm,
+            "slm_accuracy_mean": float(np.mean(list(slm.values()))) if slm else 0.0,
+            "epsilon": dict(sorted(epsilon.items())),
+            "epsilon_limit": dict(sorted(limits.items())),
+            "excluded": excluded + slm_excluded,
+            "seconds": round(time.monotonic() - start, 3)})
+        metrics["rounds"].append(row)
+        atomic_write_json(out / "metrics.json", metrics)
+        progress(_round_line(row, cfg.rounds))
+    write_report(out)
+    return metrics
+
+
+def _round_line(row: dict[str, Any], rounds: int) -> str:
+    return (f"[round {row['round']}/{rounds}] LLM accuracy {row['accuracy']:.3f}, "
+            f"perplexity {row['perplexity']:.2f}, synthetic kept "
+            f"{row.get('synthetic_kept', 0)}/{row.get('synthetic_size', 0)} (mean score "
+            f"{row.get('mean_score', 0.0):.3f}), SLM accuracy mean "
+            f"{row['slm_accuracy_mean']:.3f}, {row['seconds']:.0f} s"
+            + (f", excluded {row['excluded']}" if row["excluded"] else ""))
+
+
+def _hello_everyone(roster: Roster, cfg: RunConfig, progress: Emit) -> dict[str, Silo]:
+    """Every silo (asked again while some are still starting, e.g. on a loaded machine)."""
     silos = roster.everyone()
-    for _ in range(HELLO_RETRIES):  # silos still starting (e.g. a loaded machine): ask again
+    for _ in range(HELLO_RETRIES):
         if len(silos) >= cfg.num_silos:
             break
         silos = roster.everyone()
     if not silos:
         raise RuntimeError(f"no silo answered the hello ({HELLO_RETRIES + 1} tries); check "
                            "that the silos run and can reach the coordinator")
-    counts = {s: v.num_examples for s, v in silos.items()}
     progress(f"[hello] {len(silos)} silos: " + ", ".join(
-        f"{s} (n={n})" for s, n in sorted(counts.items())))
-    metrics: dict[str, Any] = {
-        "config": cfg.to_json_dict(), "private": cfg.private, "mode": "crosslm",
-        "base_accuracy": base_acc, "base_loss": base_loss, "base_perplexity": base_ppl,
-        "rounds": []}
-    synthetic_file = out / "synthetic.jsonl"
-    synthetic_file.unlink(missing_ok=True)
-    kept: list[SyntheticExample] = []
-    epsilon: dict[str, float] = {}
-    limits: dict[str, float] = {}
-    llm_now = {"accuracy": base_acc, "loss": base_loss, "perplexity": base_ppl}
-    for round_ in range(0, cfg.rounds + 1):
-        start = time.monotonic()
-        row: dict[str, Any] = {"round": round_, "bytes_up": 0, "bytes_down": 0}
-        excluded: list[dict[str, str]] = []
-        if round_ > 0 and cfg.crosslm_per_label > 0:
-            examples = generate_examples(llm, tok, labels, cfg.crosslm_per_label,
-                                         cfg.max_new_tokens, seed=cfg.seed * 1009 + round_,
-                                         subject=subject)
-            feedback, excluded = _feedback(grid, cfg, silos, round_, labels, examples, row)
-            if feedback is None:
-                progress(f"[round {round_}] no valid feedback: LLM unchanged, no synthetic "
-                         "data kept")
-                kept = []
-            else:
-                keep = keep_mask(feedback, cfg.crosslm_threshold)
-                weights = example_weights(feedback, cfg.crosslm_weighting)
-                llm, llm_loss = update_llm(llm, tok, examples, weights, LLMUpdateConfig(
-                    steps=cfg.llm_steps, learning_rate=cfg.llm_learning_rate,
-                    seed=cfg.seed * 1009 + round_, subject=subject))
-                kept = [e for e, k in zip(examples, keep, strict=True) if k]
-                row.update(summarise(feedback, keep).to_dict())
-                row["llm_train_loss"] = llm_loss
-                with synthetic_file.open("a", encoding="utf-8") as f:
-                    for e, s, k in zip(examples, feedback, keep, strict=True):
-                        f.write(json.dumps({"round": round_, "text": e.text, "label": e.label,
-                                            "score": float(s), "kept": bool(k)}) + "\n")
-            acc, loss, ppl = llm_eval()
-            llm_now = {"accuracy": acc, "loss": loss, "perplexity": ppl}
-        row.update(llm_now)  # the LLM as it is after this round (unchanged in round 0)
-        slm, slm_excluded = _train_slms(grid, cfg, silos, round_, labels, kept, epsilon,
-                                        limits, row)
-        excluded += slm_excluded
-        row.update({
-            "slm_accuracy": slm,
-            "slm_accuracy_mean": float(np.mean(list(slm.values()))) if slm else 0.0,
-            "epsilon": dict(sorted(epsilon.items())),
-            "epsilon_limit": dict(sorted(limits.items())), "excluded": excluded,
-            "seconds": round(time.monotonic() - start, 3)})
-        metrics["rounds"].append(row)
-        atomic_write_json(out / "metrics.json", metrics)
-        progress(f"[round {round_}/{cfg.rounds}] LLM accuracy {row['accuracy']:.3f}, "
-                 f"perplexity {row['perplexity']:.2f}, synthetic kept "
-                 f"{row.get('synthetic_kept', 0)}/{row.get('synthetic_size', 0)} (mean score "
-                 f"{row.get('mean_score', 0.0):.3f}), SLM accuracy mean "
-                 f"{row['slm_accuracy_mean']:.3f}, {row['seconds']:.0f} s"
-                 + (f", excluded {excluded}" if excluded else ""))
-    write_report(out)
-    return metrics
+        f"{s} (n={v.num_examples})" for s, v in sorted(silos.items())))
+    return silos
+
+
+class CentralLLM:
+    """The central LLM, its task's held-out split and general texts for perplexity."""
+
+    def __init__(self, cfg: RunConfig, progress: Emit) -> None:
+        self.cfg = cfg
+        self.model, self.tok = load_model(resolve_model(cfg.model, progress=progress))
+        split = held_out_split(cfg.dataset, cfg.text_column, cfg.label_column, cfg.test_size,
+                               cfg.seed)
+        self.labels = list(split.labels)
+        self.texts, self.gold = list(split.test["text"]), list(split.test["label"])
+        self.general = general_text(GENERAL_TEXTS)
+        self.subject = SUBJECTS.get(cfg.dataset, "text")
+
+    def evaluate(self) -> dict[str, float]:
+        """Task accuracy and loss (held-out, label likelihood), general-text perplexity."""
+        res = evaluate(self.model, self.tok, self.texts, self.gold, self.labels,
+                       self.cfg.eval_batch_size)
+        return {"accuracy": res.accuracy, "loss": res.loss,
+                "perplexity": perplexity(self.model, self.tok, self.general)}
+
+    def learn_from_feedback(self, grid: Grid, silos: dict[str, Silo], round_: int,
+                            row: dict[str, Any], synthetic_file: Path,
+                            ) -> tuple[list[SyntheticExample], list[dict[str, str]]]:
+        """Generate, ask the silos for feedback, update the LLM by it; the examples
+        kept for the SLMs and the silos excluded."""
+        cfg = self.cfg
+        examples = generate_examples(self.model, self.tok, self.labels, cfg.crosslm_per_label,
+                                     cfg.max_new_tokens, seed=cfg.seed * 1009 + round_,
+                                     subject=self.subject)
+        feedback, excluded = _feedback(grid, cfg, silos, round_, self.labels, examples, row)
+        if feedback is None:
+            log.warning("round %d: no valid feedback: LLM unchanged, no synthetic data kept",
+                        round_)
+            return [], excluded
+        keep = keep_mask(feedback, cfg.crosslm_threshold)
+        weights = example_weights(feedback, cfg.crosslm_weighting)
+        self.model, llm_loss = update_llm(self.model, self.tok, examples, weights,
+                                          LLMUpdateConfig(steps=cfg.llm_steps,
+                                                          learning_rate=cfg.llm_learning_rate,
+                                                          seed=cfg.seed * 1009 + round_,
+                                                          subject=self.subject))
+        row.update(summarise(feedback, keep).to_dict())
+        row["llm_train_loss"] = llm_loss
+        with synthetic_file.open("a", encoding="utf-8") as f:
+            for e, s, k in zip(examples, feedback, keep, strict=True):
+                f.write(json.dumps({"round": round_, "text": e.text, "label": e.label,
+                                    "score": float(s), "kept": bool(k)}) + "\n")
+        return [e for e, k in zip(examples, keep, strict=True) if k], excluded
 
 
 def _feedback(grid: Grid, cfg: RunConfig, silos: dict[str, Silo], round_: int,

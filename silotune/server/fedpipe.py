@@ -1,9 +1,9 @@
 """The coordinator's side of FedPipe: ask the silos for importance, then plan each silo.
 
 Before round 1: send every silo an importance query (`protocol.QUERY_IMPORTANCE`);
-aggregate the per-matrix scores (`strategies.fedpipe.aggregate_importance`); build each
+aggregate the per-matrix scores (`planning.importance.aggregate_importance`); build each
 silo's budget from the profile it declared in its hello reply and the length of its
-longest example; solve the configurator (`strategies.configurator.plan_federation`).
+longest example; solve the configurator (`planning.configurator.plan_federation`).
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ state dicts (``...lora_A.weight`` / ``...lora_B.weight``) under ``arrays`` with
 ``num-examples`` in their metrics, which is also what silotune's silos send.
 
 The returned ArrayRecord holds the round's global update ``scale * B @ A`` per module as
-``<module>.lora_{A,B[,w]}`` (see `merge.update_to_arrays`) plus ``scale`` as a 1-element array,
-all fp32.
+``<module>.lora_{A,B[,w]}`` (see `adapters.codec.update_to_arrays`) plus ``scale`` as a
+1-element array, all fp32.
 """
 
 from __future__ import annotations

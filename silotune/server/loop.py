@@ -1,35 +1,28 @@
 """The coordinator's round loop (FLoRA by default), on Flower's Grid.
 
-One round (DESIGN.md): sample silos (a hello to those sampled for the first time: the
-roster never contacts unsampled silos, so 10,000 silos cost what 10 do); send each the
-merged rounds it does not hold yet (all of them to a silo that lost its copy) plus its
-own configuration; validate the replies and
-exclude bad ones; aggregate with the configured rule; merge into the global base;
-evaluate on the held-out split; write metrics and a checkpoint. Flower's
-`Strategy.start` is not used because the loop needs the hello handshake, per-silo
-configuration and replay of the global update history.
+One round (docs/architecture.md): sample silos (a hello to those sampled for the first
+time: the roster never contacts unsampled silos, so 10,000 silos cost what 10 do); send
+each the merged rounds it does not hold yet (all of them to a silo that lost its copy)
+plus its own configuration; validate the replies and exclude bad ones; aggregate with
+the configured rule; merge into the global base; evaluate on the held-out split; write
+metrics and a checkpoint. Flower's `Strategy.start` is not used because the loop needs
+the hello handshake, per-silo configuration and replay of the global update history.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 from silotune import strategies
-from silotune.adapters.codec import as_received, update_from_arrays, update_to_arrays
-from silotune.adapters.compression import decompress_arrays, upload_reference
-from silotune.adapters.types import AdapterError, LowRankUpdate, SiloAdapter
+from silotune.adapters.types import SiloAdapter
 from silotune.config import RunConfig
 from silotune.files import atomic_write_json
 from silotune.ml.assets import resolve_model
@@ -37,276 +30,209 @@ from silotune.ml.data import held_out_split
 from silotune.ml.lm import evaluate, load_model
 from silotune.ml.merge import apply_update, module_shapes
 from silotune.planning.sensitivity import model_spec
-from silotune.progress import track
+from silotune.progress import Emit, track
 from silotune.protocol import keys as P
-from silotune.protocol.codec import round_digest
-from silotune.protocol.messages import TrainInstruction, TrainReply
+from silotune.protocol.messages import TrainReply
 from silotune.server import checkpoint
 from silotune.server.client_dp import ClientLevelRun
+from silotune.server.exchange import collect, on_wire, restrict, shapes_of, train_message
 from silotune.server.fedpipe import configure
 from silotune.server.report import write_report
-from silotune.server.roster import Roster, Silo, exchange
-from silotune.server.validate import Expected, validate_reply
+from silotune.server.roster import Roster, exchange
+from silotune.server.state import GlobalState
 from silotune.strategies.base import SiloPlan
 
 log = logging.getLogger(__name__)
-Progress = Callable[[str], None]
 
 
-@dataclass
-class GlobalState:
-    """Merged rounds so far (what a silo needs to reach the current global base) and the
-    global adapter that rules of the FedIT family carry on top of it."""
-
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
-    scales: dict[str, float] = field(default_factory=dict)
-    fingerprints: list[str] = field(default_factory=list)
-    adapter: LowRankUpdate | None = None  # global adapter on top of the base (FedIT family)
-
-    def add(self, update: LowRankUpdate, wire_dtype: str) -> LowRankUpdate:
-        """Record `update` as the silos will decode it; return that version to merge."""
-        version = len(self.fingerprints) + 1
-        received = as_received(update, wire_dtype)
-        new = update_to_arrays(received, f"{P.UPDATE_PREFIX}{version}/")
-        self.arrays.update(new)
-        self.scales[str(version)] = update.scale
-        self.fingerprints.append(round_digest(new))
-        return received
-
-    def since(self, version: int) -> dict[str, np.ndarray]:
-        """The arrays of the merged rounds after `version` (what a silo holding rounds
-        1..version lacks)."""
-        return {k: v for k, v in self.arrays.items()
-                if int(k[len(P.UPDATE_PREFIX):].partition("/")[0]) > version}
-
-    def updates(self) -> list[LowRankUpdate]:
-        """The merged rounds' updates, in order (as the silos decode them)."""
-        return [update_from_arrays(self.arrays, f"{P.UPDATE_PREFIX}{t}/", self.scales[str(t)])
-                for t in range(1, len(self.fingerprints) + 1)]
-
-
-def run_federation(grid: Grid, cfg: RunConfig, progress: Progress = print) -> dict[str, Any]:
+def run_federation(grid: Grid, cfg: RunConfig, progress: Emit = print) -> dict[str, Any]:
     """Run `cfg.rounds` rounds; write metrics.json, checkpoints and report.html."""
-    rule = strategies.create(cfg.strategy)
-    out = Path(cfg.out_dir)
-    for sub in ("ledgers", "checkpoint"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    model, tok = load_model(resolve_model(cfg.model, progress=progress))
-    task = held_out_split(cfg.dataset, cfg.text_column, cfg.label_column, cfg.test_size,
-                          cfg.seed)
-    texts, gold = list(task.test["text"]), list(task.test["label"])
+    federation = Federation(grid, cfg, progress)
+    first = len(federation.metrics["rounds"]) + 1
+    for round_ in track(range(first, cfg.rounds + 1), "rounds", emit=progress):
+        federation.run_round(round_)
+    write_report(federation.out)
+    return federation.metrics
 
-    def held_out(adapter: LowRankUpdate | None) -> tuple[float, float]:
-        scored = model
-        if adapter is not None:  # the global adapter sits on top of the base
-            scored = copy.deepcopy(model)
-            apply_update(scored, adapter)
-        res = evaluate(scored, tok, texts, gold, task.labels, cfg.eval_batch_size)
+
+class Federation:
+    """One federation's coordinator: the global model, the silos and the metrics."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig, progress: Emit) -> None:
+        self.grid, self.cfg, self.progress = grid, cfg, progress
+        self.rule = strategies.create(cfg.strategy)
+        self.out = Path(cfg.out_dir)
+        for sub in ("ledgers", "checkpoint"):
+            (self.out / sub).mkdir(parents=True, exist_ok=True)
+        self.model, self.tok = load_model(resolve_model(cfg.model, progress=progress))
+        self.task = held_out_split(cfg.dataset, cfg.text_column, cfg.label_column,
+                                   cfg.test_size, cfg.seed)
+        self.state = GlobalState()
+        self.rng = random.Random(cfg.seed)  # public: fixes which silos are sampled
+        resumed = checkpoint.load(self.out / "checkpoint", cfg) if cfg.resume else None
+        self._start(resumed)
+        last = self.metrics["rounds"][-1] if self.metrics["rounds"] else {}
+        self.epsilon: dict[str, float] = dict(last.get("epsilon", {}))  # silos trained so far
+        self.limits: dict[str, float] = dict(last.get("epsilon_limit", {}))
+        self.roster = Roster(grid, cfg, ranks=resumed.ranks if resumed else None)
+        self.per_round = min(len(self.roster), max(
+            cfg.min_replies, round(cfg.fraction_train * len(self.roster))))
+        self.client_dp: ClientLevelRun | None = None
+        if cfg.client_dp_noise > 0:  # DP-FedAvg around the rule; its own ledger and epsilon
+            self.client_dp = ClientLevelRun(self.rule, cfg, len(self.roster), self.per_round,
+                                            self.out, str(grid.run.run_id))
+            self.rule = self.client_dp.rule
+        self.shapes = self._setup_rule()
+        progress(f"[silos] {len(self.roster)} connected; each is contacted the first time "
+                 "it is sampled")
+
+    def held_out(self) -> tuple[float, float]:
+        """Accuracy and loss of the global model on the held-out split."""
+        scored = self.model
+        if self.state.adapter is not None:  # the global adapter sits on top of the base
+            scored = copy.deepcopy(self.model)
+            apply_update(scored, self.state.adapter)
+        res = evaluate(scored, self.tok, list(self.task.test["text"]),
+                       list(self.task.test["label"]), self.task.labels,
+                       self.cfg.eval_batch_size)
         return res.accuracy, res.loss
 
-    resumed = checkpoint.load(out / "checkpoint", cfg) if cfg.resume else None
-    state = GlobalState()
-    rng = random.Random(cfg.seed)  # public: fixes which silos are sampled
-    if resumed is None:
-        t0 = time.monotonic()
-        base_accuracy, base_loss = held_out(None)
-        progress(f"[base] held-out accuracy {base_accuracy:.3f}, loss {base_loss:.3f} "
-                 f"({len(texts)} examples, {len(task.labels)} labels, "
-                 f"{time.monotonic() - t0:.0f} s)")
-        federation_id = checkpoint.new_federation_id()
-        metrics: dict[str, Any] = {
-            "config": cfg.to_json_dict(), "private": cfg.private,
-            "base_accuracy": base_accuracy, "base_loss": base_loss, "rounds": []}
-    else:
-        state = GlobalState(resumed.arrays, resumed.scales, resumed.fingerprints,
-                             resumed.adapter)
-        for update in state.updates():  # the global base as of the checkpoint
-            apply_update(model, update)
-        rng.setstate(resumed.rng_state)
-        federation_id, metrics = resumed.federation_id, resumed.metrics
-        progress(f"[resume] {federation_id}: rounds 1-{resumed.round} of {cfg.rounds} "
-                 f"restored from {out / 'checkpoint'}")
-    metrics["federation_id"] = federation_id
-    last = metrics["rounds"][-1] if metrics["rounds"] else {}
-    epsilon: dict[str, float] = dict(last.get("epsilon", {}))  # silos that trained so far
-    limits: dict[str, float] = dict(last.get("epsilon_limit", {}))
-    roster = Roster(grid, cfg, ranks=resumed.ranks if resumed else None)
-    per_round = min(len(roster), max(cfg.min_replies, round(cfg.fraction_train * len(roster))))
-    client_dp = None
-    if cfg.client_dp_noise > 0:  # DP-FedAvg around the rule; its own ledger and epsilon
-        client_dp = ClientLevelRun(rule, cfg, len(roster), per_round, out, str(grid.run.run_id))
-        rule = client_dp.rule
-    client_level: dict[int, dict[str, Any]] = {}
-    silos = roster.silos
-    targets = cfg.lora_targets
-    if cfg.profiles:  # FedPipe: targets, rank, batch and base precision per silo
-        everyone = roster.everyone()
-        plan = configure(grid, cfg, everyone, model_spec(model), progress)
-        for s, planned in plan.silos.items():
-            everyone[s].plan(planned)
-        metrics["plan"] = plan.to_json()
-        # the run's targets too: a run whose hello got no answer keeps a non-empty set
-        targets = tuple(sorted({*cfg.lora_targets,
-                                *(t for v in everyone.values() for t in v.targets)}))
-    shapes = module_shapes(model, targets)
-    rule.setup({s: v.rank for s, v in silos.items()} if cfg.profiles else roster.ranks(),
-               shapes, cfg.seed)
-    progress(f"[silos] {len(roster)} connected; each is contacted the first time it is "
-             "sampled")
-    first = len(metrics["rounds"]) + 1
-    for round_ in track(range(first, cfg.rounds + 1), "rounds", emit=progress):
-        roster.rejoin()
+    def _start(self, resumed: checkpoint.Checkpoint | None) -> None:
+        """Evaluate the base model (a new federation) or restore a checkpoint."""
+        if resumed is None:
+            t0 = time.monotonic()
+            base_accuracy, base_loss = self.held_out()
+            self.progress(f"[base] held-out accuracy {base_accuracy:.3f}, loss "
+                          f"{base_loss:.3f} ({len(self.task.test)} examples, "
+                          f"{len(self.task.labels)} labels, {time.monotonic() - t0:.0f} s)")
+            self.federation_id = checkpoint.new_federation_id()
+            self.metrics: dict[str, Any] = {
+                "config": self.cfg.to_json_dict(), "private": self.cfg.private,
+                "base_accuracy": base_accuracy, "base_loss": base_loss, "rounds": []}
+        else:
+            self.state = GlobalState(resumed.arrays, resumed.scales, resumed.fingerprints,
+                                     resumed.adapter)
+            for update in self.state.updates():  # the global base as of the checkpoint
+                apply_update(self.model, update)
+            self.rng.setstate(resumed.rng_state)
+            self.federation_id, self.metrics = resumed.federation_id, resumed.metrics
+            self.progress(f"[resume] {self.federation_id}: rounds 1-{resumed.round} of "
+                          f"{self.cfg.rounds} restored from {self.out / 'checkpoint'}")
+        self.metrics["federation_id"] = self.federation_id
+
+    def _setup_rule(self) -> dict[str, tuple[int, int]]:
+        """FedPipe plans (when profiles are on), then the rule's setup; the adapted
+        modules' shapes."""
+        cfg, silos, targets = self.cfg, self.roster.silos, self.cfg.lora_targets
+        if cfg.profiles:  # FedPipe: targets, rank, batch and base precision per silo
+            everyone = self.roster.everyone()
+            plan = configure(self.grid, cfg, everyone, model_spec(self.model), self.progress)
+            for s, planned in plan.silos.items():
+                everyone[s].plan(planned)
+            self.metrics["plan"] = plan.to_json()
+            # the run's targets too: a run whose hello got no answer keeps a non-empty set
+            targets = tuple(sorted({*cfg.lora_targets,
+                                    *(t for v in everyone.values() for t in v.targets)}))
+        shapes = module_shapes(self.model, targets)
+        ranks = {s: v.rank for s, v in silos.items()} if cfg.profiles else self.roster.ranks()
+        self.rule.setup(ranks, shapes, cfg.seed)
+        return shapes
+
+    def run_round(self, round_: int) -> None:
+        """One round, end to end; appends its row to the metrics and checkpoints."""
+        self.roster.rejoin()
         start = time.monotonic()
-        sampled, unreachable = roster.sample(rng, per_round)
-        plans = {s: _on_wire(_restrict(rule.plan(s, silos[s].rank, state.adapter, round_),
-                                       _shapes_of(shapes, silos[s].targets)),
-                             cfg.wire_dtype) for s in sampled}
-        messages = {s: train_message(cfg, round_, silos[s], plans[s], state, federation_id)
-                    for s in sampled}
-        bytes_down = sum(m.content.array_records[P.ARRAYS].count_bytes()
-                         for m in messages.values())
-        replies = exchange(grid, messages, cfg.round_timeout)
-        lost = sorted(s for s, r in replies.items()
-                      if r.has_error() and r.error.code == P.ERROR_MISSING_ROUNDS)
-        if lost:  # silos that lost their copy of the history: send them all of it, once
-            log.warning("resending the whole global history to %s: %s", lost,
-                        "; ".join(str(replies[s].error.reason) for s in lost))
-            for s in lost:
-                silos[s].base_version = 0
-            again = {s: train_message(cfg, round_, silos[s], plans[s], state, federation_id)
-                     for s in lost}
-            bytes_down += sum(m.content.array_records[P.ARRAYS].count_bytes()
-                              for m in again.values())
-            replies.update(exchange(grid, again, cfg.round_timeout))
-        adapters, excluded, bytes_up = _collect(cfg, roster, shapes, plans, replies)
-        excluded = unreachable + excluded
+        silos = self.roster.silos
+        sampled, unreachable = self.roster.sample(self.rng, self.per_round)
+        plans = {s: on_wire(restrict(self.rule.plan(s, silos[s].rank, self.state.adapter,
+                                                    round_),
+                                     shapes_of(self.shapes, silos[s].targets)),
+                            self.cfg.wire_dtype) for s in sampled}
+        replies, bytes_down, lost = self._send(round_, plans)
+        adapters, excluded, bytes_up = collect(self.cfg, self.roster, self.shapes, plans,
+                                               replies)
         for a_silo, answer in adapters.values():
             silos[a_silo.silo].base_version = answer.base_version
             if answer.epsilon is not None and answer.epsilon_limit is not None:
-                epsilon[a_silo.silo] = answer.epsilon
-                limits[a_silo.silo] = answer.epsilon_limit
+                self.epsilon[a_silo.silo] = answer.epsilon
+                self.limits[a_silo.silo] = answer.epsilon_limit
         valid = [adapters[s][0] for s in sorted(adapters)]
-        if len(valid) < cfg.min_replies:
-            progress(f"[round {round_}] only {len(valid)} valid replies (< min_replies "
-                     f"{cfg.min_replies}): round skipped, global model unchanged")
-        else:
-            result = rule.aggregate(valid, state.adapter)
-            if result.merge is not None:
-                apply_update(model, state.add(result.merge, cfg.wire_dtype))
-            state.adapter = result.adapter
-            for adapter in valid:
-                silos[adapter.silo].rank = rule.next_rank(adapter, silos[adapter.silo].rank)
-            if client_dp is not None:
-                client_level[round_] = client_dp.record(round_)
-        accuracy, loss = held_out(state.adapter)
+        client_level = self._aggregate(round_, valid)
+        accuracy, loss = self.held_out()
         row = {"round": round_, "accuracy": accuracy, "loss": loss,
-               "epsilon": dict(sorted(epsilon.items())),
-               "epsilon_limit": dict(sorted(limits.items())),
+               "epsilon": dict(sorted(self.epsilon.items())),
+               "epsilon_limit": dict(sorted(self.limits.items())),
                "bytes_up": bytes_up, "bytes_down": bytes_down,
-               "seconds": round(time.monotonic() - start, 3), "excluded": excluded,
-               "participants": sorted(adapters),
-               "peak_memory_bytes": {s: a.peak_memory for s, (_, a) in sorted(adapters.items())
-                                     if a.peak_memory is not None},
-               "ranks": {s: silos[s].rank for s in sampled},
-               "workers": {s: a.worker for s, (_, a) in sorted(adapters.items())},
-               "history_resent": lost}
-        if client_dp is not None:  # a separate guarantee (unit = silo): never added to epsilon
-            row["client_level"] = client_level.get(round_)
-            metrics["client_level_dp"] = client_dp.summary()
-        metrics["rounds"].append(row)
-        atomic_write_json(out / "metrics.json", metrics)
-        checkpoint.save(out / "checkpoint", checkpoint.Checkpoint(
-            round=round_, federation_id=federation_id, config=cfg.to_json_dict(),
+               "seconds": round(time.monotonic() - start, 3),
+               "excluded": unreachable + excluded, **_reply_facts(adapters),
+               "ranks": {s: silos[s].rank for s in sampled}, "history_resent": lost}
+        if self.client_dp is not None:  # a separate guarantee (unit = silo), never added
+            row["client_level"] = client_level
+            self.metrics["client_level_dp"] = self.client_dp.summary()
+        self._record(round_, row)
+        eps_text = f", epsilon max {max(self.epsilon.values()):.3f}" if self.epsilon else ""
+        self.progress(f"[round {round_}/{self.cfg.rounds}] accuracy {accuracy:.3f}, loss "
+                      f"{loss:.3f}{eps_text}, {len(valid)}/{len(sampled)} silos, "
+                      f"{row['seconds']:.0f} s"
+                      + (f", excluded {row['excluded']}" if row["excluded"] else ""))
+
+    def _send(self, round_: int, plans: dict[str, SiloPlan]
+              ) -> tuple[dict[str, Message], int, list[str]]:
+        """Send the round's train messages; silos that lost their copy of the history
+        are sent all of it, once. The replies, the bytes sent and the silos resent."""
+        replies, bytes_down = self._exchange(round_, plans)
+        lost = sorted(s for s, r in replies.items()
+                      if r.has_error() and r.error.code == P.ERROR_MISSING_ROUNDS)
+        if lost:
+            log.warning("resending the whole global history to %s: %s", lost,
+                        "; ".join(str(replies[s].error.reason) for s in lost))
+            for s in lost:
+                self.roster.silos[s].base_version = 0
+            again, resent = self._exchange(round_, {s: plans[s] for s in lost})
+            replies.update(again)
+            bytes_down += resent
+        return replies, bytes_down, lost
+
+    def _exchange(self, round_: int, plans: dict[str, SiloPlan]
+                  ) -> tuple[dict[str, Message], int]:
+        messages = {s: train_message(self.cfg, round_, self.roster.silos[s], plan,
+                                     self.state, self.federation_id)
+                    for s, plan in plans.items()}
+        sent = sum(m.content.array_records[P.ARRAYS].count_bytes() for m in messages.values())
+        return exchange(self.grid, messages, self.cfg.round_timeout), sent
+
+    def _aggregate(self, round_: int, valid: list[SiloAdapter]) -> dict[str, Any] | None:
+        """Aggregate and merge the valid adapters (the round is skipped below
+        `min_replies`); the client-level DP record of the round, if any."""
+        if len(valid) < self.cfg.min_replies:
+            self.progress(f"[round {round_}] only {len(valid)} valid replies (< min_replies "
+                          f"{self.cfg.min_replies}): round skipped, global model unchanged")
+            return None
+        result = self.rule.aggregate(valid, self.state.adapter)
+        if result.merge is not None:
+            apply_update(self.model, self.state.add(result.merge, self.cfg.wire_dtype))
+        self.state.adapter = result.adapter
+        silos = self.roster.silos
+        for adapter in valid:
+            silos[adapter.silo].rank = self.rule.next_rank(adapter, silos[adapter.silo].rank)
+        return self.client_dp.record(round_) if self.client_dp is not None else None
+
+    def _record(self, round_: int, row: dict[str, Any]) -> None:
+        """Append `row` to metrics.json and write the round's checkpoint."""
+        self.metrics["rounds"].append(row)
+        atomic_write_json(self.out / "metrics.json", self.metrics)
+        state = self.state
+        checkpoint.save(self.out / "checkpoint", checkpoint.Checkpoint(
+            round=round_, federation_id=self.federation_id, config=self.cfg.to_json_dict(),
             arrays=state.arrays, scales=state.scales, fingerprints=state.fingerprints,
-            adapter=state.adapter, rng_state=rng.getstate(),
-            ranks={s: v.rank for s, v in silos.items()}, metrics=metrics))
-        eps_text = f", epsilon max {max(epsilon.values()):.3f}" if epsilon else ""
-        progress(f"[round {round_}/{cfg.rounds}] accuracy {accuracy:.3f}, loss {loss:.3f}"
-                 f"{eps_text}, {len(valid)}/{len(sampled)} silos, "
-                 f"{row['seconds']:.0f} s" + (f", excluded {excluded}" if excluded else ""))
-    write_report(out)
-    return metrics
+            adapter=state.adapter, rng_state=self.rng.getstate(),
+            ranks={s: v.rank for s, v in self.roster.silos.items()}, metrics=self.metrics))
 
 
-def train_message(cfg: RunConfig, round_: int, silo: Silo, plan: SiloPlan,
-                   state: GlobalState, federation_id: str) -> Message:
-    arrays = state.since(silo.base_version)
-    if plan.seed is None and plan.init is not None:  # a start the silo cannot regenerate
-        arrays.update(update_to_arrays(LowRankUpdate(plan.init), P.INIT_PREFIX))
-    ask = TrainInstruction(
-        round=round_, federation_id=federation_id, model=cfg.model, rank=plan.rank,
-        alpha=_alpha(cfg, plan.rank), targets=silo.targets, local_steps=cfg.local_steps,
-        planned_rounds=cfg.rounds, batch_size=silo.batch,
-        physical_batch_size=silo.physical_batch, base_precision=silo.precision,
-        learning_rate=cfg.learning_rate, max_grad_norm=cfg.max_grad_norm,
-        target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta, run_seed=cfg.seed,
-        frozen=plan.frozen, upload=plan.upload, local=plan.local, wire_dtype=cfg.wire_dtype,
-        upload_density=cfg.upload_density, update_scales=dict(state.scales),
-        base_fingerprints=list(state.fingerprints), first_sent_round=silo.base_version + 1,
-        init_seed=plan.seed, arrays=arrays)
-    return ask.to_message(silo.node_id, cfg.wire_dtype)
-
-
-def _collect(cfg: RunConfig, roster: Roster, shapes: dict[str, tuple[int, int]],
-             plans: dict[str, SiloPlan], replies: dict[str, Message],
-             ) -> tuple[dict[str, tuple[SiloAdapter, TrainReply]], list[dict[str, str]], int]:
-    """Validated adapters by silo, with the silo's typed reply; the excluded silos with
-    reasons; and the bytes uploaded."""
-    adapters: dict[str, tuple[SiloAdapter, TrainReply]] = {}
-    excluded: list[dict[str, str]] = []
-    bytes_up = 0
-    for silo, reply in sorted(replies.items()):
-        if reply.has_error():
-            excluded.append({"silo": silo, "reason": str(reply.error.reason)})
-            continue
-        record = reply.content.array_records.get(P.ARRAYS)
-        bytes_up += record.count_bytes() if record is not None else 0
-        plan = plans[silo]
-        scale = _alpha(cfg, plan.rank) / plan.rank  # computed as the silo computes it
-        expected = Expected(rank=plan.rank, scale=scale,
-                            shapes=_shapes_of(shapes, roster.silos[silo].targets),
-                            upload=plan.upload, start=plan.init,
-                            max_norm=cfg.max_update_norm)
-        try:
-            answer = TrainReply.from_message(reply)
-            reference = upload_reference(plan.init, scale, plan.local)
-            arrays = decompress_arrays(answer.arrays, reference)
-            adapter = validate_reply(silo, arrays, answer.num_examples, expected)
-        except (AdapterError, ValueError, KeyError) as err:
-            excluded.append({"silo": silo, "reason": str(err)})
-            continue
-        adapters[silo] = (adapter, answer)
-    excluded += [{"silo": s, "reason": "no reply before the round timeout"}
-                 for s in sorted(plans) if s not in replies]
-    for e in excluded:
-        log.warning("round excluded %s: %s", e["silo"], e["reason"])
-    return adapters, excluded, bytes_up
-
-
-def _shapes_of(shapes: dict[str, tuple[int, int]], targets: tuple[str, ...]
-               ) -> dict[str, tuple[int, int]]:
-    """The adapted modules of a silo that trains `targets` (partial weights, FedPipe)."""
-    return {m: s for m, s in shapes.items() if m.rpartition(".")[2] in targets}
-
-
-def _restrict(plan: SiloPlan, shapes: dict[str, tuple[int, int]]) -> SiloPlan:
-    """The plan's start limited to the modules this silo adapts (seeded starts are per
-    module, so the silo regenerates exactly these from the same seed)."""
-    if plan.init is None:
-        return plan
-    return dataclasses.replace(plan, init={m: f for m, f in plan.init.items() if m in shapes})
-
-
-def _alpha(cfg: RunConfig, rank: int) -> float:
-    """LoRA alpha of a silo of rank `rank` (alpha = c r, so every silo's scale is c)."""
-    return cfg.lora_alpha_per_rank * rank
-
-
-def _on_wire(plan: SiloPlan, wire_dtype: str) -> SiloPlan:
-    """The plan with its start as the silo will decode it (so both sides agree exactly)."""
-    if plan.init is None:
-        return plan
-    return dataclasses.replace(plan, init=as_received(LowRankUpdate(plan.init),
-                                                      wire_dtype).modules)
-
+def _reply_facts(adapters: dict[str, tuple[SiloAdapter, TrainReply]]) -> dict[str, Any]:
+    """Per-round facts from the valid replies: who took part, peak memory, workers."""
+    return {"participants": sorted(adapters),
+            "peak_memory_bytes": {s: a.peak_memory for s, (_, a) in sorted(adapters.items())
+                                  if a.peak_memory is not None},
+            "workers": {s: a.worker for s, (_, a) in sorted(adapters.items())}}
 

@@ -1,8 +1,9 @@
 """Run report: plots and a self-contained HTML page from a run's ``metrics.json``.
 
-A run directory ``DIR`` holds ``DIR/metrics.json`` (contract in DESIGN.md). ``write_report``
-writes ``DIR/report.html`` (inline CSS, plots embedded as base64 PNG data URIs, no external
-references of any kind) and ``DIR/plots/{accuracy,epsilon,bytes,excluded}.png``.
+A run directory ``DIR`` holds ``DIR/metrics.json`` (contract in docs/architecture.md).
+``write_report`` writes ``DIR/report.html`` (inline CSS, plots embedded as base64 PNG data
+URIs, no external references of any kind) and
+``DIR/plots/{accuracy,epsilon,bytes,excluded}.png``.
 ``format_summary_table`` renders the same numbers as plain text for the terminal.
 """
 
@@ -19,6 +20,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from silotune.files import atomic_write_text
 
 NON_PRIVATE_LABEL = "NON-PRIVATE (epsilon = inf)"
 NO_DP_TEXT = "non-private run: no DP guarantee"
@@ -330,7 +333,7 @@ def write_report(run_dir: Path) -> Path:
                          else "<p>No silo was excluded.</p>\n")
     parts += ["<h2>Rounds</h2>\n", _table(_ROUND_HEADER, _round_rows(m)), "</body></html>\n"]
     out = run_dir / "report.html"
-    out.write_text("".join(parts), encoding="utf-8")
+    atomic_write_text(out, "".join(parts))
     return out
 
 

@@ -15,8 +15,9 @@ from typing import Any
 from silotune import strategies
 from silotune.client.app import build_client_app
 from silotune.config import RunConfig
+from silotune.files import atomic_write_json
 from silotune.ml.assets import resolve_model
-from silotune.server.loop import Progress
+from silotune.progress import Emit
 from silotune.simulations.checks import check_names
 from silotune.simulations.cluster import backend_config
 from silotune.simulations.federation import federated_task, silo_name
@@ -26,7 +27,7 @@ from silotune.simulations.silos import simulated_silos
 SHOW_SIZES = 8  # silo sizes printed at start-up (the first few)
 
 
-def simulate(cfg: RunConfig, progress: Progress = print,
+def simulate(cfg: RunConfig, progress: Emit = print,
              ray_address: str | None = None) -> dict[str, Any]:
     """Run the federation `cfg` in the Flower Simulation Engine; return metrics.json.
 
@@ -55,7 +56,7 @@ def simulate(cfg: RunConfig, progress: Progress = print,
         progress("[privacy] NON-PRIVATE run (epsilon = inf): no DP guarantee for any silo")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_json_dict(), indent=2) + "\n")
+    atomic_write_json(out / "config.json", cfg.to_json_dict())
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

@@ -60,11 +60,11 @@ def test_not_rejected_at_zero_gives_zero(r: int, v: int) -> None:
 
 
 def test_bound_is_a_root() -> None:
-    from silotune.privacy.one_run_audit import _p_value
+    from silotune.privacy.one_run_audit import p_value
 
     eps = bound(1000, 100, 90)
-    assert _p_value(eps, 1000, 100, 90, DELTA) == pytest.approx(0.05, abs=1e-6)
-    assert _p_value(eps + 0.01, 1000, 100, 90, DELTA) > 0.05
+    assert p_value(eps, 1000, 100, 90, DELTA) == pytest.approx(0.05, abs=1e-6)
+    assert p_value(eps + 0.01, 1000, 100, 90, DELTA) > 0.05
 
 
 def test_perfect_scores_reach_ceiling() -> None:

@@ -9,7 +9,7 @@ import pytest
 from silotune import strategies
 from silotune.adapters.starts import seeded_start
 from silotune.adapters.types import AdapterError, LoraFactors, SiloAdapter, peft_key
-from silotune.server.loop import _restrict, _shapes_of
+from silotune.server.exchange import restrict, shapes_of
 from silotune.server.validate import Expected, validate_reply
 from silotune.strategies.flora import flora_stack
 
@@ -70,7 +70,7 @@ def test_flora_rule_aggregates_partial_replies():
 
 
 def test_validation_accepts_a_silo_that_trains_only_its_assigned_modules():
-    shapes = _shapes_of(SHAPES, ("v_proj",))
+    shapes = shapes_of(SHAPES, ("v_proj",))
     assert shapes == {V: SHAPES[V]}
     arrays = {peft_key(V, "A"): np.full((4, 5), 0.1, np.float32),
               peft_key(V, "B"): np.full((4, 4), 0.1, np.float32)}
@@ -87,7 +87,7 @@ def test_seeded_start_is_restricted_to_the_silos_modules_with_the_same_values():
     rule = strategies.create("flora")
     rule.setup({"s": 4}, SHAPES, seed=3)
     full = rule.plan("s", 4, None, 1)
-    mine = _restrict(full, _shapes_of(SHAPES, ("q_proj", "o_proj")))
+    mine = restrict(full, shapes_of(SHAPES, ("q_proj", "o_proj")))
     assert mine.init is not None and full.init is not None and mine.seed == full.seed
     assert set(mine.init) == {Q, OP}
     # what the silo regenerates from its own targets equals the coordinator's restriction

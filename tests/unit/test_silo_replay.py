@@ -15,8 +15,9 @@ from silotune.client.app import build_client_app
 from silotune.config import RunConfig
 from silotune.protocol import keys as P
 from silotune.protocol.codec import from_record
-from silotune.server.loop import GlobalState, train_message
+from silotune.server.exchange import train_message
 from silotune.server.roster import Silo
+from silotune.server.state import GlobalState
 from silotune.simulations.silos import simulated_silos
 from silotune.strategies.base import SiloPlan
 

@@ -1,0 +1,111 @@
+"""A round's train messages out and its replies in, validated.
+
+`train_message` builds one silo's `TrainInstruction` (the global rounds it lacks, its
+plan and configuration); `collect` reads every reply as a `TrainReply`, decompresses it
+against the plan's start and validates it (keys, shapes, finite values, norm bound), and
+excludes the bad ones with their reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from flwr.app import Message
+
+from silotune.adapters.codec import as_received, update_to_arrays
+from silotune.adapters.compression import decompress_arrays, upload_reference
+from silotune.adapters.types import AdapterError, LowRankUpdate, SiloAdapter
+from silotune.config import RunConfig
+from silotune.protocol import keys as P
+from silotune.protocol.messages import TrainInstruction, TrainReply
+from silotune.server.roster import Roster, Silo
+from silotune.server.state import GlobalState
+from silotune.server.validate import Expected, validate_reply
+from silotune.strategies.base import SiloPlan
+
+log = logging.getLogger(__name__)
+
+
+def train_message(cfg: RunConfig, round_: int, silo: Silo, plan: SiloPlan,
+                   state: GlobalState, federation_id: str) -> Message:
+    arrays = state.since(silo.base_version)
+    if plan.seed is None and plan.init is not None:  # a start the silo cannot regenerate
+        arrays.update(update_to_arrays(LowRankUpdate(plan.init), P.INIT_PREFIX))
+    ask = TrainInstruction(
+        round=round_, federation_id=federation_id, model=cfg.model, rank=plan.rank,
+        alpha=_alpha(cfg, plan.rank), targets=silo.targets, local_steps=cfg.local_steps,
+        planned_rounds=cfg.rounds, batch_size=silo.batch,
+        physical_batch_size=silo.physical_batch, base_precision=silo.precision,
+        learning_rate=cfg.learning_rate, max_grad_norm=cfg.max_grad_norm,
+        target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta, run_seed=cfg.seed,
+        frozen=plan.frozen, upload=plan.upload, local=plan.local, wire_dtype=cfg.wire_dtype,
+        upload_density=cfg.upload_density, update_scales=dict(state.scales),
+        base_fingerprints=list(state.fingerprints), first_sent_round=silo.base_version + 1,
+        init_seed=plan.seed, arrays=arrays)
+    return ask.to_message(silo.node_id, cfg.wire_dtype)
+
+
+def collect(cfg: RunConfig, roster: Roster, shapes: dict[str, tuple[int, int]],
+             plans: dict[str, SiloPlan], replies: dict[str, Message],
+             ) -> tuple[dict[str, tuple[SiloAdapter, TrainReply]], list[dict[str, str]], int]:
+    """Validated adapters by silo, with the silo's typed reply; the excluded silos with
+    reasons; and the bytes uploaded."""
+    adapters: dict[str, tuple[SiloAdapter, TrainReply]] = {}
+    excluded: list[dict[str, str]] = []
+    bytes_up = 0
+    for silo, reply in sorted(replies.items()):
+        if reply.has_error():
+            excluded.append({"silo": silo, "reason": str(reply.error.reason)})
+            continue
+        record = reply.content.array_records.get(P.ARRAYS)
+        bytes_up += record.count_bytes() if record is not None else 0
+        plan = plans[silo]
+        scale = _alpha(cfg, plan.rank) / plan.rank  # computed as the silo computes it
+        expected = Expected(rank=plan.rank, scale=scale,
+                            shapes=shapes_of(shapes, roster.silos[silo].targets),
+                            upload=plan.upload, start=plan.init,
+                            max_norm=cfg.max_update_norm)
+        try:
+            answer = TrainReply.from_message(reply)
+            reference = upload_reference(plan.init, scale, plan.local)
+            arrays = decompress_arrays(answer.arrays, reference)
+            adapter = validate_reply(silo, arrays, answer.num_examples, expected)
+        except (AdapterError, ValueError, KeyError) as err:
+            excluded.append({"silo": silo, "reason": str(err)})
+            continue
+        adapters[silo] = (adapter, answer)
+    excluded += [{"silo": s, "reason": "no reply before the round timeout"}
+                 for s in sorted(plans) if s not in replies]
+    for e in excluded:
+        log.warning("round excluded %s: %s", e["silo"], e["reason"])
+    return adapters, excluded, bytes_up
+
+
+def shapes_of(shapes: dict[str, tuple[int, int]], targets: tuple[str, ...]
+               ) -> dict[str, tuple[int, int]]:
+    """The adapted modules of a silo that trains `targets` (partial weights, FedPipe)."""
+    return {m: s for m, s in shapes.items() if m.rpartition(".")[2] in targets}
+
+
+def restrict(plan: SiloPlan, shapes: dict[str, tuple[int, int]]) -> SiloPlan:
+    """The plan's start limited to the modules this silo adapts (seeded starts are per
+    module, so the silo regenerates exactly these from the same seed)."""
+    if plan.init is None:
+        return plan
+    return dataclasses.replace(plan, init={m: f for m, f in plan.init.items() if m in shapes})
+
+
+def _alpha(cfg: RunConfig, rank: int) -> float:
+    """LoRA alpha of a silo of rank `rank` (alpha = c r, so every silo's scale is c)."""
+    return cfg.lora_alpha_per_rank * rank
+
+
+def on_wire(plan: SiloPlan, wire_dtype: str) -> SiloPlan:
+    """The plan with its start as the silo will decode it (so both sides agree exactly)."""
+    if plan.init is None:
+        return plan
+    return dataclasses.replace(plan, init=as_received(LowRankUpdate(plan.init),
+                                                      wire_dtype).modules)
+
+
