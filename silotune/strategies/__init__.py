@@ -1,35 +1,15 @@
 """Aggregation rules for heterogeneous LoRA adapters, selected by name from a registry.
 
-``create("flora")`` returns a fresh rule; an unknown name raises and lists the valid names.
+Each rule's module (one per paper) registers it; importing this package registers them
+all. ``create("flora")`` returns a fresh rule; an unknown name raises and lists the
+valid names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from silotune.strategies import fedit, fedsa, ffa, flexlora, flora, hetlora, zeropad
+from silotune.strategies.registry import UnknownStrategyError, available, create
 
-from silotune.strategies.base import AggregationRule
-from silotune.strategies.rules import FedIT, FedSALoRA, FFALoRA, FlexLoRA, FLoRA, HetLoRA, ZeroPad
+RULE_MODULES = (flora, fedit, zeropad, hetlora, flexlora, ffa, fedsa)
 
-_REGISTRY: dict[str, Callable[[], AggregationRule]] = {
-    rule.name: rule for rule in (FLoRA, FedIT, ZeroPad, HetLoRA, FlexLoRA, FFALoRA, FedSALoRA)
-}
-
-
-class UnknownStrategyError(ValueError):
-    """The requested strategy name is not registered."""
-
-
-def available() -> list[str]:
-    """Names accepted by `create` and by ``--strategy``."""
-    return sorted(_REGISTRY)
-
-
-def create(name: str) -> AggregationRule:
-    """Instantiate the aggregation rule registered under `name`."""
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise UnknownStrategyError(
-            f"unknown strategy '{name}'; valid strategies: {', '.join(available())}"
-        ) from None
-    return factory()
+__all__ = ["RULE_MODULES", "UnknownStrategyError", "available", "create"]

@@ -19,11 +19,13 @@ zero (one SGD step from B = 0). Ranks must agree per module.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from silotune.adapters.types import AdapterError, LoraFactors, SiloAdapter
-from silotune.strategies.base import example_weights
+from silotune.adapters.types import AdapterError, LoraFactors, LowRankUpdate, SiloAdapter
+from silotune.strategies.base import RoundResult, example_weights
 from silotune.strategies.common import holders_of, module_names, weighted_padded_average
+from silotune.strategies.plans import GlobalAdapterRule
+from silotune.strategies.registry import register
 
 
 def fedit_average(adapters: Sequence[SiloAdapter]) -> dict[str, LoraFactors]:
@@ -56,3 +58,22 @@ def fedit_average(adapters: Sequence[SiloAdapter]) -> dict[str, LoraFactors]:
             )
         out[module] = weighted_padded_average(module, holders, example_weights(holders))
     return out
+
+
+@register
+class FedIT(GlobalAdapterRule):
+    """FedIT (Zhang et al., ICASSP 2024): average A and B separately; equal ranks only."""
+
+    name = "fedit"
+
+    def setup(self, ranks: Mapping[str, int], shapes: Mapping[str, tuple[int, int]],
+              seed: int) -> None:
+        if len(set(ranks.values())) > 1:
+            raise AdapterError(f"fedit needs one rank for every silo, got "
+                               f"{sorted(set(ranks.values()))}; pass e.g. --ranks 8, or use "
+                               "--strategy flora or zeropad for mixed ranks")
+        super().setup(ranks, shapes, seed)
+
+    def aggregate(self, adapters: Sequence[SiloAdapter],
+                  state: LowRankUpdate | None) -> RoundResult:
+        return RoundResult(adapter=LowRankUpdate(fedit_average(adapters)))

@@ -15,13 +15,16 @@ be a placeholder of the right shape); upload and download are r d_in per module.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from silotune.adapters.types import AdapterError, SiloAdapter
-from silotune.strategies.base import example_weights
+from silotune.adapters.types import AdapterError, LoraFactors, LowRankUpdate, SiloAdapter
+from silotune.strategies.base import RoundResult, SiloPlan, example_weights
 from silotune.strategies.common import holders_of, module_names, module_shapes
+from silotune.strategies.fedit import fedit_average
+from silotune.strategies.plans import GlobalAdapterRule, start_plan
+from silotune.strategies.registry import register
 
 
 def fedsa_average(adapters: Sequence[SiloAdapter]) -> dict[str, np.ndarray]:
@@ -58,3 +61,32 @@ def fedsa_average(adapters: Sequence[SiloAdapter]) -> dict[str, np.ndarray]:
             a_avg += p_k * a.modules[module].A.astype(np.float64)  # (r, d_in)
         out[module] = a_avg
     return out
+
+
+@register
+class FedSALoRA(GlobalAdapterRule):
+    """FedSA-LoRA (Guo et al., ICLR 2025): only A is aggregated; each silo keeps its B.
+
+    Silos also upload B, only so that the coordinator can evaluate a global model
+    (base + mean B @ mean A) on the held-out split; B never flows back to any silo.
+    """
+
+    name = "fedsa"
+
+    def setup(self, ranks: Mapping[str, int], shapes: Mapping[str, tuple[int, int]],
+              seed: int) -> None:
+        if len(set(ranks.values())) > 1:
+            raise AdapterError("fedsa averages A across silos and needs one rank for every "
+                               f"silo, got {sorted(set(ranks.values()))}; pass e.g. --ranks 8")
+        super().setup(ranks, shapes, seed)
+
+    def plan(self, silo: str, rank: int, state: LowRankUpdate | None,
+             round_: int) -> SiloPlan:
+        return start_plan(self.shapes, rank, self.seed, state, local=("B",))
+
+    def aggregate(self, adapters: Sequence[SiloAdapter],
+                  state: LowRankUpdate | None) -> RoundResult:
+        shared_a = fedsa_average(adapters)
+        mean_b = {m: f.B for m, f in fedit_average(adapters).items()}  # evaluation only
+        return RoundResult(adapter=LowRankUpdate(
+            {m: LoraFactors(A=a, B=mean_b[m]) for m, a in shared_a.items()}))

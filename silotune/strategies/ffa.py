@@ -19,9 +19,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from silotune.adapters.types import AdapterError, LoraFactors, SiloAdapter
-from silotune.strategies.base import example_weights
+from silotune.adapters.types import AdapterError, LoraFactors, LowRankUpdate, SiloAdapter
+from silotune.strategies.base import RoundResult, SiloPlan, example_weights
 from silotune.strategies.common import holders_of, module_names, module_shapes
+from silotune.strategies.plans import Rule, start_plan
+from silotune.strategies.registry import register
 
 
 def ffa_average(adapters: Sequence[SiloAdapter]) -> dict[str, LoraFactors]:
@@ -64,3 +66,18 @@ def ffa_average(adapters: Sequence[SiloAdapter]) -> dict[str, LoraFactors]:
             b_avg[:, : f.rank] += (p_k * a.scale) * f.B.astype(np.float64)  # (d_out, r_k)
         out[module] = LoraFactors(A=a_ref.copy(), B=b_avg)
     return out
+
+
+@register
+class FFALoRA(Rule):
+    """FFA-LoRA (Sun et al., ICLR 2024): A frozen from the shared seed; only B trains."""
+
+    name = "ffa"
+
+    def plan(self, silo: str, rank: int, state: LowRankUpdate | None,
+             round_: int) -> SiloPlan:
+        return start_plan(self.shapes, rank, self.seed, state, frozen=("A",), upload=("B",))
+
+    def aggregate(self, adapters: Sequence[SiloAdapter],
+                  state: LowRankUpdate | None) -> RoundResult:
+        return RoundResult(adapter=LowRankUpdate(ffa_average(adapters)))

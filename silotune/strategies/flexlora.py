@@ -23,9 +23,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from silotune.adapters.types import AdapterError, LoraFactors, SiloAdapter
-from silotune.strategies.base import example_weights
+from silotune.adapters.types import AdapterError, LoraFactors, LowRankUpdate, SiloAdapter
+from silotune.strategies.base import RoundResult, SiloPlan, example_weights
 from silotune.strategies.common import holders_of, module_names, module_shapes, pad_factors
+from silotune.strategies.flora import flora_stack
+from silotune.strategies.plans import Rule, start_plan
+from silotune.strategies.registry import register
 
 
 def flexlora_dense(adapters: Sequence[SiloAdapter]) -> dict[str, np.ndarray]:
@@ -115,3 +118,23 @@ def factored_svd(f: LoraFactors, keep: int) -> LoraFactors:
     out_b[:, :n] = (q_b @ u[:, :n]) * s[:n]  # (d_out, keep)
     out_a[:n] = (q_a @ vt[:n].T).T  # (keep, d_in)
     return LoraFactors(A=out_a, B=out_b)
+
+
+@register
+class FlexLoRA(Rule):
+    """FlexLoRA (Bai et al., NeurIPS 2024): sum the full-size updates, redistribute by SVD."""
+
+    name = "flexlora"
+
+    def plan(self, silo: str, rank: int, state: LowRankUpdate | None,
+             round_: int) -> SiloPlan:
+        return start_plan(self.shapes, rank, self.seed, state)  # seeded: B = 0, Delta W = 0
+
+    def aggregate(self, adapters: Sequence[SiloAdapter],
+                  state: LowRankUpdate | None) -> RoundResult:
+        # sum_k p_k s_k B_k A_k in exact factored form (the FLoRA stack), then its SVD
+        # truncated to the largest rank any silo takes back.
+        keep = max(self.ranks.values())
+        stacked = flora_stack(adapters).modules
+        return RoundResult(adapter=LowRankUpdate(
+            {name: factored_svd(f, keep) for name, f in stacked.items()}))

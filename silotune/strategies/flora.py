@@ -27,7 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from silotune.adapters.types import AdapterError, LoraFactors, LowRankUpdate, SiloAdapter
-from silotune.strategies.base import example_weights
+from silotune.strategies.base import RoundResult, SiloPlan, example_weights
+from silotune.strategies.plans import Rule, start_plan
+from silotune.strategies.registry import register
 
 
 def flora_stack(adapters: Sequence[SiloAdapter]) -> LowRankUpdate:
@@ -57,3 +59,21 @@ def _stack_module(adapters: Sequence[SiloAdapter], module: str) -> LoraFactors:
     w = np.concatenate([np.full(f.rank, p_k * h.scale)  # p_k on A's side only
                         for p_k, h, f in zip(p, holders, factors, strict=True)])  # (R,)
     return LoraFactors(A=a_g, B=b_g, w=w)
+
+
+@register
+class FLoRA(Rule):
+    """FLoRA stacking (Wang et al., NeurIPS 2024): exact for any mix of ranks."""
+
+    name = "flora"
+
+    def plan(self, silo: str, rank: int, state: LowRankUpdate | None,
+             round_: int) -> SiloPlan:
+        # A fresh adapter every round (A seeded per round, B = 0). Seeding it here rather
+        # than in PEFT lets the coordinator know each silo's start (upload compression
+        # sends the change from it); stacking stays exact whatever the A's are.
+        return start_plan(self.shapes, rank, self.seed * 1_000_003 + round_, None)
+
+    def aggregate(self, adapters: Sequence[SiloAdapter],
+                  state: LowRankUpdate | None) -> RoundResult:
+        return RoundResult(merge=flora_stack(adapters))

@@ -25,14 +25,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from silotune.adapters.types import AdapterError, LoraFactors, SiloAdapter
-from silotune.strategies.base import example_weights
+from silotune.adapters.types import AdapterError, LoraFactors, LowRankUpdate, SiloAdapter
+from silotune.strategies.base import RoundResult, example_weights
 from silotune.strategies.common import (
     holders_of,
     module_names,
     module_shapes,
     weighted_padded_average,
 )
+from silotune.strategies.plans import GlobalAdapterRule
+from silotune.strategies.registry import register
 
 
 def _update_norm(f: LoraFactors, scale: float) -> float:
@@ -124,3 +126,33 @@ def hetlora_prune_rank(
     if previous_tail_norm is not None and tail < previous_tail_norm:
         return max(1, kept), tail
     return rank, tail
+
+
+@register
+class HetLoRA(GlobalAdapterRule):
+    """HetLoRA (Cho et al., EMNLP 2024): update-norm-weighted zero-padding, rank pruning.
+
+    A silo's rank shrinks to floor(gamma r) once the summed tail norm of its uploaded
+    factors falls below the previous round's (the pruning decision is taken here, from
+    the upload, so silos need no extra state).
+    """
+
+    name = "hetlora"
+
+    def __init__(self, gamma: float = 0.99) -> None:
+        self.gamma = gamma
+        self.tails: dict[str, float] = {}
+
+    def aggregate(self, adapters: Sequence[SiloAdapter],
+                  state: LowRankUpdate | None) -> RoundResult:
+        return RoundResult(adapter=LowRankUpdate(hetlora_aggregate(adapters)))
+
+    def next_rank(self, adapter: SiloAdapter, rank: int) -> int:
+        decisions = [hetlora_prune_rank(f, rank, self.gamma, None)
+                     for f in adapter.modules.values()]
+        tail = float(sum(t for _, t in decisions))
+        previous = self.tails.get(adapter.silo)
+        self.tails[adapter.silo] = tail
+        if previous is not None and tail < previous:
+            return max(1, int(self.gamma * rank))
+        return rank

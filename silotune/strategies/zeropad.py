@@ -22,9 +22,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from silotune.adapters.types import AdapterError, LoraFactors, SiloAdapter
-from silotune.strategies.base import example_weights
+from silotune.adapters.types import AdapterError, LoraFactors, LowRankUpdate, SiloAdapter
+from silotune.strategies.base import RoundResult, example_weights
 from silotune.strategies.common import module_names, weighted_padded_average
+from silotune.strategies.plans import GlobalAdapterRule
+from silotune.strategies.registry import register
 
 
 def zeropad_average(
@@ -54,3 +56,14 @@ def zeropad_average(
         idx = [k for k, a in enumerate(adapters) if module in a.modules]
         out[module] = weighted_padded_average(module, [adapters[k] for k in idx], w[idx])
     return out
+
+
+@register
+class ZeroPad(GlobalAdapterRule):
+    """Zero-padding: pad to the largest rank, average, silos take their truncation."""
+
+    name = "zeropad"
+
+    def aggregate(self, adapters: Sequence[SiloAdapter],
+                  state: LowRankUpdate | None) -> RoundResult:
+        return RoundResult(adapter=LowRankUpdate(zeropad_average(adapters)))
