@@ -38,8 +38,8 @@ def build_client_app(source: SiloSource = deployed_silo,
     def hello(msg: Message, context: Context) -> Message:
         silo = source(context)
         declared = silo.profile.to_node_config() if silo.profile is not None else None
-        return HelloReply(silo_id=silo.silo_id, num_examples=len(silo.frame),
-                          profile=dict(declared) if declared else None).reply_to(msg)
+        return silo.reply(HelloReply(silo_id=silo.silo_id, num_examples=silo.declared_size(),
+                                     profile=dict(declared) if declared else None), msg)
 
     app.query("importance")(refusing(source, "score importance", importance_reply))
     train = refusing(source, "train", train_round)

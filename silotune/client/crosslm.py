@@ -20,7 +20,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from silotune.client.local import Silo, SiloSource
-from silotune.client.spend import private_training, refusing, spent_fields
+from silotune.client.spend import Request, private_training, refusing, spent_fields
 from silotune.files import atomic_write_bytes
 from silotune.ml.assets import resolve_slm
 from silotune.ml.crosslm import check_feedback_allowed
@@ -80,7 +80,7 @@ def _train(msg: Message, context: Context, silo: Silo) -> Message:
         steps=ask.slm_steps, batch_size=ask.batch_size, learning_rate=ask.learning_rate,
         synthetic_steps=ask.slm_steps if synth is not None else 0,
         seed=ask.run_seed * 100_003 + ask.round * 1009 + silo.index)
-    privacy = silo.privacy(ask.target_epsilon, ask.target_delta, ask.max_grad_norm)
+    privacy = silo.privacy(ask.max_grad_norm, ask.target_epsilon)
 
     def train(dp: DPConfig | None) -> tuple[float, float]:
         before = trainable_state(model)
@@ -90,12 +90,12 @@ def _train(msg: Message, context: Context, silo: Silo) -> Message:
         return loss, moved
 
     if privacy.private:
-        loss, spent = private_training(
-            silo, privacy, federation=run_id, round_=ask.round, num_examples=len(private),
-            batch_size=ask.batch_size, steps=ask.slm_steps,
-            planned_steps=ask.planned_rounds * ask.slm_steps, frame=frame, train=train)
+        request = Request(run_id, ask.round, ask.target_epsilon, ask.target_delta,
+                          ask.batch_size, ask.slm_steps, ask.planned_rounds * ask.slm_steps)
+        _, spent = private_training(silo, privacy, request, frame, train)
     else:
-        loss, spent = train(None)[0], None
+        spent = None
+        train(None)
     buffer = io.BytesIO()
     torch.save({"state": trainable_state(model), "labels": ask.labels,
                 "dp": privacy.private, "run_id": run_id}, buffer)
@@ -104,9 +104,10 @@ def _train(msg: Message, context: Context, silo: Silo) -> Message:
     probs = predict_proba(model, tok, list(test["text"]))
     index = {lab: j for j, lab in enumerate(ask.labels)}
     gold = np.array([index[g] for g in test["label"]])
-    return SlmTrainReply(silo_id=silo.silo_id, num_examples=len(private), steps=ask.slm_steps,
-                         train_loss=loss, slm_accuracy=float((probs.argmax(1) == gold).mean()),
-                         **spent_fields(spent)).reply_to(msg)
+    return silo.reply(SlmTrainReply(silo_id=silo.silo_id, num_examples=silo.declared_size(),
+                                    steps=ask.slm_steps,
+                                    slm_accuracy=float((probs.argmax(1) == gold).mean()),
+                                    **spent_fields(spent)), msg)
 
 
 def _score(msg: Message, context: Context, silo: Silo) -> Message:
@@ -125,5 +126,6 @@ def _score(msg: Message, context: Context, silo: Silo) -> Message:
         entry = record_feedback(silo.ledger(), silo_id=silo.silo_id, run_id=run_id,
                                 round_=ask.round, request=ask.synthetic, scores=scores)
         head = str(entry["entry_hash"])
-    return ScoreReply(silo_id=silo.silo_id, scores=scores, num_examples=len(silo.frame),
-                      slm_dp=dp_trained, ledger_head=head).reply_to(msg)
+    return silo.reply(ScoreReply(silo_id=silo.silo_id, scores=scores,
+                                 num_examples=silo.declared_size(), slm_dp=dp_trained,
+                                 ledger_head=head), msg)

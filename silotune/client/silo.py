@@ -53,16 +53,25 @@ class SiloPrivacy:
     def history(self) -> list[AccountingStep]:
         return self.ledger.accounting_history()
 
-    def noise_multiplier(self, run_id: str, sample_rate: float, planned_steps: int) -> float:
+    def noise_multiplier(self, run_id: str, sample_rate: float, planned_steps: int,
+                         run_epsilon: float | None = None) -> float:
         """sigma for this run: re-used from the ledger if this run already trained, else
-        calibrated once so that prior spending + the whole planned run meets the target."""
+        calibrated once for the whole planned run so that the run spends at most
+        `run_epsilon` (the run's target; None: no separate run budget) and prior spending
+        plus the run stays within the silo's lifetime limit: the larger of the two."""
         for entry in reversed(self.ledger.entries()):
             if entry.get("type") == "train" and entry.get("run_id") == run_id:
                 return float(entry["noise_multiplier"])
-        return calibrate_noise_multiplier(prior=self.history(), sample_rate=sample_rate,
-                                          steps=planned_steps,
-                                          target_epsilon=self.cfg.target_epsilon,
-                                          delta=self.cfg.delta)
+        sigma = calibrate_noise_multiplier(prior=self.history(), sample_rate=sample_rate,
+                                           steps=planned_steps,
+                                           target_epsilon=self.cfg.target_epsilon,
+                                           delta=self.cfg.delta)
+        if run_epsilon is not None and math.isfinite(run_epsilon) and (
+                run_epsilon < self.cfg.target_epsilon):
+            sigma = max(sigma, calibrate_noise_multiplier(
+                prior=[], sample_rate=sample_rate, steps=planned_steps,
+                target_epsilon=run_epsilon, delta=self.cfg.delta))
+        return sigma
 
     def check_round(self, step: AccountingStep) -> float:
         """Projected cumulative epsilon after `step`; raises BudgetExhausted if over."""
@@ -71,16 +80,19 @@ class SiloPrivacy:
 
     def record_round(self, *, step: AccountingStep, run_id: str, round_: int,
                      frame: pd.DataFrame, liveness: float, noise: str = "os",
+                     failed: bool = False, kind: str = "train",
                      ) -> tuple[EpsilonReport, dict[str, Any]]:
         """Compose `step`, then append and sign the ledger entry; returns (report, entry).
         `noise`: "os" (OS-seeded noise) or "seeded" (a simulation's public noise seed: the
-        guarantee then holds only against those who do not know that seed)."""
+        guarantee then holds only against those who do not know that seed). `failed`: the
+        training touched the data but did not finish: spent, and nothing was released.
+        `kind`: "train" (DP-SGD) or "importance" (DP importance scores, FedPipe)."""
         if noise not in ("os", "seeded"):
             raise ValueError(f"noise source must be 'os' or 'seeded', got {noise!r}")
         history = [*self.history(), step]
         report = compute_epsilon(history, self.cfg.delta)
         entry = self.ledger.append({
-            "type": "train",
+            "type": kind,
             "silo_id": self.cfg.silo_id,
             "run_id": run_id,
             "round": round_,
@@ -103,6 +115,7 @@ class SiloPrivacy:
             "liveness": liveness,
             "secure_mode": False,
             "noise_seed_source": noise,
+            "failed": failed,
             "opacus_version": opacus.__version__,
         })
         return report, entry

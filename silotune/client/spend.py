@@ -1,17 +1,28 @@
 """The two things every silo handler shares: refusing loudly, and spending budget.
 
-`refusing` turns a known refusal (budget, liveness, a malformed message, bad input) into
-a coded error reply that names it, so the coordinator logs it and the round goes on.
-`private_training` is the one place a silo spends privacy budget: calibrate sigma once
-per run, check the round against the budget *before* training, train, then append the
-signed ledger entry before anything leaves the silo.
+`refusing` turns a known refusal (policy, budget, liveness, a malformed message, bad
+input) into a coded error reply, so the coordinator logs it and the round goes on. The
+reason carries no local fact (paths, host names, raw text of private data): refusals of
+the silo's own making say what was refused; anything else is reported by its kind and a
+reference into the silo's own log.
+
+`private_training` is the one place a silo spends privacy budget, under one lock on its
+state directory (held across processes): check the request against the silo's policy,
+calibrate sigma once per run, refuse useless or over-budget training, train, and append
+the signed ledger entry before anything leaves the silo. A training that fails after it
+touched the data still records what it spent.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
-from collections.abc import Callable
+import os
+import secrets
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pandas as pd
@@ -19,20 +30,27 @@ from flwr.app import Context, Error, Message
 
 from silotune.adapters.types import AdapterError
 from silotune.client.local import Silo, SiloSource
+from silotune.client.policy import PolicyRefusalError, check_useful
 from silotune.client.silo import SiloPrivacy, SiloPrivacyConfig
 from silotune.ml.crosslm import FeedbackRefusedError
 from silotune.ml.dp_sgd import DPConfig, LivenessError, sample_rate_for
 from silotune.privacy.accounting import AccountingStep, BudgetExhausted
 from silotune.protocol import keys as P
+from silotune.protocol.messages import MessageError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-REFUSALS = (BudgetExhausted, LivenessError, AdapterError, FeedbackRefusedError, ValueError)
-
 
 class RoundAlreadyTrainedError(RuntimeError):
     """The silo's ledger already holds this round, and its reply was not kept."""
+
+
+# Refusals whose text the silo wrote itself (no local facts): sent as they are.
+_OWN = (PolicyRefusalError, BudgetExhausted, LivenessError, FeedbackRefusedError, MessageError,
+        RoundAlreadyTrainedError)
+# Other known failures of handling a request: sent by kind, details in the silo's log.
+_OTHER = (AdapterError, ValueError, KeyError, OSError)
 
 
 def refusing(source: SiloSource, what: str,
@@ -43,11 +61,31 @@ def refusing(source: SiloSource, what: str,
         silo = source(context)
         try:
             return handle(msg, context, silo)
-        except (*REFUSALS, RoundAlreadyTrainedError) as err:
+        except _OWN as err:
             log.warning("%s refused to %s: %s", silo.silo_id, what, err)
-            return Message(Error(code=P.ERROR_REFUSED, reason=f"{type(err).__name__}: {err}"),
+            code = P.ERROR_POLICY if isinstance(err, PolicyRefusalError) else P.ERROR_REFUSED
+            return Message(Error(code=code, reason=f"{type(err).__name__}: {err}"),
+                           reply_to=msg)
+        except _OTHER as err:
+            ref = secrets.token_hex(4)
+            log.warning("%s could not %s (ref %s): %s", silo.silo_id, what, ref, err)
+            return Message(Error(code=P.ERROR_REFUSED,
+                                 reason=f"{type(err).__name__} while trying to {what}; "
+                                        f"details in the silo's own log, ref {ref}"),
                            reply_to=msg)
     return handler
+
+
+@contextlib.contextmanager
+def state_lock(state_dir: Path) -> Iterator[None]:
+    """Exclusive lock on the silo's state directory (threads and processes alike)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / ".spend.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # also releases the lock
 
 
 @dataclass(frozen=True)
@@ -58,29 +96,57 @@ class Spent:
     delta: float
     epsilon_limit: float
     ledger_head: str
+    noise_multiplier: float
 
 
-def private_training(silo: Silo, privacy: SiloPrivacyConfig, *, federation: str,
-                     round_: int, num_examples: int, batch_size: int, steps: int,
-                     planned_steps: int, frame: pd.DataFrame,
-                     train: Callable[[DPConfig], tuple[T, float]],
+@dataclass(frozen=True)
+class Request:
+    """One training request, as the silo checks it against its policy."""
+
+    federation: str
+    round: int
+    target_epsilon: float
+    target_delta: float
+    batch_size: int
+    steps: int
+    planned_steps: int
+
+
+def private_training(silo: Silo, privacy: SiloPrivacyConfig, request: Request,
+                     frame: pd.DataFrame, train: Callable[[DPConfig], tuple[T, float]],
+                     already_done: Callable[[SiloPrivacy], None] = lambda _: None,
                      ) -> tuple[T, Spent]:
     """Run `train(dp)` (returning its result and the liveness of the weights) under the
-    silo's budget and record the spend; raises `BudgetExhausted` before any training."""
-    budget = SiloPrivacy(privacy)
-    q = sample_rate_for(num_examples, batch_size)
-    sigma = budget.noise_multiplier(federation, q, planned_steps)
-    step = AccountingStep(noise_multiplier=sigma, sample_rate=q, steps=steps)
-    budget.check_round(step)  # refuse before any training
-    noise_seed = silo.noise_seed(round_)
-    result, liveness = train(DPConfig(noise_multiplier=sigma,
-                                      max_grad_norm=privacy.max_grad_norm,
-                                      noise_seed=noise_seed))
-    report, entry = budget.record_round(
-        step=step, run_id=federation, round_=round_, frame=frame, liveness=liveness,
-        noise="os" if noise_seed is None else "seeded")
+    silo's policy and budget, and record the spend; refusals come before any training.
+    `already_done` raises when the request was answered before (checked under the lock)."""
+    silo.policy.check_train(request.target_epsilon, request.target_delta,
+                            request.planned_steps)
+    with state_lock(silo.state_dir):
+        budget = SiloPrivacy(privacy)
+        already_done(budget)
+        q = sample_rate_for(len(frame), request.batch_size)
+        sigma = budget.noise_multiplier(request.federation, q, request.planned_steps,
+                                        run_epsilon=request.target_epsilon)
+        check_useful(sigma, q * len(frame))
+        step = AccountingStep(noise_multiplier=sigma, sample_rate=q, steps=request.steps)
+        budget.check_round(step)  # refuse before any training
+        noise_seed = silo.noise_seed(request.round)
+        noise = "os" if noise_seed is None else "seeded"
+        try:
+            result, liveness = train(DPConfig(noise_multiplier=sigma,
+                                              max_grad_norm=privacy.max_grad_norm,
+                                              noise_seed=noise_seed))
+        except Exception:  # the data was touched: what was spent is recorded, loudly
+            budget.record_round(step=step, run_id=request.federation, round_=request.round,
+                                frame=frame, liveness=0.0, noise=noise, failed=True)
+            log.error("%s: round %d failed after training began; its spend is recorded "
+                      "in the ledger", silo.silo_id, request.round)
+            raise
+        report, entry = budget.record_round(
+            step=step, run_id=request.federation, round_=request.round, frame=frame,
+            liveness=liveness, noise=noise)
     return result, Spent(report.epsilon, privacy.delta, privacy.target_epsilon,
-                         str(entry["entry_hash"]))
+                         str(entry["entry_hash"]), sigma)
 
 
 def spent_fields(spent: Spent | None) -> dict[str, Any]:
@@ -88,4 +154,5 @@ def spent_fields(spent: Spent | None) -> dict[str, Any]:
     if spent is None:
         return {}
     return {"epsilon": spent.epsilon, "delta": spent.delta,
-            "epsilon_limit": spent.epsilon_limit, "ledger_head": spent.ledger_head}
+            "epsilon_limit": spent.epsilon_limit, "ledger_head": spent.ledger_head,
+            "noise_multiplier": spent.noise_multiplier}

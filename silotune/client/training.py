@@ -22,7 +22,12 @@ from silotune.client.base_store import STORE
 from silotune.client.history import complete_history
 from silotune.client.local import Silo
 from silotune.client.silo import SiloPrivacy
-from silotune.client.spend import RoundAlreadyTrainedError, private_training, spent_fields
+from silotune.client.spend import (
+    Request,
+    RoundAlreadyTrainedError,
+    private_training,
+    spent_fields,
+)
 from silotune.ml.assets import resolve_model
 from silotune.ml.dp_sgd import DPConfig
 from silotune.ml.lm import encode_frame
@@ -39,14 +44,16 @@ log = logging.getLogger(__name__)
 def train_round(msg: Message, context: Context, silo: Silo) -> Message:
     """Answer one train message (see the module docstring)."""
     ask = TrainInstruction.from_message(msg)
-    privacy = silo.privacy(ask.target_epsilon, ask.target_delta, ask.max_grad_norm)
+    privacy = silo.privacy(ask.max_grad_norm, ask.target_epsilon)
     if privacy.private:
+        silo.policy.check_train(ask.target_epsilon, ask.target_delta,
+                                ask.planned_rounds * ask.local_steps)
         kept = replay.load_reply(silo.state_dir, ask.federation_id, ask.round,
                                  ask.base_fingerprints)
         if kept is not None:  # asked again after a coordinator restart: no second spend
             log.warning("%s: round %d of %s was already trained; sending the kept reply",
                         silo.silo_id, ask.round, ask.federation_id)
-            return kept.reply_to(msg, ask.wire_dtype)
+            return silo.reply(kept, msg, ask.wire_dtype)
         _refuse_a_second_spend(SiloPrivacy(privacy), ask)
     rounds = complete_history(silo.state_dir / "history" / ask.federation_id, ask.arrays,
                               ask.base_fingerprints, ask.first_sent_round)
@@ -66,11 +73,12 @@ def train_round(msg: Message, context: Context, silo: Silo) -> Message:
 
     with PeakRSS() as peak:
         if privacy.private:
+            request = Request(ask.federation_id, ask.round, ask.target_epsilon,
+                              ask.target_delta, local.batch_size, local.local_steps,
+                              ask.planned_rounds * local.local_steps)
             result, spent = private_training(
-                silo, privacy, federation=ask.federation_id, round_=ask.round,
-                num_examples=len(examples), batch_size=local.batch_size,
-                steps=local.local_steps, planned_steps=ask.planned_rounds * local.local_steps,
-                frame=frame, train=train)
+                silo, privacy, request, frame, train,
+                already_done=lambda budget: _refuse_a_second_spend(budget, ask))
         else:
             result, spent = train(None)[0], None
     if ask.local:
@@ -80,14 +88,16 @@ def train_round(msg: Message, context: Context, silo: Silo) -> Message:
     if ask.upload_density < 1.0:  # send the change from the start, top-k ternary (ComPEFT)
         sent = compress_arrays(sent, upload_reference(start, ask.alpha / ask.rank, ask.local),
                                ask.upload_density)
-    reply = TrainReply(silo_id=silo.silo_id, num_examples=len(examples),
+    diagnostics = silo.policy.diagnostics  # a simulation's own measurements
+    reply = TrainReply(silo_id=silo.silo_id, num_examples=silo.declared_size(),
                        base_version=len(ask.base_fingerprints), steps=result.steps,
-                       train_loss=result.loss, worker=silo.worker, peak_memory=peak.bytes,
+                       worker=silo.worker if diagnostics else None,
+                       peak_memory=peak.bytes if diagnostics else None,
                        arrays=sent, **spent_fields(spent))
     if privacy.private:
         replay.save_reply(silo.state_dir, ask.federation_id, ask.round,
                           ask.base_fingerprints, reply)
-    return reply.reply_to(msg, ask.wire_dtype)
+    return silo.reply(reply, msg, ask.wire_dtype)
 
 
 def _refuse_a_second_spend(budget: SiloPrivacy, ask: TrainInstruction) -> None:

@@ -146,7 +146,9 @@ def run(settings: AgentSettings, log: Log = print) -> int:
     preflight(settings, log)
     node = settings.node
     log(f"[agent] silo {node.silo_id}: data {node.data_path}, state {node.state_dir}, "
-        f"budget epsilon {node.epsilon if node.epsilon is not None else '(run target)'}, "
+        f"policy epsilon <= {node.epsilon}, delta {node.delta:g}, "
+        f"max steps {node.max_steps or 'no cap'}, importance queries "
+        f"{node.importance_queries}, "
         f"coordinator {settings.connection.address}"
         + (" INSECURE" if settings.connection.insecure else " (TLS, node key)"))
     log(f"[agent] silo {node.silo_id}: columns text={node.text_column!r} "

@@ -89,9 +89,22 @@ def add_deploy_parsers(sub: Any) -> None:
                    help="the silo's private training data (.jsonl/.json/.csv/.parquet)")
     a.add_argument("--state-dir", type=Path, required=True,
                    help="the silo's ledger, signing key and last reply")
-    a.add_argument("--epsilon", type=float,
-                   help="the silo's total epsilon budget (default: the run's target)")
-    a.add_argument("--delta", type=float, help="the silo's DP delta (default: the run's)")
+    policy = a.add_argument_group(
+        "privacy policy (the silo's own; a run can only ask for less)")
+    policy.add_argument("--epsilon", type=float, required=True,
+                        help="lifetime epsilon limit of this silo's data (required; 'inf' "
+                        "makes a non-private silo)")
+    policy.add_argument("--delta", type=float, required=True,
+                        help="the silo's DP delta (required), e.g. 1e-5")
+    policy.add_argument("--max-steps", type=int, default=None,
+                        help="most DP-SGD steps trained in one federation (default: no cap)")
+    policy.add_argument("--importance-queries", type=int, default=0,
+                        help="most FedPipe importance queries answered in the silo's life, "
+                        "each a DP release charged to its ledger (%(default)s: none)")
+    policy.add_argument("--public-size", type=int, default=None,
+                        help="a dataset size you declare public: the silo's aggregation "
+                        "weight (default: none; the exact size never leaves the silo and "
+                        "the coordinator weighs such silos equally)")
     a.add_argument("--text-column", default="text",
                    help="the column of the silo's data holding the text (%(default)s)")
     a.add_argument("--label-column", default="label",
@@ -166,7 +179,10 @@ def _agent(args: argparse.Namespace) -> int:
     from silotune.deploy.agent import AgentSettings, run
 
     node = NodeSettings(silo_id=args.silo_id, data_path=args.data, state_dir=args.state_dir,
-                        epsilon=args.epsilon, delta=args.delta, profile=declared_profile(args),
+                        epsilon=args.epsilon, delta=args.delta, max_steps=args.max_steps,
+                        importance_queries=args.importance_queries,
+                        public_size=args.public_size,
+                        profile=declared_profile(args),
                         text_column=args.text_column, label_column=args.label_column)
     settings = AgentSettings(
         connection=Connection(args.coordinator, args.ca, args.insecure), key=args.key,

@@ -41,7 +41,10 @@ class LivenessError(RuntimeError):
 class DPConfig:
     noise_multiplier: float
     max_grad_norm: float
-    noise_seed: int | None = None  # None: seeded by the OS (always, outside simulations)
+    # None (always, outside simulations): the noise AND the Poisson batch draws come from
+    # OS randomness that nobody outside the silo knows. An int (a simulation's
+    # reproducible comparisons only) seeds both.
+    noise_seed: int | None = None
 
 
 class OptimizerHook(Protocol):
@@ -79,15 +82,17 @@ def run_dp_sgd(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader:
     model, optimizer
         The model (trainable parameters only in `optimizer`) and its plain optimiser.
     loader
-        A DataLoader over a fixed-width dataset; Opacus replaces it by a Poisson sampler
-        at q = 1 / len(loader) (`sample_rate_for`), drawing from the loader's generator.
+        A DataLoader over a fixed-width dataset; only its dataset and batch size are used:
+        DP-SGD samples Poisson batches at q = 1 / len(loader) (`sample_rate_for`) from a
+        generator of its own (see `dp`), never from the loader's (publicly seeded) one.
     steps
         Logical steps (= accountant steps); an empty Poisson draw is a noise-only step.
     loss_fn
         A batch -> its mean loss (Opacus rescales per-example gradients accordingly).
     dp
-        sigma, clip norm C, and the noise seed: None draws it from the OS (the
-        coordinator cannot know it); an int gives reproducible noise (simulations).
+        sigma, clip norm C, and the seed: None draws the noise and the batches from the
+        OS (the coordinator cannot know them, so amplification by subsampling holds
+        against it); an int makes both reproducible (simulations).
     physical_batch_size
         The most examples per forward/backward pass (`BatchMemoryManager`).
     hook
@@ -99,15 +104,17 @@ def run_dp_sgd(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader:
         The mean loss over the physical batches that held examples (0.0 if none).
     """
     q = sample_rate_for(len(cast(Sized, loader.dataset)), _batch_size(loader))
+    noise, sampling = _generators(dp.noise_seed)
+    secret = DataLoader(loader.dataset, batch_size=loader.batch_size, generator=sampling)
     with warnings.catch_warnings():
         for text in _BENIGN:
             warnings.filterwarnings("ignore", message=f".*{text}")
         engine = PrivacyEngine(accountant="prv", secure_mode=False)
         hooks, dp_optimizer, dp_loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader,
+            module=model, optimizer=optimizer, data_loader=secret,
             noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
             poisson_sampling=True, grad_sample_mode="hooks", wrap_model=False,
-            noise_generator=_noise_generator(dp.noise_seed))
+            noise_generator=noise)
         if abs(dp_loader.sample_rate - q) > 1e-12:
             raise RuntimeError(f"sampler q={dp_loader.sample_rate} differs from planned q={q}")
         if hook is not None:
@@ -123,9 +130,15 @@ def run_dp_sgd(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader:
     return _mean(losses)
 
 
-def _noise_generator(seed: int | None) -> torch.Generator:
-    """The noise source: OS-seeded unless a simulation fixes `seed`; never the run seed."""
-    return torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+def _generators(seed: int | None) -> tuple[torch.Generator, torch.Generator]:
+    """The noise and the batch-sampling generators: OS-seeded unless a simulation fixes
+    `seed` (two independent streams derived from it); never the public run seed."""
+    if seed is None:
+        return (torch.Generator().manual_seed(secrets.randbits(63)),
+                torch.Generator().manual_seed(secrets.randbits(63)))
+    noise, sampling = np.random.SeedSequence(seed).generate_state(2, np.uint64) >> np.uint64(1)
+    return (torch.Generator().manual_seed(int(noise)),
+            torch.Generator().manual_seed(int(sampling)))
 
 
 def _logical_steps(engine: PrivacyEngine, optimizer: DPOptimizer, loader: DataLoader,

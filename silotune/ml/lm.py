@@ -22,6 +22,7 @@ from transformers.utils import logging as hf_logging
 
 IGNORE_INDEX = -100
 PROMPT = "Text: {text}\nCategory:"
+MAX_LENGTH = 64  # default truncation cap of `encode`, in tokens (prompt + answer)
 
 
 def load_model(path: str | Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
@@ -52,7 +53,7 @@ class EncodedExample:
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, text: str, label: str,
-           max_length: int = 64) -> EncodedExample:
+           max_length: int = MAX_LENGTH) -> EncodedExample:
     """Prompt + answer; the loss mask keeps the answer only (the prompt is truncated)."""
     answer = answer_ids(tokenizer, label)
     prompt = prompt_ids(tokenizer, text)[: max(1, max_length - len(answer))]

@@ -35,6 +35,9 @@ from silotune.privacy.one_run_audit import check_audit_entry
 log = logging.getLogger(__name__)
 
 GENESIS_HASH = "0" * 64
+# Entry kinds whose DP release is composed into the cumulative accounting_history: DP-SGD
+# training and DP importance scoring (FedPipe).
+ACCOUNTED = ("train", "importance")
 _UNHASHED = ("entry_hash", "signature")
 _RESERVED = ("seq", "prev_hash", "ts", "signer_key_id", "signer_public_key", *_UNHASHED)
 _REL_TOL = 1e-6
@@ -303,7 +306,7 @@ def verify_ledger(path: Path, public_key: Ed25519PublicKey | None = None) -> lis
             problems.append(f"{label}: signature: invalid signature over entry_hash")
         kind = e.get("type")
         try:
-            if kind == "train":
+            if kind in ACCOUNTED:  # DP releases charged to the cumulative epsilon
                 _check_train(e, label, state, problems)
             elif kind == "feedback":  # CrossLM: a post-processing release, 0 epsilon
                 check_feedback_entry(e, label, last_train, problems)

@@ -24,11 +24,11 @@ PROFILE: Final = "profile"  # ConfigRecord (hello reply): the silo's resource pr
 NUM_EXAMPLES: Final = "num-examples"
 
 # Metric keys in a train reply.
-TRAIN_LOSS: Final = "train-loss"
 EPSILON: Final = "epsilon"
 DELTA: Final = "delta"
 STEPS: Final = "steps"
 EPSILON_LIMIT: Final = "epsilon-limit"
+NOISE_MULTIPLIER: Final = "noise-multiplier"  # sigma the silo calibrated for the run
 LEDGER_HEAD: Final = "ledger-head"
 WORKER_NODE: Final = "worker-node"  # info: the machine (Ray node id) that ran the silo
 PEAK_MEMORY: Final = "peak-memory-bytes"  # peak RSS of the silo's training, above its start
@@ -37,6 +37,7 @@ BASE_VERSION: Final = "base-version"  # global rounds the silo now holds on disk
 # Error codes of a silo's error reply (the reason names the problem).
 ERROR_REFUSED: Final = 1001  # refused: budget, liveness, bad input, non-DP SLM, ...
 ERROR_MISSING_ROUNDS: Final = 1002  # lost its copy of global rounds: send all of them
+ERROR_POLICY: Final = 1003  # the request is outside the silo's own privacy policy
 
 # Config keys in a train message.
 ROUND: Final = "round"

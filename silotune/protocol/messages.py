@@ -216,7 +216,7 @@ class HelloReply(Payload):
     """A silo's id, its size and (FedPipe) its declared resource profile."""
 
     silo_id: str = _key(P.SILO_ID, "info")
-    num_examples: int = _key(P.NUM_EXAMPLES, "metrics")
+    num_examples: int | None = _key(P.NUM_EXAMPLES, "metrics", default=None)  # declared
     profile: dict[str, Any] | None = _mapping(P.PROFILE, "config")
 
 
@@ -262,16 +262,16 @@ class TrainReply(Payload):
     release manifest's fields of a train reply."""
 
     silo_id: str = _key(P.SILO_ID, "info")
-    num_examples: int = _key(P.NUM_EXAMPLES, "metrics")
     base_version: int = _key(P.BASE_VERSION, "metrics")
     steps: int = _key(P.STEPS, "metrics")
-    train_loss: float = _key(P.TRAIN_LOSS, "metrics")
-    worker: str = _key(P.WORKER_NODE, "info", default="")
+    num_examples: int | None = _key(P.NUM_EXAMPLES, "metrics", default=None)  # declared
     epsilon: float | None = _key(P.EPSILON, "metrics", default=None)
     delta: float | None = _key(P.DELTA, "metrics", default=None)
     epsilon_limit: float | None = _key(P.EPSILON_LIMIT, "metrics", allow_inf=True,
                                        default=None)
-    peak_memory: int | None = _key(P.PEAK_MEMORY, "metrics", default=None)
+    noise_multiplier: float | None = _key(P.NOISE_MULTIPLIER, "metrics", default=None)
+    worker: str | None = _key(P.WORKER_NODE, "info", default=None)  # simulations only
+    peak_memory: int | None = _key(P.PEAK_MEMORY, "metrics", default=None)  # simulations
     ledger_head: str | None = _key(P.LEDGER_HEAD, "info", default=None)
     arrays: dict[str, np.ndarray] = _arrays()
 
@@ -283,6 +283,7 @@ class ImportanceQuery(Payload):
 
     message_type: ClassVar[str] = P.QUERY_IMPORTANCE
 
+    federation_id: str = _key(P.FEDERATION_ID)
     model: str = _key(P.MODEL)
     calibration_steps: int = _key(P.CALIBRATION_STEPS)
     calibration_batch: int = _key(P.CALIBRATION_BATCH)
@@ -293,8 +294,8 @@ class ImportanceQuery(Payload):
 class ImportanceReply(Payload):
     """One smoothed sensitivity per candidate matrix, and the silo's sizes."""
 
-    num_examples: int = _key(P.NUM_EXAMPLES, "metrics")
     max_tokens: int = _key(P.MAX_TOKENS, "metrics")
+    num_examples: int | None = _key(P.NUM_EXAMPLES, "metrics", default=None)  # declared
     scores: dict[str, float] | None = _mapping(P.IMPORTANCE, "metrics")
 
 
@@ -324,14 +325,14 @@ class SlmTrainReply(Payload):
     """The manifest's fields of an SLM training."""
 
     silo_id: str = _key(P.SILO_ID, "info")
-    num_examples: int = _key(P.NUM_EXAMPLES, "metrics")
     steps: int = _key(P.STEPS, "metrics")
-    train_loss: float = _key(P.TRAIN_LOSS, "metrics")
     slm_accuracy: float = _key(P.SLM_ACCURACY, "metrics")
+    num_examples: int | None = _key(P.NUM_EXAMPLES, "metrics", default=None)  # declared
     epsilon: float | None = _key(P.EPSILON, "metrics", default=None)
     delta: float | None = _key(P.DELTA, "metrics", default=None)
     epsilon_limit: float | None = _key(P.EPSILON_LIMIT, "metrics", allow_inf=True,
                                        default=None)
+    noise_multiplier: float | None = _key(P.NOISE_MULTIPLIER, "metrics", default=None)
     ledger_head: str | None = _key(P.LEDGER_HEAD, "info", default=None)
 
 
@@ -355,7 +356,7 @@ class ScoreReply(Payload):
 
     silo_id: str = _key(P.SILO_ID, "info")
     scores: list[float] = _key(P.SCORES, "metrics")
-    num_examples: int = _key(P.NUM_EXAMPLES, "metrics")
     slm_dp: bool = _key(P.SLM_DP, "metrics")
+    num_examples: int | None = _key(P.NUM_EXAMPLES, "metrics", default=None)  # declared
     ledger_head: str | None = _key(P.LEDGER_HEAD, "info", default=None)
 

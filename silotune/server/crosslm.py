@@ -60,6 +60,7 @@ from silotune.protocol.messages import (
 )
 from silotune.server.report import write_report
 from silotune.server.roster import Roster, Silo, broadcast
+from silotune.server.validate import declared_weights
 
 log = logging.getLogger(__name__)
 FEEDBACK_METRICS = frozenset({P.SCORES, P.NUM_EXAMPLES, P.SLM_DP})
@@ -68,7 +69,8 @@ HELLO_RETRIES = 4
 GENERAL_TEXTS = 20  # held-out BBC News openings for the LLM's general-text perplexity
 
 
-def validate_feedback(reply: Message, expected: int, private_run: bool) -> tuple[list[float], int]:
+def validate_feedback(reply: Message, expected: int, private_run: bool
+                      ) -> tuple[list[float], int | None]:
     """The scores and example count of a score reply; raises ValueError (or
     FeedbackRefusedError) when it carries anything but scores, has the wrong length, values
     outside [0, 1], or comes from a non-DP SLM in a private run."""
@@ -159,7 +161,8 @@ def _hello_everyone(roster: Roster, cfg: RunConfig, progress: Emit) -> dict[str,
         raise RuntimeError(f"no silo answered the hello ({HELLO_RETRIES + 1} tries); check "
                            "that the silos run and can reach the coordinator")
     progress(f"[hello] {len(silos)} silos: " + ", ".join(
-        f"{s} (n={v.num_examples})" for s, v in sorted(silos.items())))
+        f"{s} (n={v.num_examples if v.num_examples is not None else 'undeclared'})"
+        for s, v in sorted(silos.items())))
     return silos
 
 
@@ -224,7 +227,7 @@ def _feedback(grid: Grid, cfg: RunConfig, silos: dict[str, Silo], round_: int,
                        private_run=cfg.private, run_seed=cfg.seed)
     replies, excluded = broadcast(grid, silos, ask, cfg.round_timeout)
     scores: dict[str, list[float]] = {}
-    counts: dict[str, int] = {}
+    counts: dict[str, int | None] = {}
     for silo, reply in replies.items():
         try:
             scores[silo], counts[silo] = validate_feedback(reply, len(examples), cfg.private)
@@ -233,7 +236,7 @@ def _feedback(grid: Grid, cfg: RunConfig, silos: dict[str, Silo], round_: int,
             excluded.append({"silo": silo, "reason": f"feedback refused: {err}"})
     if not scores:
         return None, excluded
-    return aggregate_feedback(scores, counts), excluded
+    return aggregate_feedback(scores, declared_weights(counts)), excluded
 
 
 def _train_slms(grid: Grid, cfg: RunConfig, silos: dict[str, Silo], round_: int,

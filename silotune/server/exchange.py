@@ -21,7 +21,7 @@ from silotune.protocol import keys as P
 from silotune.protocol.messages import TrainInstruction, TrainReply
 from silotune.server.roster import Roster, Silo
 from silotune.server.state import GlobalState
-from silotune.server.validate import Expected, validate_reply
+from silotune.server.validate import Expected, declared_weights, validate_reply
 from silotune.strategies.base import SiloPlan
 
 log = logging.getLogger(__name__)
@@ -70,13 +70,17 @@ def collect(cfg: RunConfig, roster: Roster, shapes: dict[str, tuple[int, int]],
             answer = TrainReply.from_message(reply)
             reference = upload_reference(plan.init, scale, plan.local)
             arrays = decompress_arrays(answer.arrays, reference)
-            adapter = validate_reply(silo, arrays, answer.num_examples, expected)
+            declared = answer.num_examples if answer.num_examples is not None else 1
+            adapter = validate_reply(silo, arrays, declared, expected)
         except (AdapterError, ValueError, KeyError) as err:
             excluded.append({"silo": silo, "reason": str(err)})
             continue
         adapters[silo] = (adapter, answer)
     excluded += [{"silo": s, "reason": "no reply before the round timeout"}
                  for s in sorted(plans) if s not in replies]
+    weights = declared_weights({s: a.num_examples for s, (_, a) in adapters.items()})
+    adapters = {s: (dataclasses.replace(ad, num_examples=weights[s]), a)
+                for s, (ad, a) in adapters.items()}
     for e in excluded:
         log.warning("round excluded %s: %s", e["silo"], e["reason"])
     return adapters, excluded, bytes_up

@@ -1,21 +1,23 @@
 """The coordinator's side of FedPipe: ask the silos for importance, then plan each silo.
 
 Before round 1: send every silo an importance query (`protocol.QUERY_IMPORTANCE`);
-aggregate the per-matrix scores (`planning.importance.aggregate_importance`); build each
-silo's budget from the profile it declared in its hello reply and the length of its
-longest example; solve the configurator (`planning.configurator.plan_federation`).
+aggregate the per-matrix scores of the silos whose policy lets them answer
+(`planning.importance.aggregate_importance`; a DP statistic from a private silo); build
+each silo's budget from the profile it declared in its hello reply and the public
+truncation length; solve the configurator (`planning.configurator.plan_federation`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flwr.serverapp import Grid
 
 from silotune.config import RunConfig
+from silotune.ml.lm import MAX_LENGTH
 from silotune.planning.configurator import (
     GB,
     PlannedSilo,
@@ -25,9 +27,10 @@ from silotune.planning.configurator import (
 )
 from silotune.planning.importance import aggregate_importance, importance_by_type
 from silotune.planning.profiles import SiloProfile
-from silotune.planning.resources import ModelSpec
+from silotune.planning.resources import CANDIDATES, ModelSpec
 from silotune.protocol.messages import ImportanceQuery, ImportanceReply, MessageError
 from silotune.server.roster import Silo, broadcast
+from silotune.server.validate import declared_weights
 
 log = logging.getLogger(__name__)
 QUERY_TIMEOUT_SECONDS = 3600.0  # as a round: scoring is one short forward/backward pass
@@ -40,10 +43,11 @@ class FederationPlan:
     silos: Mapping[str, PlannedSilo]
     profiles: Mapping[str, SiloProfile]
     importance: Mapping[str, float]  # matrix type -> aggregated share
+    refused: list[dict[str, str]] = field(default_factory=list)  # silos that did not score
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "importance": dict(self.importance),
+            "importance": dict(self.importance), "importance_refused": list(self.refused),
             "silos": {s: {"profile": self.profiles[s].name,
                           "targets": list(p.best.choice.targets),
                           "rank": p.best.choice.rank, "batch": p.best.choice.batch,
@@ -60,32 +64,36 @@ class FederationPlan:
                            {s: p.name for s, p in self.profiles.items()})
 
 
-def query_importance(grid: Grid, cfg: RunConfig, silos: Mapping[str, Silo]
-                     ) -> tuple[dict[str, float], dict[str, int]]:
-    """Aggregated per-matrix importance, and each silo's longest example in tokens."""
-    query = ImportanceQuery(model=cfg.model, calibration_steps=cfg.calibration_steps,
+def query_importance(grid: Grid, cfg: RunConfig, silos: Mapping[str, Silo],
+                     federation_id: str,
+                     ) -> tuple[dict[str, float], dict[str, int], list[dict[str, str]]]:
+    """Aggregated per-matrix importance over the silos that answered, each silo's longest
+    example in tokens (the public truncation length for those that did not), and the
+    silos that refused (a silo's policy decides whether it answers)."""
+    query = ImportanceQuery(federation_id=federation_id, model=cfg.model,
+                            calibration_steps=cfg.calibration_steps,
                             calibration_batch=cfg.calibration_batch, run_seed=cfg.seed)
-    replies, failed = broadcast(grid, silos, query, QUERY_TIMEOUT_SECONDS)
+    replies, refused = broadcast(grid, silos, query, QUERY_TIMEOUT_SECONDS)
     answers: dict[str, ImportanceReply] = {}
+    max_tokens = dict.fromkeys(silos, MAX_LENGTH)
     for silo, reply in replies.items():
         try:
             answers[silo] = ImportanceReply.from_message(reply)
         except MessageError as err:
-            failed.append({"silo": silo, "reason": f"bad importance reply: {err}"})
-    if failed:  # every silo needs a plan, so every silo must answer
-        raise RuntimeError("the importance query failed for " + "; ".join(
-            f"{f['silo']}: {f['reason']}" for f in failed) + ": check that those silos are "
-            "running and can load the model")
-    scored: list[tuple[int, dict[str, float]]] = []
-    max_tokens: dict[str, int] = {}
-    for silo, answer in answers.items():
-        scored.append((answer.num_examples, answer.scores or {}))
-        max_tokens[silo] = answer.max_tokens
-    return aggregate_importance(scored), max_tokens
+            refused.append({"silo": silo, "reason": f"bad importance reply: {err}"})
+            continue
+        max_tokens[silo] = min(answers[silo].max_tokens, MAX_LENGTH)
+    weights = declared_weights({s: a.num_examples for s, a in answers.items()})
+    scored = [(weights[s], a.scores or {}) for s, a in sorted(answers.items())]
+    for r in refused:
+        log.warning("importance query: %s did not answer: %s", r["silo"], r["reason"])
+    if not scored:  # nobody answered: every candidate matrix counts the same
+        return dict.fromkeys(CANDIDATES, 1.0), max_tokens, refused
+    return aggregate_importance(scored), max_tokens, refused
 
 
 def configure(grid: Grid, cfg: RunConfig, silos: Mapping[str, Silo], spec: ModelSpec,
-              progress: Callable[[str], None]) -> FederationPlan:
+              federation_id: str, progress: Callable[[str], None]) -> FederationPlan:
     """Importance query, then one configuration per silo (raises if a silo has no
     profile or none of its configurations fits)."""
     if not silos:
@@ -96,11 +104,11 @@ def configure(grid: Grid, cfg: RunConfig, silos: Mapping[str, Silo], spec: Model
         raise RuntimeError(f"silos {lacking} declared no resource profile; with "
                            f"profiles = '{cfg.profiles}' every silo needs one")
     declared = {s: p for s, p in profiles.items() if p is not None}
-    scores, max_tokens = query_importance(grid, cfg, silos)
+    scores, max_tokens, refused = query_importance(grid, cfg, silos, federation_id)
     by_type = importance_by_type(scores)
     budgets = {s: p.budget(cfg.local_steps, max_tokens[s]) for s, p in declared.items()}
     plan = FederationPlan(plan_federation(spec, by_type, budgets, cfg.plan_mode),
-                          declared, by_type)
+                          declared, by_type, refused)
     progress(f"[plan] FedPipe configuration ({cfg.plan_mode}):\n{plan.table()}")
     for silo, p in plan.silos.items():
         log.info("plan %s: %s (%.2f GB modelled)", silo, describe(p.best.choice),

@@ -74,6 +74,7 @@ class Federation:
         last = self.metrics["rounds"][-1] if self.metrics["rounds"] else {}
         self.epsilon: dict[str, float] = dict(last.get("epsilon", {}))  # silos trained so far
         self.limits: dict[str, float] = dict(last.get("epsilon_limit", {}))
+        self.sigma: dict[str, float] = dict(last.get("noise_multiplier", {}))
         self.roster = Roster(grid, cfg, ranks=resumed.ranks if resumed else None)
         self.per_round = min(len(self.roster), max(
             cfg.min_replies, round(cfg.fraction_train * len(self.roster))))
@@ -126,7 +127,8 @@ class Federation:
         cfg, silos, targets = self.cfg, self.roster.silos, self.cfg.lora_targets
         if cfg.profiles:  # FedPipe: targets, rank, batch and base precision per silo
             everyone = self.roster.everyone()
-            plan = configure(self.grid, cfg, everyone, model_spec(self.model), self.progress)
+            plan = configure(self.grid, cfg, everyone, model_spec(self.model),
+                             self.federation_id, self.progress)
             for s, planned in plan.silos.items():
                 everyone[s].plan(planned)
             self.metrics["plan"] = plan.to_json()
@@ -156,12 +158,15 @@ class Federation:
             if answer.epsilon is not None and answer.epsilon_limit is not None:
                 self.epsilon[a_silo.silo] = answer.epsilon
                 self.limits[a_silo.silo] = answer.epsilon_limit
+            if answer.noise_multiplier is not None:
+                self.sigma[a_silo.silo] = answer.noise_multiplier
         valid = [adapters[s][0] for s in sorted(adapters)]
         client_level = self._aggregate(round_, valid)
         accuracy, loss = self.held_out()
         row = {"round": round_, "accuracy": accuracy, "loss": loss,
                "epsilon": dict(sorted(self.epsilon.items())),
                "epsilon_limit": dict(sorted(self.limits.items())),
+               "noise_multiplier": dict(sorted(self.sigma.items())),
                "bytes_up": bytes_up, "bytes_down": bytes_down,
                "seconds": round(time.monotonic() - start, 3),
                "excluded": unreachable + excluded, **_reply_facts(adapters),
@@ -171,6 +176,10 @@ class Federation:
             self.metrics["client_level_dp"] = self.client_dp.summary()
         self._record(round_, row)
         eps_text = f", epsilon max {max(self.epsilon.values()):.3f}" if self.epsilon else ""
+        if self.sigma:
+            eps_text += f" (noise multiplier {min(self.sigma.values()):.3g}"
+            eps_text += f"-{max(self.sigma.values()):.3g})" if len(set(self.sigma.values(
+            ))) > 1 else ")"
         self.progress(f"[round {round_}/{self.cfg.rounds}] accuracy {accuracy:.3f}, loss "
                       f"{loss:.3f}{eps_text}, {len(valid)}/{len(sampled)} silos, "
                       f"{row['seconds']:.0f} s"
@@ -234,5 +243,6 @@ def _reply_facts(adapters: dict[str, tuple[SiloAdapter, TrainReply]]) -> dict[st
     return {"participants": sorted(adapters),
             "peak_memory_bytes": {s: a.peak_memory for s, (_, a) in sorted(adapters.items())
                                   if a.peak_memory is not None},
-            "workers": {s: a.worker for s, (_, a) in sorted(adapters.items())}}
+            "workers": {s: a.worker for s, (_, a) in sorted(adapters.items())
+                        if a.worker is not None}}
 

@@ -44,7 +44,7 @@ class Silo:
 
     node_id: int
     position: int  # index in the roster (= partition id in simulation)
-    num_examples: int
+    num_examples: int | None  # declared public by the silo's operator, or None
     rank: int  # current LoRA rank (HetLoRA may lower it)
     targets: tuple[str, ...]  # adapted weight matrices (FedPipe: per silo)
     batch: int  # expected (Poisson) batch size
@@ -65,7 +65,7 @@ class Answer(NamedTuple):
 
     node_id: int
     silo: str
-    num_examples: int
+    num_examples: int | None
     profile: SiloProfile | None
 
 

@@ -35,6 +35,15 @@ class Expected:
     max_norm: float = float("inf")  # bound on the adapter's update norm ||s B A||_F
 
 
+def declared_weights(sizes: Mapping[str, int | None]) -> dict[str, int]:
+    """Aggregation weights from the sizes the silos' operators declared public: those
+    sizes when every silo declared one, else equal weights for all (a size a silo did
+    not declare never leaves it, and mixing the two would favour the declared)."""
+    if all(n is not None for n in sizes.values()):
+        return {s: int(n) for s, n in sizes.items() if n is not None}
+    return dict.fromkeys(sizes, 1)
+
+
 def validate_reply(silo: str, arrays: Mapping[str, np.ndarray], num_examples: object,
                    expected: Expected) -> SiloAdapter:
     """Return the silo's adapter, or raise `AdapterError` with the reason to report."""

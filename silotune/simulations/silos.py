@@ -1,10 +1,13 @@
 """Simulated silos: what each simulated silo's operator would have set up.
 
 The launcher hands the ClientApp a `SiloSource` that gives simulated silo ``i`` (Flower's
-``partition-id``) its partition of the run's dataset, its own privacy limits (the run's
-targets), its state folder and ledger under the run's output folder, its resource
-profile from the simulation's mix, and, for research comparisons only, reproducible DP
-noise (``dp-noise-seed``). A deployed silo never goes through this module.
+``partition-id``) its partition of the run's dataset, its own privacy policy (the run's
+epsilon and delta as its lifetime limits; one importance query when FedPipe profiles
+are on; diagnostics such as peak memory, which only a simulation may send, since one
+operator holds all of its data), its state folder and ledger under the run's output
+folder, its resource profile from the simulation's mix, and, for research comparisons
+only, reproducible DP noise and batches (``dp-noise-seed``). A deployed silo never goes
+through this module.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 from flwr.app import Context
 
 from silotune.client.local import Silo, SiloSource
+from silotune.client.policy import SiloPolicy
 from silotune.config import RunConfig
 from silotune.planning.profiles import RESOURCE_KEYS, ProfileError, SiloProfile, mix_profiles
 from silotune.simulations.cluster import worker_node
@@ -35,8 +39,11 @@ def simulated_silos(cfg: RunConfig) -> SiloSource:
         return Silo(silo_id=silo_id, index=index, state_dir=out / "silos" / silo_id,
                     ledger_path=out / "ledgers" / f"{silo_id}.jsonl",
                     load_data=lambda: task.silo_frame(index),
-                    epsilon=run.target_epsilon, delta=run.target_delta,
+                    policy=SiloPolicy(epsilon=run.target_epsilon, delta=run.target_delta,
+                                      importance_queries=1 if run.profiles else 0,
+                                      diagnostics=True),
                     profile=simulated_profile(run, index, context.node_config),
+                    exact_size_public=True,
                     noise_seed_base=run.dp_noise_seed if run.dp_noise_seed >= 0 else None,
                     worker=worker_node(), held_out=lambda: task.test)
     return source

@@ -55,20 +55,20 @@ def _app(tmp_path: Path, encoder: Path, data: Path, epsilon: float):
                     slm_steps=4, test_size=30)
     source = simulated_silos(run)
     silo = source(_context())  # the handlers derive the same silo
-    return (build_client_app(source), str(encoder)), silo, silo.frame
+    return (build_client_app(source), str(encoder), epsilon), silo, silo.frame
 
 
 def _train(app, round_: int = 0, synthetic=()) -> Message:
-    app, slm = app
+    app, slm, epsilon = app
     ask = SlmTrainRequest(round=round_, slm=slm, labels=list(TOY_LABELS),
                           synthetic=list(synthetic), slm_steps=4, batch_size=16,
-                          learning_rate=0.01, max_grad_norm=1.0, target_epsilon=8.0,
+                          learning_rate=0.01, max_grad_norm=1.0, target_epsilon=epsilon,
                           target_delta=1e-5, planned_rounds=2, run_seed=0)
     return app(ask.to_message(1), _context())
 
 
 def _score(app, private_run: bool = True) -> Message:
-    app, slm = app
+    app, slm, _ = app
     ask = ScoreRequest(round=1, slm=slm, labels=list(TOY_LABELS), synthetic=SYNTHETIC,
                        private_run=private_run, run_seed=0)
     return app(ask.to_message(1), _context())

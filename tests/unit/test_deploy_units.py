@@ -3,6 +3,7 @@ text, the checkpoint, and a silo's kept reply."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import ssl
@@ -67,21 +68,25 @@ def test_node_config_round_trips_through_flowers_parser(tmp_path):
     profile = SiloProfile("gpu box", 8.0, 400.0, 100.0, 50.0, 600.0, frozenset({"bf16"}))
     settings = node.NodeSettings(silo_id="hospital-1", data_path=tmp_path / "d.jsonl",
                                  state_dir=tmp_path / "state", epsilon=math.inf, delta=1e-6,
+                                 max_steps=40, importance_queries=1, public_size=120,
                                  profile=profile, text_column="note text",
                                  label_column="icd10")
     parsed = parse_config_args([settings.to_node_config()])
     assert node.is_deployed(parsed)
-    assert node.from_node_config(parsed) == node.NodeSettings(
-        "hospital-1", (tmp_path / "d.jsonl").resolve(), (tmp_path / "state").resolve(),
-        math.inf, 1e-6, profile, "note text", "icd10")
+    assert node.from_node_config(parsed) == dataclasses.replace(
+        settings, data_path=(tmp_path / "d.jsonl").resolve(),
+        state_dir=(tmp_path / "state").resolve())
     assert SiloProfile.from_node_config(parsed) == profile  # what the ClientApp reads
     plain = node.from_node_config(parse_config_args([node.NodeSettings(
-        "h2", tmp_path / "d.jsonl", tmp_path / "s").to_node_config()]))
+        "h2", tmp_path / "d.jsonl", tmp_path / "s", 8.0, 1e-5).to_node_config()]))
     assert (plain.profile, plain.text_column, plain.label_column) == (None, "text", "label")
+    assert (plain.max_steps, plain.importance_queries, plain.public_size) == (None, 0, None)
     with pytest.raises(node.NodeConfigError, match="state-dir"):
         node.from_node_config({"silo-id": "x", "data-path": "/d"})
+    with pytest.raises(node.NodeConfigError, match="--epsilon EPS --delta DELTA"):
+        node.from_node_config({"silo-id": "x", "data-path": "/d", "state-dir": "/s"})
     with pytest.raises(node.NodeConfigError, match="epsilon"):
-        node.NodeSettings("x", Path("d"), Path("s"), epsilon=0.0)
+        node.NodeSettings("x", Path("d"), Path("s"), epsilon=0.0, delta=1e-5)
 
 
 def test_run_config_text_round_trips_and_refuses_unknown_keys(tmp_path):
@@ -110,7 +115,7 @@ def test_commands_are_secure_unless_explicitly_insecure(tmp_path):
     agent = supernode_command(AgentSettings(
         Connection("127.0.0.1:9093", tmp_path / "c" / "ca.crt"),
         tmp_path / "c/silos/s/node.key",
-        node.NodeSettings("s", tmp_path / "d.jsonl", tmp_path / "state")))
+        node.NodeSettings("s", tmp_path / "d.jsonl", tmp_path / "state", 8.0, 1e-5)))
     assert "--root-certificates" in agent and "--auth-supernode-private-key" in agent
     assert "--insecure" not in agent
 
@@ -177,7 +182,7 @@ def test_checkpoint_ignores_a_half_written_next_round_and_detects_damage(tmp_pat
 
 
 def test_kept_reply_answers_only_the_same_request(tmp_path):
-    reply = TrainReply(silo_id="a", num_examples=10, base_version=1, steps=5, train_loss=2.5,
+    reply = TrainReply(silo_id="a", num_examples=10, base_version=1, steps=5,
                        epsilon=1.5, arrays={"m.lora_A": np.arange(6, dtype=np.float32
                                                                   ).reshape(2, 3)})
     replay.save_reply(tmp_path, "fed-1", 2, ["f1"], reply)

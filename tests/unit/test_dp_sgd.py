@@ -92,3 +92,19 @@ def test_slm_dp_training_honours_the_noise_seed(tiny_encoder_dir):
     assert same.keys() == again.keys()
     assert all(torch.equal(same[k], again[k]) for k in same)
     assert any(not torch.equal(same[k], other[k]) for k in same)
+
+
+def test_slm_dp_batches_are_secret_even_without_noise(tiny_encoder_dir):
+    """Same public seeds, sigma 0: two SLM trainings still draw different batches."""
+    def run() -> dict[str, torch.Tensor]:
+        model, tok = load_slm(tiny_encoder_dir, len(TOY_LABELS), train_layers=1, seed=1)
+        df = toy_frame(48)
+        private = labelled_dataset(tok, list(df.text), list(df.label), TOY_LABELS)
+        cfg = SLMTrainConfig(steps=3, batch_size=4, learning_rate=1e-2, seed=3)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # the encoder's dropout draws from the global RNG
+            train_slm(model, private, None, cfg, DPConfig(0.0, 1.0))
+        return trainable_state(model)
+
+    a, b = run(), run()
+    assert any(not torch.equal(a[k], b[k]) for k in a)

@@ -31,7 +31,7 @@ def _reply(node: int, rank: int, n: int, seed: int, bad: bool = False) -> Messag
         arrays[peft_key("layers.0.q_proj", "B")][0, 0] = np.nan
     content = RecordDict({
         P.ARRAYS: ArrayRecord(array_dict={k: _array(v) for k, v in arrays.items()}),
-        P.METRICS: MetricRecord({P.NUM_EXAMPLES: n, P.TRAIN_LOSS: float(seed)})})
+        P.METRICS: MetricRecord({P.NUM_EXAMPLES: n, "local-metric": float(seed)})})
     metadata = Metadata(run_id=1, message_id=f"reply-{node}", src_node_id=node,
                         dst_node_id=0, reply_to_message_id=f"ask-{node}", group_id="1",
                         created_at=0.0, ttl=60.0, message_type=MessageType.TRAIN)
@@ -60,7 +60,7 @@ def test_flora_through_the_flower_adapter_is_the_weighted_sum_of_silo_updates():
             expected[m] += p * 2.0 * got[peft_key(m, "B")] @ got[peft_key(m, "A")]
     for m, dense in _dense(arrays).items():
         np.testing.assert_allclose(dense, expected[m], rtol=1e-5, atol=1e-6)  # fp32 wire
-    assert metrics[P.TRAIN_LOSS] == 0.75 * 1 + 0.25 * 2  # FedAvg's weighted metric average
+    assert metrics["local-metric"] == 0.75 * 1 + 0.25 * 2  # FedAvg's weighted metric average
 
 
 def test_a_bad_reply_is_excluded_with_its_reason_and_the_rest_aggregate():

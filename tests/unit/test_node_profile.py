@@ -26,7 +26,8 @@ def _agent(tmp_path, monkeypatch, *flags: str) -> tuple[int, AgentSettings | Non
     monkeypatch.setattr(agent, "run", lambda settings, _log: seen.append(settings) or 0)
     code = cli.main(["agent", "--insecure", "--silo-id", "hospital-a",
                      "--data", str(tmp_path / "train.jsonl"),
-                     "--state-dir", str(tmp_path / "state"), *flags])
+                     "--state-dir", str(tmp_path / "state"), "--epsilon", "8",
+                     "--delta", "1e-5", *flags])
     return code, (seen[0] if seen else None)
 
 
@@ -51,7 +52,7 @@ def test_agent_flags_round_trip_to_node_settings_and_silo_profile(tmp_path, monk
     assert SiloProfile.from_node_config(parsed) == expected
     assert node.from_node_config(parsed) == node.NodeSettings(
         "hospital-a", (tmp_path / "train.jsonl").resolve(), (tmp_path / "state").resolve(),
-        profile=expected, text_column="note", label_column="code")
+        8.0, 1e-5, profile=expected, text_column="note", label_column="code")
     assert expected.allowed_precisions(("fp32", "bf16")) == ("fp32", "bf16")
     # the hello reply carries the same form (a ConfigRecord of str and float values)
     assert SiloProfile.from_node_config(dict(expected.to_node_config())) == expected
@@ -97,7 +98,8 @@ def test_bad_declarations_are_named(tmp_path, monkeypatch, capsys, flags, messag
 
 
 def test_node_config_values_are_checked_on_the_silo():
-    base = {"silo-id": "s", "data-path": "/d", "state-dir": "/s"}
+    base = {"silo-id": "s", "data-path": "/d", "state-dir": "/s", "epsilon": 8.0,
+            "delta": 1e-5}
     full = {k: 1.0 for k in profiles.RESOURCE_KEYS}
     with pytest.raises(node.NodeConfigError, match="lacks gflops"):
         node.from_node_config({**base, profiles.MEMORY_GB: 2.0})
@@ -121,3 +123,15 @@ def test_weakest_keeps_only_the_common_precisions():
     assert profiles.weakest([c]).precisions is None
     with pytest.raises(ProfileError, match="no base precision in common"):
         profiles.weakest([SiloProfile("d", 1.0, 1.0, 1.0, 1.0, 1.0, frozenset({"fp32"})), b])
+
+
+def test_an_agent_without_epsilon_or_delta_exits_with_a_clear_error(tmp_path, capsys):
+    for missing in ("--epsilon", "--delta"):
+        flags = {"--epsilon": "8", "--delta": "1e-5"}
+        del flags[missing]
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["agent", "--insecure", "--silo-id", "h", "--data", str(tmp_path / "d"),
+                      "--state-dir", str(tmp_path / "s"),
+                      *[x for kv in flags.items() for x in kv]])
+        assert exit_info.value.code == 2
+        assert missing in capsys.readouterr().err  # argparse names the missing flag

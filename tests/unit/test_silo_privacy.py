@@ -75,10 +75,11 @@ def test_seeded_noise_is_recorded_in_the_ledger_and_named_by_the_audit(tmp_path)
 
 def test_only_simulated_silos_take_a_noise_seed(tmp_path):
     from silotune.client.local import Silo
+    from silotune.client.policy import SiloPolicy
 
     def silo(base, index=0):
         return Silo(f"s{index}", index, tmp_path, tmp_path / "l.jsonl", pd.DataFrame,
-                    noise_seed_base=base)
+                    SiloPolicy(8.0, 1e-5), noise_seed_base=base)
 
     assert silo(None).noise_seed(1) is None  # default and deployed silos: the OS seeds it
     seeds = {silo(5, i).noise_seed(r) for i in range(3) for r in range(1, 4)}
@@ -92,7 +93,8 @@ def test_a_deployed_silo_takes_no_noise_seed_whatever_the_run_says(tmp_path):
     from silotune.client.local import deployed_silo
     from silotune.client.node import NodeSettings
 
-    settings = NodeSettings(silo_id="h1", data_path=tmp_path / "d.csv", state_dir=tmp_path)
+    settings = NodeSettings(silo_id="h1", data_path=tmp_path / "d.csv", state_dir=tmp_path,
+                            epsilon=8.0, delta=1e-5)
     node_config = dict(__import__("flwr.common.config", fromlist=["x"]).parse_config_args(
         [settings.to_node_config()]))
     context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),

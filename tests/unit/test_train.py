@@ -85,3 +85,20 @@ def test_dp_noise_is_os_seeded_unless_a_simulation_seeds_it(tiny_model_dir):
         np.testing.assert_array_equal(same[k], again[k])
     for a, b in ((same, other), (os_a, os_b)):  # else the noise differs
         assert any(not np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_dp_batches_are_secret_even_without_noise(tiny_model_dir):
+    """With sigma 0 only the Poisson batches differ between two trainings that share every
+    public seed: they must (the batches come from the silo's OS randomness), unless a
+    simulation seeds them, and then the pair is reproducible."""
+    model, tok = load_model(tiny_model_dir)
+    ex = _examples(tok)
+
+    def run(seed):
+        dp = DPConfig(noise_multiplier=0.0, max_grad_norm=1.0, noise_seed=seed)
+        return train_local(model, ex, tok.pad_token_id, _cfg(batch_size=4), dp=dp).adapter
+
+    a, b = run(None), run(None)
+    assert any(not np.array_equal(a[k], b[k]) for k in a)
+    seeded, again = run(7), run(7)
+    assert all(np.array_equal(seeded[k], again[k]) for k in seeded)
