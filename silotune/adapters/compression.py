@@ -65,8 +65,11 @@ def compress(tau: np.ndarray, density: float) -> np.ndarray:
         positions, np.packbits(kept > 0)])
 
 
-def decompress(blob: np.ndarray) -> np.ndarray:
-    """Inverse of `compress`: a dense fp32 array with +-scale at the kept entries."""
+def decompress(blob: np.ndarray, expected: tuple[int, ...] | None = None) -> np.ndarray:
+    """Inverse of `compress`: a dense fp32 array with +-scale at the kept entries.
+
+    `expected`: the shape the receiver allows; a header claiming another shape is refused
+    before anything is allocated (a 29-byte blob may not claim a 2^22 x 2^22 tensor)."""
     data = np.ascontiguousarray(blob, dtype=np.uint8)
     corrupt = ValueError("corrupt compressed tensor (bad header, index out of range or "
                          "truncated)")
@@ -78,6 +81,8 @@ def decompress(blob: np.ndarray) -> np.ndarray:
         raise corrupt
     head = data[:pos].view(np.uint32)
     shape = tuple(int(d) for d in head[1: ndim + 1])
+    if expected is not None and shape != tuple(expected):
+        raise ValueError(f"compressed tensor claims shape {shape}, expected {tuple(expected)}")
     k, layout = int(head[ndim + 1]), int(head[ndim + 2])
     scale = float(data[pos: pos + 4].view(np.float32)[0])
     pos += 4
@@ -113,14 +118,18 @@ def compress_arrays(arrays: Mapping[str, np.ndarray], start: Mapping[str, np.nda
             for k, v in arrays.items()}
 
 
-def decompress_arrays(wire: Mapping[str, np.ndarray],
-                      start: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Inverse of `compress_arrays`; uncompressed entries pass through unchanged."""
+def decompress_arrays(wire: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray],
+                      shapes: Mapping[str, tuple[int, ...]] | None = None,
+                      ) -> dict[str, np.ndarray]:
+    """Inverse of `compress_arrays`; uncompressed entries pass through unchanged.
+    `shapes` (the receiver's expected shape per name) bounds what a blob may claim."""
     out: dict[str, np.ndarray] = {}
     for key, value in wire.items():
         if key.endswith(COMPRESSED_SUFFIX):
             name = key[: -len(COMPRESSED_SUFFIX)]
-            tau = decompress(value)
+            if shapes is not None and name not in shapes:
+                raise ValueError(f"unexpected compressed array '{name}'")
+            tau = decompress(value, shapes[name] if shapes is not None else None)
             out[name] = tau + start[name] if name in start else tau
         else:
             out[key] = value

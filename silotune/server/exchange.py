@@ -69,11 +69,15 @@ def collect(cfg: RunConfig, roster: Roster, shapes: dict[str, tuple[int, int]],
         try:
             answer = TrainReply.from_message(reply)
             reference = upload_reference(plan.init, scale, plan.local)
-            arrays = decompress_arrays(answer.arrays, reference)
+            arrays = decompress_arrays(answer.arrays, reference, expected.array_shapes())
             declared = answer.num_examples if answer.num_examples is not None else 1
             adapter = validate_reply(silo, arrays, declared, expected)
         except (AdapterError, ValueError, KeyError) as err:
             excluded.append({"silo": silo, "reason": str(err)})
+            continue
+        except Exception as err:  # a reply may only cost its sender
+            log.exception("reply of %s could not be handled", silo)
+            excluded.append({"silo": silo, "reason": f"{type(err).__name__}: {err}"})
             continue
         adapters[silo] = (adapter, answer)
     excluded += [{"silo": s, "reason": "no reply before the round timeout"}

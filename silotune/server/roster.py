@@ -134,8 +134,10 @@ class Roster:
         # on a loaded machine that takes minutes, so it gets a round's timeout.
         answers, failed = self._ask(list(position_of), self.cfg.round_timeout)
         for node, silo, count, profile in answers:
-            if silo in self.silos:
-                raise RuntimeError(f"two nodes claim silo id '{silo}'; silo ids must be unique")
+            if silo in self.silos:  # the first claim stands; the impostor is left out
+                failed.append({"silo": f"node-{node}", "reason": f"claims silo id '{silo}', "
+                               f"which node {self.silos[silo].node_id} already holds"})
+                continue
             position = position_of[node]
             rank = self._known_ranks.get(silo, self.cfg.rank_of(position))
             self.silos[silo] = Silo(node, position, count, rank, self.cfg.lora_targets,

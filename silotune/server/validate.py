@@ -34,6 +34,13 @@ class Expected:
     start: Mapping[str, LoraFactors] | None = None
     max_norm: float = float("inf")  # bound on the adapter's update norm ||s B A||_F
 
+    def array_shapes(self) -> dict[str, tuple[int, int]]:
+        """The shape of every factor the silo may upload, by PEFT key."""
+        factor_shape = {"A": lambda d_out, d_in: (self.rank, d_in),
+                        "B": lambda d_out, d_in: (d_out, self.rank)}
+        return {peft_key(m, f): factor_shape[f](*shape)
+                for m, shape in self.shapes.items() for f in self.upload}
+
 
 def declared_weights(sizes: Mapping[str, int | None]) -> dict[str, int]:
     """Aggregation weights from the sizes the silos' operators declared public: those

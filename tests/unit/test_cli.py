@@ -112,3 +112,82 @@ def test_simulate_refuses_an_infeasible_mix_before_starting(capsys, monkeypatch,
                       "--out", str(tmp_path / "run"))
     assert code == 2 and "time" in text and "round-seconds" in text
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def _old_simulation(out):
+    """An OUT folder left by an earlier simulation: a ledger, silo state, a checkpoint."""
+    (out / "ledgers").mkdir(parents=True)
+    (out / "ledgers" / "silo-000.jsonl").write_text('{"seq": 0}\n')
+    (out / "silos" / "silo-000").mkdir(parents=True)
+    (out / "silos" / "silo-000" / "ledger-signing-key.pem").write_text("key")
+    (out / "checkpoint").mkdir()
+    (out / "checkpoint" / "state.json").write_text("{}")
+    return out
+
+
+@pytest.fixture
+def simulate_calls(monkeypatch):
+    """Replace the simulation by a stub that records its configs."""
+    from silotune.simulations import launcher
+
+    calls = []
+
+    def stub(cfg, progress=print, ray_address=None):
+        calls.append(cfg)
+        return {"private": True, "rounds": []}
+
+    monkeypatch.setattr(launcher, "simulate", stub)
+    monkeypatch.setattr("silotune.server.report.format_summary_table", lambda m: "table")
+    return calls
+
+
+def test_simulate_refuses_an_out_holding_old_ledgers(capsys, tmp_path, simulate_calls):
+    out = _old_simulation(tmp_path / "run")
+    code, text = _run(capsys, "simulate", "--out", str(out))
+    assert code == 2 and not simulate_calls
+    assert "Traceback" not in text and len(text.strip().splitlines()) == 1
+    assert str(out) in text and "--resume" in text and "--new-budget" in text
+    assert (out / "ledgers" / "silo-000.jsonl").exists()  # nothing moved
+
+
+def test_simulate_resume_continues_the_old_silos(capsys, tmp_path, simulate_calls):
+    out = _old_simulation(tmp_path / "run")
+    code, text = _run(capsys, "simulate", "--out", str(out), "--resume")
+    assert code == 0, text
+    assert [c.resume for c in simulate_calls] == [True]
+    assert (out / "ledgers" / "silo-000.jsonl").exists()
+    assert not list(out.glob("previous-*"))
+
+
+def test_simulate_resume_without_a_checkpoint_refuses(capsys, tmp_path, simulate_calls):
+    out = _old_simulation(tmp_path / "run")
+    (out / "checkpoint" / "state.json").unlink()
+    code, text = _run(capsys, "simulate", "--out", str(out), "--resume")
+    assert code == 2 and not simulate_calls and "--new-budget" in text
+
+
+def test_simulate_new_budget_moves_the_old_silos_aside(capsys, tmp_path, simulate_calls):
+    out = _old_simulation(tmp_path / "run")
+    code, text = _run(capsys, "simulate", "--out", str(out), "--new-budget")
+    assert code == 0, text
+    assert [c.resume for c in simulate_calls] == [False]
+    (previous,) = out.glob("previous-*")
+    assert (previous / "ledgers" / "silo-000.jsonl").read_text() == '{"seq": 0}\n'
+    assert (previous / "silos" / "silo-000" / "ledger-signing-key.pem").exists()
+    assert (previous / "checkpoint" / "state.json").exists()
+    assert not (out / "ledgers").exists() and not (out / "silos").exists()
+    assert str(previous) in text and "fresh" in text
+
+
+def test_simulate_resume_and_new_budget_exclude_each_other(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simulate", "--out", str(tmp_path), "--resume", "--new-budget"])
+    assert exit_info.value.code == 2
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_simulate_into_a_fresh_out_needs_no_flag(capsys, tmp_path, simulate_calls):
+    (tmp_path / "run" / "ledgers").mkdir(parents=True)  # empty: nothing was spent
+    code, text = _run(capsys, "simulate", "--out", str(tmp_path / "run"))
+    assert code == 0, text
+    assert len(simulate_calls) == 1

@@ -25,7 +25,8 @@ class FakeGrid:
     """`n` nodes registered in order (partition i = i-th registered); answers hellos."""
 
     def __init__(self, n: int, broken: frozenset[int] = frozenset(),
-                 silent: frozenset[int] = frozenset()) -> None:
+                 silent: frozenset[int] = frozenset(),
+                 claims: dict[int, int] | None = None) -> None:
         start = datetime(2026, 1, 1, tzinfo=UTC)
         ids = random.Random(7).sample(range(10**6, 10**7), n)  # random ids, as Flower's
         self.partition = {node: i for i, node in enumerate(ids)}
@@ -33,6 +34,7 @@ class FakeGrid:
             microseconds=i)).isoformat()) for i, node in enumerate(ids)]
         self.hellos: list[int] = []
         self.broken, self.silent = broken, silent
+        self.claims = claims or {}  # partition -> the partition whose silo id it claims
 
     def get_node_ids(self) -> list[int]:
         return sorted(self.partition)
@@ -54,7 +56,7 @@ class FakeGrid:
                 replies.append(SimpleNamespace(metadata=meta, has_error=lambda: True,
                                                error=SimpleNamespace(reason="disk full")))
                 continue
-            index = self.partition[node]
+            index = self.claims.get(self.partition[node], self.partition[node])
             content = RecordDict({P.INFO: ConfigRecord({P.SILO_ID: f"silo-{index:05d}"}),
                                   P.METRICS: MetricRecord({P.NUM_EXAMPLES: 10 + index})})
             replies.append(SimpleNamespace(metadata=meta, has_error=lambda: False,
@@ -106,6 +108,14 @@ def test_roster_reports_a_failed_hello_as_excluded() -> None:
     chosen, failed = roster.sample(random.Random(0), 3)
     assert chosen == ["silo-00000", "silo-00002"]
     assert len(failed) == 1 and "disk full" in failed[0]["reason"]
+
+
+def test_a_second_node_claiming_a_known_silo_id_is_left_out() -> None:
+    grid = FakeGrid(3, claims={2: 0})  # node of partition 2 claims silo-00000
+    roster = Roster(grid, RunConfig(num_silos=3))  # type: ignore[arg-type]
+    chosen, failed = roster.sample(random.Random(0), 3)
+    assert chosen == ["silo-00000", "silo-00001"]
+    assert len(failed) == 1 and "claims silo id 'silo-00000'" in failed[0]["reason"]
 
 
 def test_broadcast_matches_replies_by_message_not_sender() -> None:

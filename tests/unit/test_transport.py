@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from silotune.adapters.compression import (
+    COMPRESSED_SUFFIX,
     compress,
     compress_arrays,
     decompress,
@@ -96,3 +97,15 @@ def test_upload_reference_divides_b_by_scale_and_skips_local_factors():
     ref = upload_reference(init, 2.0, local=())
     np.testing.assert_array_equal(ref[peft_key("m", "B")], np.full((4, 2), 3.0))
     assert set(upload_reference(init, 2.0, local=("B",))) == {peft_key("m", "A")}
+
+
+def test_a_blob_claiming_a_huge_shape_is_refused_before_allocation():
+    """A 29-byte blob whose header claims a 2^22 x 2^22 tensor (64 TiB of fp32) is refused
+    against the receiver's expected shape, before anything is allocated."""
+    bomb = np.concatenate([np.array([2, 2**22, 2**22, 1, 0], dtype=np.uint32).view(np.uint8),
+                           np.zeros(9, dtype=np.uint8)])
+    assert bomb.size == 29
+    with pytest.raises(ValueError, match="claims shape"):
+        decompress(bomb, expected=(4, 8))
+    with pytest.raises(ValueError, match="unexpected compressed array"):
+        decompress_arrays({"x.lora_A.weight" + COMPRESSED_SUFFIX: bomb}, {}, shapes={})
