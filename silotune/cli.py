@@ -101,14 +101,9 @@ def _parser() -> argparse.ArgumentParser:
                    "record it, and the noise is predictable to anyone who knows N); -1 = "
                    "OS-seeded noise, as in every deployment (%(default)s)")
     s.add_argument("--out", default=d.out_dir, help="output folder (%(default)s)")
-    again = s.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true",
-                       help="continue the federation whose checkpoint is in OUT/checkpoint "
-                       "(its silos keep their ledgers and spent budgets)")
-    again.add_argument("--new-budget", action="store_true",
-                       help="start fresh simulated silos in an OUT that holds old ones: "
-                       "their ledgers, state and checkpoint move to OUT/previous-<time>/ "
-                       "(without --resume or --new-budget such an OUT is refused)")
+    from silotune.simulations.outdir import add_out_dir_arguments
+
+    add_out_dir_arguments(s)  # --resume, --new-budget
     c = s.add_argument_group("CrossLM mode (--mode crosslm)")
     c.add_argument("--mode", choices=("lora", "crosslm"), default=d.mode,
                    help="lora: federated LoRA; crosslm: central LLM (--model) and silo "
@@ -263,11 +258,8 @@ def _simulate(args: argparse.Namespace) -> int:
         llm_learning_rate=args.llm_lr, max_new_tokens=args.max_new_tokens,
         profiles=args.profiles, plan_mode=args.plan_mode, base_precision=args.precision,
         resume=args.resume)
-    moved = prepare_out_dir(Path(cfg.out_dir), resume=cfg.resume, new_budget=args.new_budget,
-                            mode=cfg.mode)  # before model loading and Ray
-    if moved is not None:
-        print(f"[out] --new-budget: the previous simulated silos' ledgers, state and "
-              f"checkpoint moved to {moved}/; the silos start with fresh budgets")
+    prepare_out_dir(Path(cfg.out_dir), resume=cfg.resume, new_budget=args.new_budget,
+                    mode=cfg.mode, emit=print)  # before model loading and Ray
     from silotune.server.report import format_summary_table
     from silotune.simulations.launcher import simulate
 
@@ -375,13 +367,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.job in DEPLOY_JOBS:  # before the ML imports below: agents start in seconds
         return run_deploy_job(args)
     if args.job == "simulate":  # likewise: an OUT holding old silos is refused at once
-        from silotune.simulations.outdir import OutDirError, check_out_dir
+        from silotune.simulations.outdir import refusal
 
-        try:
-            check_out_dir(Path(args.out), resume=args.resume, new_budget=args.new_budget,
-                          mode=args.mode)
-        except OutDirError as err:
-            print(f"silotune simulate: error: {err}", file=sys.stderr)
+        if why := refusal(Path(args.out), args.resume, args.new_budget, args.mode):
+            print(f"silotune simulate: error: {why}", file=sys.stderr)
             return 2
     from silotune.adapters.types import AdapterError
     from silotune.ml.assets import AssetError

@@ -256,13 +256,12 @@ class TrainInstruction(Payload):
     arrays: dict[str, np.ndarray] = _arrays()
 
 
-@dataclass(frozen=True)
-class TrainReply(Payload):
-    """A silo's trained adapter (PEFT keys, the factors the plan uploads) and the
-    release manifest's fields of a train reply."""
+@dataclass(frozen=True, kw_only=True)
+class TrainingReply(Payload):
+    """What every training reply carries: the silo, its declared size, and what it spent
+    (the accounting fields are absent after a non-private training)."""
 
     silo_id: str = _key(P.SILO_ID, "info")
-    base_version: int = _key(P.BASE_VERSION, "metrics")
     steps: int = _key(P.STEPS, "metrics")
     num_examples: int | None = _key(P.NUM_EXAMPLES, "metrics", default=None)  # declared
     epsilon: float | None = _key(P.EPSILON, "metrics", default=None)
@@ -270,9 +269,17 @@ class TrainReply(Payload):
     epsilon_limit: float | None = _key(P.EPSILON_LIMIT, "metrics", allow_inf=True,
                                        default=None)
     noise_multiplier: float | None = _key(P.NOISE_MULTIPLIER, "metrics", default=None)
+    ledger_head: str | None = _key(P.LEDGER_HEAD, "info", default=None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainReply(TrainingReply):
+    """A silo's trained adapter (PEFT keys, the factors the plan uploads) and the
+    release manifest's fields of a train reply."""
+
+    base_version: int = _key(P.BASE_VERSION, "metrics")
     worker: str | None = _key(P.WORKER_NODE, "info", default=None)  # simulations only
     peak_memory: int | None = _key(P.PEAK_MEMORY, "metrics", default=None)  # simulations
-    ledger_head: str | None = _key(P.LEDGER_HEAD, "info", default=None)
     arrays: dict[str, np.ndarray] = _arrays()
 
 
@@ -320,20 +327,11 @@ class SlmTrainRequest(Payload):
     run_seed: int = _key(P.RUN_SEED)
 
 
-@dataclass(frozen=True)
-class SlmTrainReply(Payload):
+@dataclass(frozen=True, kw_only=True)
+class SlmTrainReply(TrainingReply):
     """The manifest's fields of an SLM training."""
 
-    silo_id: str = _key(P.SILO_ID, "info")
-    steps: int = _key(P.STEPS, "metrics")
     slm_accuracy: float = _key(P.SLM_ACCURACY, "metrics")
-    num_examples: int | None = _key(P.NUM_EXAMPLES, "metrics", default=None)  # declared
-    epsilon: float | None = _key(P.EPSILON, "metrics", default=None)
-    delta: float | None = _key(P.DELTA, "metrics", default=None)
-    epsilon_limit: float | None = _key(P.EPSILON_LIMIT, "metrics", allow_inf=True,
-                                       default=None)
-    noise_multiplier: float | None = _key(P.NOISE_MULTIPLIER, "metrics", default=None)
-    ledger_head: str | None = _key(P.LEDGER_HEAD, "info", default=None)
 
 
 @dataclass(frozen=True)

@@ -71,8 +71,9 @@ def _silo_map(value: Any, where: str) -> dict[str, float]:
 def validate_metrics(data: Any, source: str = "metrics") -> dict[str, Any]:
     """Check ``data`` against the metrics.json contract and return a normalised copy.
 
-    Optional fields get defaults: ``base_loss`` -> NaN, ``epsilon``/``epsilon_limit`` -> {},
-    ``excluded`` -> [], ``private`` -> inferred from ``config["target_epsilon"] != "inf"``.
+    Optional fields get defaults: ``base_loss`` -> NaN, ``epsilon``/``epsilon_limit``/
+    ``noise_multiplier`` -> {} (older metrics files have no noise multiplier), ``excluded``
+    -> [], ``private`` -> inferred from ``config["target_epsilon"] != "inf"``.
     Raises ValueError whose message starts with ``source``.
     """
     try:
@@ -99,6 +100,8 @@ def validate_metrics(data: Any, source: str = "metrics") -> dict[str, Any]:
             row["bytes_up"], row["bytes_down"] = int(row["bytes_up"]), int(row["bytes_down"])
             row["epsilon"] = _silo_map(raw.get("epsilon"), f"{where}.epsilon")
             row["epsilon_limit"] = _silo_map(raw.get("epsilon_limit"), f"{where}.epsilon_limit")
+            row["noise_multiplier"] = _silo_map(raw.get("noise_multiplier"),
+                                                f"{where}.noise_multiplier")
             excluded = raw.get("excluded") or []
             if not isinstance(excluded, list) or not all(isinstance(e, dict) and "silo" in e
                                                          for e in excluded):
@@ -275,12 +278,13 @@ def _round_rows(m: dict[str, Any]) -> list[list[Any]]:
 
 
 def _final_budget(m: dict[str, Any]) -> list[list[Any]]:
-    """Per silo: [silo, final epsilon, limit] from the latest round reporting each."""
+    """Per silo: [silo, final epsilon, limit, noise multiplier], each from the latest round
+    reporting it ("-" when none does, e.g. a metrics file older than the noise multiplier)."""
     out = []
     for silo in _silos(m["rounds"]):
-        eps = [r["epsilon"][silo] for r in m["rounds"] if silo in r["epsilon"]]
-        lim = [r["epsilon_limit"][silo] for r in m["rounds"] if silo in r["epsilon_limit"]]
-        out.append([silo, eps[-1] if eps else "-", lim[-1] if lim else "-"])
+        latest = [[r[key][silo] for r in m["rounds"] if silo in r[key]]
+                  for key in ("epsilon", "epsilon_limit", "noise_multiplier")]
+        out.append([silo, *(values[-1] if values else "-" for values in latest)])
     return out
 
 
@@ -323,7 +327,8 @@ def write_report(run_dir: Path) -> Path:
                      f'alt="{html.escape(name)} plot"><figcaption>{html.escape(name)}'
                      "</figcaption></figure>\n")
         if name == "epsilon" and m["private"]:
-            parts.append(_table(["silo", "final epsilon", "limit"], _final_budget(m)))
+            parts.append(_table(["silo", "final epsilon", "limit", "noise multiplier"],
+                                _final_budget(m)))
             parts += [f"<p>{html.escape(line)}</p>\n"
                       for line in client_level_lines(m["client_level_dp"])]
         if name == "excluded":
@@ -341,7 +346,8 @@ def format_summary_table(metrics: dict[str, Any]) -> str:
     """Plain-text summary: one row for the base model and one per round, then per-silo budget.
 
     Columns: accuracy, loss, max/min epsilon over silos, bytes up/down, seconds, excluded
-    count. Non-private runs are labelled ``NON-PRIVATE (epsilon = inf)``.
+    count; per silo, its final epsilon, limit and latest DP-SGD noise multiplier. Non-private
+    runs are labelled ``NON-PRIVATE (epsilon = inf)``.
     """
     m = validate_metrics(metrics)
     cfg = m["config"]
@@ -356,9 +362,11 @@ def format_summary_table(metrics: dict[str, Any]) -> str:
                                for i, (c, w) in enumerate(zip(row, widths, strict=True))))
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
-    lines.append("final epsilon / limit per silo:" if m["private"] else
-                 f"final epsilon per silo: none ({NO_DP_TEXT})")
-    lines += [f"  {s}: {_fmt(e)} / {_fmt(lim)}" for s, e, lim in _final_budget(m)]
+    lines.append("final epsilon / limit per silo (and its latest noise multiplier):"
+                 if m["private"] else f"final epsilon per silo: none ({NO_DP_TEXT})")
+    lines += [f"  {s}: {_fmt(e)} / {_fmt(lim)}"
+              + ("" if sigma == "-" else f", noise multiplier {_fmt(sigma)}")
+              for s, e, lim, sigma in _final_budget(m)]
     lines += client_level_lines(m["client_level_dp"])
     return "\n".join(lines)
 

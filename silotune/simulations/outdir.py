@@ -17,7 +17,9 @@ imports (torch, model loading, Ray), so a refusal comes at once.
 
 from __future__ import annotations
 
+import argparse
 import datetime
+from collections.abc import Callable
 from pathlib import Path
 
 from silotune.config import ConfigError
@@ -29,6 +31,18 @@ CHECKPOINT_STATE = Path("checkpoint") / "state.json"  # silotune/server/checkpoi
 
 class OutDirError(ConfigError):
     """The output folder holds another simulation's silos (see the module docstring)."""
+
+
+def add_out_dir_arguments(p: argparse.ArgumentParser) -> None:
+    """`silotune simulate`'s --resume and --new-budget (one or the other)."""
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the federation whose checkpoint is in OUT/checkpoint "
+                       "(its silos keep their ledgers and spent budgets)")
+    again.add_argument("--new-budget", action="store_true",
+                       help="start fresh simulated silos in an OUT that holds old ones: "
+                       "their ledgers, state and checkpoint move to OUT/previous-<time>/ "
+                       "(without --resume or --new-budget such an OUT is refused)")
 
 
 def existing_ledgers(out: Path) -> list[Path]:
@@ -47,8 +61,9 @@ def check_out_dir(out: Path, *, resume: bool = False, new_budget: bool = False,
                           f"in {out}, or start fresh silos there, not both")
     ledgers = existing_ledgers(out)
     if resume and mode == "crosslm":
-        raise OutDirError("--resume: CrossLM runs cannot be resumed; use --new-budget "
-                          "(the old silos move aside) or another --out folder")
+        raise OutDirError("--resume: a CrossLM run writes no checkpoint and cannot be "
+                          "resumed; drop --resume (with --new-budget when "
+                          f"{out / 'ledgers'} holds old silos' ledgers)")
     if not ledgers or new_budget:
         return
     if resume:
@@ -86,9 +101,25 @@ def move_aside(out: Path) -> Path | None:
     return target
 
 
+def refusal(out: Path, resume: bool, new_budget: bool, mode: str) -> str | None:
+    """`check_out_dir`'s reason to refuse `out`, or None."""
+    try:
+        check_out_dir(out, resume=resume, new_budget=new_budget, mode=mode)
+    except OutDirError as err:
+        return str(err)
+    return None
+
+
 def prepare_out_dir(out: Path, *, resume: bool = False, new_budget: bool = False,
-                    mode: str = "lora") -> Path | None:
-    """Check `out` (`check_out_dir`); with `new_budget`, move the old federation's state
-    aside (`move_aside`). Return the folder it was moved to, or None."""
+                    mode: str = "lora", emit: Callable[[str], None] | None = None,
+                    ) -> Path | None:
+    """Check `out` (`check_out_dir`, raising `OutDirError`); with `new_budget`, move the
+    old federation's state aside (`move_aside`) and say so through `emit`. Return the
+    folder it was moved to, or None."""
     check_out_dir(out, resume=resume, new_budget=new_budget, mode=mode)
-    return move_aside(out) if new_budget else None
+    moved = move_aside(out) if new_budget else None
+    if moved is not None and emit is not None:
+        emit(f"[out] --new-budget: the previous simulated silos' ledgers, state and "
+             f"checkpoint moved to {moved}/ (kept, not deleted); the new silos start with "
+             "fresh budgets")
+    return moved

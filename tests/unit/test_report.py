@@ -140,3 +140,28 @@ def test_invalid_metrics_raise_value_error(tmp_path: Path) -> None:
         load_metrics(tmp_path)
     with pytest.raises(ValueError, match="config"):
         format_summary_table({"rounds": [], "base_accuracy": 0.5})
+
+
+def test_noise_multiplier_per_silo_in_summary_and_html(tmp_path: Path) -> None:
+    metrics = make_metrics()
+    for row in metrics["rounds"]:  # silo-b trains from round 2 on (as loop.py records it)
+        row["noise_multiplier"] = ({"silo-a": 0.875} if row["round"] == 1
+                                   else {"silo-a": 0.875, "silo-b": 1.375})
+    lines = format_summary_table(metrics).splitlines()
+    assert any("noise multiplier" in line for line in lines)
+    assert any("silo-a" in line and "noise multiplier 0.875" in line for line in lines)
+    assert any("silo-b" in line and "noise multiplier 1.375" in line for line in lines)
+    text = write_report(write_metrics(tmp_path / "run", metrics)).read_text(encoding="utf-8")
+    assert "<th>noise multiplier</th>" in text
+    assert '<td>silo-b</td><td class="n">4.5</td><td class="n">6</td><td class="n">1.375</td>' \
+        in text
+    # an older metrics file without the key still validates; the column shows "-"
+    old = write_metrics(tmp_path / "old", make_metrics())
+    assert all(r["noise_multiplier"] == {} for r in load_metrics(old)["rounds"])
+    assert "noise multiplier 0" not in format_summary_table(make_metrics())
+    assert "<td>silo-a</td><td class=\"n\">3.75</td><td class=\"n\">8</td><td>-</td>" \
+        in write_report(old).read_text(encoding="utf-8")
+    bad = make_metrics()
+    bad["rounds"][0]["noise_multiplier"] = {"silo-a": "high"}
+    with pytest.raises(ValueError, match=r"rounds\[0\]\.noise_multiplier"):
+        format_summary_table(bad)

@@ -1,0 +1,196 @@
+"""The sovereign silo, with real processes on 127.0.0.1: a `silotune coordinator`
+(flower-superlink, TLS + node authentication), two `silotune agent` silos
+(flower-supernode) whose operators set their own privacy policy, and `silotune run`
+(flwr run) submissions, on the tiny random Llama from conftest.
+
+Each silo's policy: epsilon <= 8 over its life, delta 1e-5, at most 20 DP-SGD steps per
+federation, at most one FedPipe importance query ever (and a full resource profile).
+One consortium serves the module; tests run in file order:
+
+1. an agent without --epsilon or --delta does not start;
+2. runs asking for more than the policy allows (a non-private target, a looser delta,
+   more steps) are refused by every silo in every round, with the reason recorded in
+   metrics.json, and nothing is trained: the ledgers stay empty;
+3. a FedPipe run within policy gets its importance query answered (one "importance"
+   entry per ledger) and trains; a second FedPipe run's importance query is refused by
+   both silos, and the ledgers still hold one "importance" entry each;
+4. `silotune audit` verifies both ledgers, each within the silo's epsilon of 8.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import toy_frame
+from tests.integration.deployment import Process, free_port, silotune
+
+pytestmark = pytest.mark.integration
+
+SILOS = ("a", "b")
+POLICY_EPSILON = 8.0
+POLICY = ["--epsilon", str(POLICY_EPSILON), "--delta", "1e-5", "--max-steps", "20",
+          "--importance-queries", "1"]
+PROFILE = ["--memory-gb", "8", "--gflops", "50", "--upload-mbps", "100",
+           "--download-mbps", "100", "--round-seconds", "3600"]
+RUN_TIMEOUT = 600
+
+
+class SovereignConsortium:
+    """A coordinator with TLS and node auth, and two registered silos with a policy."""
+
+    def __init__(self, root: Path, model: Path, dataset: Path) -> None:
+        self.root, self.model, self.dataset = root, model, dataset
+        self.certs = root / "certs"
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.coordinator: Process | None = None
+        self.agents: dict[str, Process] = {}
+
+    def start(self) -> None:
+        """Certificates, silo data, the coordinator, the silos' registration, the agents
+        (each online: registered with the coordinator)."""
+        made = silotune("certs", "--out", str(self.certs), "--host", "127.0.0.1",
+                        *[f"--silo={s}" for s in SILOS])
+        assert made.returncode == 0, made.stderr
+        for i, silo in enumerate(SILOS):
+            toy_frame(60, seed=i + 1).to_json(self.root / f"{silo}.jsonl",
+                                              orient="records", lines=True)
+        coordinator_args = ["coordinator", "--state-dir", str(self.root / "coordinator"),
+                            "--certs", str(self.certs), "--port", str(self.port)]
+        self.coordinator = Process("coordinator", coordinator_args, self.root)
+        self.coordinator.wait_for("Starting Flower SuperExec")
+        for silo in SILOS:
+            reg = silotune(*coordinator_args, "register-silo",
+                           str(self.certs / "silos" / silo / "node.pub"), "--name", silo)
+            assert reg.returncode == 0, reg.stdout + reg.stderr
+        for silo in SILOS:
+            self.agents[silo] = Process(f"agent-{silo}", self.agent_args(silo), self.root)
+        for proc in self.agents.values():
+            proc.wait_for("SuperNode ID:")
+
+    def agent_args(self, silo: str) -> list[str]:
+        return ["agent", "--coordinator", self.address, "--ca", str(self.certs / "ca.crt"),
+                "--key", str(self.certs / "silos" / silo / "node.key"),
+                "--silo-id", silo, "--data", str(self.root / f"{silo}.jsonl"),
+                "--state-dir", str(self.root / "silo-state" / silo),
+                *POLICY, *PROFILE, "--runtime-port", str(free_port())]
+
+    def ledger_path(self, silo: str) -> Path:
+        return self.root / "silo-state" / silo / "ledger.jsonl"
+
+    def ledger_bytes(self) -> dict[str, bytes]:
+        """Each silo's ledger file as bytes (b"" when there is none)."""
+        return {s: self.ledger_path(s).read_bytes() if self.ledger_path(s).exists() else b""
+                for s in SILOS}
+
+    def ledger(self, silo: str) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.ledger_bytes()[silo].splitlines()]
+
+    def run(self, name: str, *config: str) -> dict[str, Any]:
+        """Submit a run with the module's small settings (and `config` on top); wait for
+        it; return its metrics.json."""
+        for silo, proc in self.agents.items():  # both silos online before each run
+            assert proc.proc.poll() is None, f"agent {silo} exited:\n{proc.log()[-3000:]}"
+        assert self.coordinator is not None and self.coordinator.proc.poll() is None
+        settings = {"model": str(self.model), "dataset": str(self.dataset),
+                    "num-server-rounds": "2", "local-steps": "2", "batch-size": "16",
+                    "lora-ranks": "4", "test-size": "30", "num-silos": "2",
+                    "min-replies": "1", "round-timeout": "300"}
+        settings.update(dict(c.split("=", 1) for c in config))
+        out = self.root / name
+        done = silotune("run", "--coordinator", self.address,
+                        "--ca", str(self.certs / "ca.crt"), "--out", str(out),
+                        *[f"--config={k}={v}" for k, v in settings.items()],
+                        timeout=RUN_TIMEOUT)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return json.loads((out / "metrics.json").read_text())
+
+    def close(self) -> None:
+        for proc in self.agents.values():
+            proc.stop()
+        if self.coordinator is not None:
+            self.coordinator.stop()
+
+
+@pytest.fixture(scope="module")
+def consortium(tiny_model_dir, toy_dataset_file, tmp_path_factory,
+               ) -> Iterator[SovereignConsortium]:
+    group = SovereignConsortium(tmp_path_factory.mktemp("sovereign"), tiny_model_dir,
+                                toy_dataset_file)
+    try:
+        group.start()
+        yield group
+    finally:
+        group.close()
+
+
+def _without(args: list[str], flag: str) -> list[str]:
+    i = args.index(flag)
+    return args[:i] + args[i + 2:]
+
+
+@pytest.mark.parametrize("flag", ["--epsilon", "--delta"])
+def test_an_agent_without_its_privacy_policy_does_not_start(consortium, flag):
+    started = silotune(*_without(consortium.agent_args("a"), flag), timeout=120)
+    assert started.returncode == 2
+    assert "required" in started.stderr and flag in started.stderr, started.stderr
+
+
+@pytest.mark.parametrize(("config", "refused"), [
+    ("target-epsilon=inf", "target epsilon inf"),
+    ("target-delta=0.05", "target delta 0.05"),
+    ("local-steps=20", "plans 40 DP-SGD steps"),  # 2 rounds x 20 > max-steps 20
+], ids=["epsilon", "delta", "steps"])
+def test_a_request_outside_the_policy_is_refused_and_nothing_is_trained(
+        consortium, config, refused):
+    before = consortium.ledger_bytes()
+    assert before == {s: b"" for s in SILOS}  # no run has trained on these silos yet
+    metrics = consortium.run(f"refused-{config.split('=')[0]}", config)
+
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    for row in metrics["rounds"]:
+        assert row["participants"] == []
+        assert row["epsilon"] == {}
+        reasons = {e["silo"]: e["reason"] for e in row["excluded"]}
+        assert sorted(reasons) == list(SILOS), row["excluded"]
+        for silo, reason in reasons.items():
+            assert reason.startswith("PolicyRefusalError: "), (silo, reason)
+            assert refused in reason, (silo, reason)
+    assert consortium.ledger_bytes() == before
+
+
+def test_an_importance_query_is_answered_once_in_a_silos_life(consortium):
+    first = consortium.run("importance-1", "profiles=node", "target-epsilon=2")
+    assert first["plan"]["importance_refused"] == []
+    assert sorted(first["plan"]["silos"]) == list(SILOS)
+    assert any(row["participants"] == list(SILOS) for row in first["rounds"])
+    for silo in SILOS:
+        kinds = [e["type"] for e in consortium.ledger(silo)]
+        assert kinds.count("importance") == 1 and kinds[0] == "importance", kinds
+        assert kinds.count("train") >= 1, kinds  # the run trained after the plan
+
+    second = consortium.run("importance-2", "profiles=node", "target-epsilon=2")
+    refused = {e["silo"]: e["reason"] for e in second["plan"]["importance_refused"]}
+    assert sorted(refused) == list(SILOS), second["plan"]
+    for silo, reason in refused.items():
+        assert reason.startswith("PolicyRefusalError: "), (silo, reason)
+        assert "importance queries" in reason, (silo, reason)
+    for silo in SILOS:
+        kinds = [e["type"] for e in consortium.ledger(silo)]
+        assert kinds.count("importance") == 1, kinds
+
+
+def test_the_ledgers_verify_within_the_silos_epsilon(consortium):
+    for silo in SILOS:
+        audit = silotune("audit", str(consortium.ledger_path(silo)), timeout=300)
+        assert audit.returncode == 0, audit.stdout + audit.stderr
+        entries = consortium.ledger(silo)
+        assert entries, f"{silo}'s ledger is empty"
+        assert [e["seq"] for e in entries] == list(range(len(entries)))
+        assert all(e["epsilon_limit"] == POLICY_EPSILON for e in entries)
+        assert entries[-1]["epsilon"] <= POLICY_EPSILON
