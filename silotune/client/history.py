@@ -64,8 +64,9 @@ def complete_history(folder: Path, received: Mapping[str, np.ndarray],
                 missing.append(t)
                 continue
         out.update(arrays)
-    if missing:
+    if missing:  # the folder stays in the silo's own log: no local facts in the reply
+        log.warning("global rounds %s missing or damaged in %s", missing, folder)
         raise MissingRoundsError(
-            f"this silo's copy of global rounds {missing} is missing or damaged in {folder}; "
+            f"this silo's copy of global rounds {missing} is missing or damaged; "
             "the coordinator resends the whole history")
     return out

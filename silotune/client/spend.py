@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import pandas as pd
 from flwr.app import Context, Error, Message
 
-from silotune.adapters.types import AdapterError
+from silotune.client.history import MissingRoundsError
 from silotune.client.local import Silo, SiloSource
 from silotune.client.policy import PolicyRefusalError, check_useful
 from silotune.client.silo import SiloPrivacy, SiloPrivacyConfig
@@ -49,8 +49,6 @@ class RoundAlreadyTrainedError(RuntimeError):
 # Refusals whose text the silo wrote itself (no local facts): sent as they are.
 _OWN = (PolicyRefusalError, BudgetExhausted, LivenessError, FeedbackRefusedError, MessageError,
         RoundAlreadyTrainedError)
-# Other known failures of handling a request: sent by kind, details in the silo's log.
-_OTHER = (AdapterError, ValueError, KeyError, OSError)
 
 
 def refusing(source: SiloSource, what: str,
@@ -66,7 +64,9 @@ def refusing(source: SiloSource, what: str,
             code = P.ERROR_POLICY if isinstance(err, PolicyRefusalError) else P.ERROR_REFUSED
             return Message(Error(code=code, reason=f"{type(err).__name__}: {err}"),
                            reply_to=msg)
-        except _OTHER as err:
+        except MissingRoundsError:
+            raise  # answered with its own code by the train handler
+        except Exception as err:  # anything else: by kind, details in the silo's own log
             ref = secrets.token_hex(4)
             log.warning("%s could not %s (ref %s): %s", silo.silo_id, what, ref, err)
             return Message(Error(code=P.ERROR_REFUSED,

@@ -151,6 +151,9 @@ def _logical_steps(engine: PrivacyEngine, optimizer: DPOptimizer, loader: DataLo
             for batch in batches:
                 optimizer.zero_grad(set_to_none=True)
                 if batch[0].shape[0] == 0:  # an empty Poisson draw: noise-only step
+                    for p in optimizer.params:  # no examples: an empty per-sample gradient
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype,
+                                                    device=p.device)
                     optimizer.step()
                 else:
                     loss = loss_fn(batch)

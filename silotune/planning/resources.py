@@ -13,7 +13,7 @@ counts of the tensors alive at the peak of a DP-SGD step (Opacus hooks mode), pe
 the logits and their gradient (fp32, V floats each, ``LOGIT_COPIES`` of them) and
 ``LAYER_COPIES`` hidden-size tensors per decoder layer at the base's precision; the two
 counts were fitted on calibration runs and are checked against measured peaks of the
-default model in ``benchmarks/results/fedpipe_memory.json`` (tests/unit/test_resources.py).
+default model in ``benchmarks/results/fedpipe_memory.json`` (tests/unit/planning/test_resources.py).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from silotune.server.report import PLOT_NAMES, write_report
-from tests.unit.test_report import make_metrics, write_metrics
+from tests.unit.server.test_report import make_metrics, write_metrics
 
 pytestmark = pytest.mark.integration
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")

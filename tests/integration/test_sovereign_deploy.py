@@ -168,21 +168,27 @@ def test_an_importance_query_is_answered_once_in_a_silos_life(consortium):
     first = consortium.run("importance-1", "profiles=node", "target-epsilon=2")
     assert first["plan"]["importance_refused"] == []
     assert sorted(first["plan"]["silos"]) == list(SILOS)
-    assert any(row["participants"] == list(SILOS) for row in first["rounds"])
+    assert [r["participants"] for r in first["rounds"]] == [list(SILOS)] * 2
     for silo in SILOS:
-        kinds = [e["type"] for e in consortium.ledger(silo)]
-        assert kinds.count("importance") == 1 and kinds[0] == "importance", kinds
-        assert kinds.count("train") >= 1, kinds  # the run trained after the plan
+        kinds = [(e["type"], e["run_id"]) for e in consortium.ledger(silo)]
+        # the query was answered (one DP release, charged first), then the run trained
+        assert kinds == [("importance", first["federation_id"])] + [
+            ("train", first["federation_id"])] * 2, kinds
 
-    second = consortium.run("importance-2", "profiles=node", "target-epsilon=2")
+    # one round is enough: the query comes before it
+    second = consortium.run("importance-2", "profiles=node", "target-epsilon=2",
+                            "num-server-rounds=1")
     refused = {e["silo"]: e["reason"] for e in second["plan"]["importance_refused"]}
     assert sorted(refused) == list(SILOS), second["plan"]
     for silo, reason in refused.items():
         assert reason.startswith("PolicyRefusalError: "), (silo, reason)
         assert "importance queries" in reason, (silo, reason)
+    # a refused query excludes no silo from training
+    assert [r["participants"] for r in second["rounds"]] == [list(SILOS)]
     for silo in SILOS:
-        kinds = [e["type"] for e in consortium.ledger(silo)]
-        assert kinds.count("importance") == 1, kinds
+        kinds = [(e["type"], e["run_id"]) for e in consortium.ledger(silo)]
+        assert [k for k, _ in kinds].count("importance") == 1, kinds
+        assert kinds[-1] == ("train", second["federation_id"]), kinds
 
 
 def test_the_ledgers_verify_within_the_silos_epsilon(consortium):

@@ -61,5 +61,5 @@ def test_compressed_fp16_uploads_decode_and_shrink(tiny_model_dir, toy_dataset_f
         assert [r["excluded"] for r in rounds] == [[], []]
         bytes_up[name] = rounds[0]["bytes_up"]
     # On these tiny tensors (<= 128 entries) the ~100-byte per-array headers dominate:
-    # 2x here; tests/unit/test_transport.py checks > 8x at SmolLM2's tensor sizes.
+    # 2x here; tests/unit/adapters/test_transport.py checks > 8x at SmolLM2's tensor sizes.
     assert bytes_up["plain"] / bytes_up["compact"] > 1.8

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import re
 import threading
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -30,7 +32,7 @@ from silotune.ml.dp_sgd import DPConfig
 from silotune.ml.lm import encode_frame, load_model
 from silotune.ml.train import LocalTrainConfig, train_local
 from silotune.privacy.accounting import AccountingStep, compute_epsilon, compute_epsilon_rdp
-from silotune.privacy.ledger import read_entries, verify_ledger
+from silotune.privacy.ledger import load_or_create_signing_key, read_entries, verify_ledger
 from silotune.protocol import keys as P
 from silotune.protocol.codec import from_record
 from silotune.protocol.messages import ImportanceQuery, ImportanceReply, TrainInstruction
@@ -54,11 +56,10 @@ def _task_identity(monkeypatch):
 
 
 def _cfg(tmp_path, model, data, **changes) -> RunConfig:
-    settings = {"model": str(model), "dataset": str(data), "num_silos": 2, "rounds": 2,
-                "local_steps": 1, "batch_size": 8, "physical_batch_size": 8,
-                "lora_ranks": (2,), "test_size": 30, "target_epsilon": 8.0,
-                "out_dir": str(tmp_path)}
-    return RunConfig(**(settings | changes))
+    cfg = RunConfig(model=str(model), dataset=str(data), num_silos=2, rounds=2,
+                    local_steps=1, batch_size=8, physical_batch_size=8, lora_ranks=(2,),
+                    test_size=30, target_epsilon=8.0, out_dir=str(tmp_path))
+    return dataclasses.replace(cfg, **changes)
 
 
 def _source(cfg: RunConfig, policy: SiloPolicy,
@@ -186,10 +187,6 @@ def test_importance_is_answered_only_as_the_policy_allows_and_charged_to_the_led
     assert len(read_entries(silo.ledger_path)) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "client/fedpipe.py importance_reply loads the base and encodes silo.frame (lines 36-38) "
-    "before policy.check_importance (line 47): a refused importance query reads the data, "
-    "though client/policy.py says refusals come before anything touches the data"))
 def test_a_refused_importance_query_never_reads_the_data(tiny_model_dir, toy_dataset_file,
                                                         tmp_path):
     cfg = _cfg(tmp_path, tiny_model_dir, toy_dataset_file)
@@ -229,6 +226,7 @@ def test_two_concurrent_requests_for_one_round_spend_once(tiny_model_dir, toy_da
     cfg = _cfg(tmp_path, tiny_model_dir, toy_dataset_file)
     simulated = _source(cfg, POLICY)
     silo = simulated(_context())
+    silo.ledger()  # its signing key exists (a race creating it: the test below)
     together = threading.Barrier(2, timeout=60)
 
     def source(context: Context):
@@ -244,7 +242,7 @@ def test_two_concurrent_requests_for_one_round_spend_once(tiny_model_dir, toy_da
     def ask(i: int) -> None:
         try:
             replies[i] = app(msg, _context())
-        except BaseException as err:  # noqa: BLE001 (reported by the test)
+        except BaseException as err:  # reported by the test
             errors.append(err)
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
@@ -270,6 +268,48 @@ def test_two_concurrent_requests_for_one_round_spend_once(tiny_model_dir, toy_da
         assert all(np.array_equal(first[k], again[k]) for k in first)
 
 
+def test_two_threads_creating_the_signing_key_at_once_both_get_it(tmp_path, monkeypatch):
+    path = tmp_path / "state" / "ledger-signing-key.pem"
+    both_checked = threading.Barrier(2, timeout=10)
+    collided = threading.Event()
+    real_generate, real_open, real_fsync = Ed25519PrivateKey.generate, os.open, os.fsync
+
+    def generate() -> Ed25519PrivateKey:
+        both_checked.wait()  # both threads found no key and make one
+        return real_generate()
+
+    def open_(file, flags, *args, **kwargs):
+        try:
+            return real_open(file, flags, *args, **kwargs)
+        except FileExistsError:
+            collided.set()
+            raise
+
+    def fsync(fd: int) -> None:
+        collided.wait(timeout=2)  # the first writer is still writing its temporary file
+        real_fsync(fd)
+
+    monkeypatch.setattr(Ed25519PrivateKey, "generate", staticmethod(generate))
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "fsync", fsync)
+    keys: list[bytes] = []
+    errors: list[BaseException] = []
+
+    def create() -> None:
+        try:
+            key = load_or_create_signing_key(path)
+            keys.append(key.public_key().public_bytes_raw())
+        except BaseException as err:  # reported by the test
+            errors.append(err)
+
+    threads = [threading.Thread(target=create) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == [] and len(keys) == 2 and keys[0] == keys[1]
+
+
 # -- 5. an expected batch of one ---------------------------------------------------------
 class _EmptyDraws:
     """An optimizer hook counting the steps taken on an empty Poisson draw."""
@@ -292,10 +332,6 @@ class _EmptyDraws:
         optimizer.step = counted
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "ml/dp_sgd.py _logical_steps (line ~149): on an empty Poisson draw it calls "
-    "optimizer.step() without any per-sample gradient, and Opacus 1.6 raises 'Per sample "
-    "gradient is not initialized. Not updated in backward pass?'"))
 def test_dp_sgd_with_an_expected_batch_of_one_takes_noise_only_steps(tiny_model_dir):
     base, tok = load_model(tiny_model_dir)
     examples = encode_frame(tok, toy_frame(12))
@@ -343,11 +379,6 @@ def test_an_error_reply_names_the_kind_and_a_log_reference_not_local_facts(
     assert not silo.ledger_path.exists()
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "client/spend.py refusing catches only _OTHER = (AdapterError, ValueError, KeyError, "
-    "OSError): a RuntimeError escapes the handler and Flower's runtime sends str(ex) to "
-    "the coordinator (flwr/supernode/runtime/run_clientapp.py, reason = str(type(ex)) + "
-    "str(ex)), local facts included"))
 def test_an_unexpected_error_is_reported_by_kind_too(tiny_model_dir, toy_dataset_file,
                                                      tmp_path):
     secret = tmp_path / "secret.csv"
@@ -362,10 +393,6 @@ def test_an_unexpected_error_is_reported_by_kind_too(tiny_model_dir, toy_dataset
     assert str(tmp_path) not in _reason(reply) and "ref " in _reason(reply)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "client/history.py line 68-70: MissingRoundsError's text names the silo's history "
-    "folder ('... missing or damaged in {folder}'), and client/app.py line 53 sends "
-    "str(err) as the error reason: the silo's state-dir path reaches the coordinator"))
 def test_a_missing_rounds_reply_does_not_name_the_silos_folders(
         tiny_model_dir, toy_dataset_file, tmp_path):
     cfg = _cfg(tmp_path, tiny_model_dir, toy_dataset_file)

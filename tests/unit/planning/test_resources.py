@@ -10,7 +10,7 @@ import pytest
 
 from silotune.planning.resources import Choice, ModelSpec, memory_bytes
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 RESULTS = ROOT / "benchmarks" / "results" / "fedpipe_memory.json"
 CALIBRATION_ROWS = 3  # rows 1-3 fitted the constants; the others were not used
 
