@@ -61,6 +61,7 @@ case "$cmd" in
     ensure_chromium
     "$VENV/bin/ruff" check silotune tests benchmarks
     "$VENV/bin/mypy" silotune
+    "$VENV/bin/lint-imports" --no-cache  # the layers of docs/architecture.md
     # pytest exits 5 when it collects nothing; set -e turns that into a failure.
     exec "$VENV/bin/pytest" -q "$@"
     ;;
