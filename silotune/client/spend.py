@@ -46,9 +46,13 @@ class RoundAlreadyTrainedError(RuntimeError):
     """The silo's ledger already holds this round, and its reply was not kept."""
 
 
+class SpentButFailedError(RuntimeError):
+    """Training failed after it touched the data; its spend is in the ledger."""
+
+
 # Refusals whose text the silo wrote itself (no local facts): sent as they are.
 _OWN = (PolicyRefusalError, BudgetExhausted, LivenessError, FeedbackRefusedError, MessageError,
-        RoundAlreadyTrainedError)
+        RoundAlreadyTrainedError, SpentButFailedError)
 
 
 def refusing(source: SiloSource, what: str,
@@ -136,12 +140,16 @@ def private_training(silo: Silo, privacy: SiloPrivacyConfig, request: Request,
             result, liveness = train(DPConfig(noise_multiplier=sigma,
                                               max_grad_norm=privacy.max_grad_norm,
                                               noise_seed=noise_seed))
-        except Exception:  # the data was touched: what was spent is recorded, loudly
-            budget.record_round(step=step, run_id=request.federation, round_=request.round,
-                                frame=frame, liveness=0.0, noise=noise, failed=True)
-            log.error("%s: round %d failed after training began; its spend is recorded "
-                      "in the ledger", silo.silo_id, request.round)
-            raise
+        except Exception as err:  # the data was touched: what was spent is recorded, loudly
+            report, _ = budget.record_round(
+                step=step, run_id=request.federation, round_=request.round, frame=frame,
+                liveness=0.0, noise=noise, failed=True)
+            log.error("%s: round %d failed after training began (%s); its spend is "
+                      "recorded in the ledger", silo.silo_id, request.round, err)
+            raise SpentButFailedError(
+                f"training failed after it touched the data ({type(err).__name__}); its "
+                f"spend is recorded in the silo's ledger (epsilon now {report.epsilon:.4f})"
+            ) from err
         report, entry = budget.record_round(
             step=step, run_id=request.federation, round_=request.round, frame=frame,
             liveness=liveness, noise=noise)

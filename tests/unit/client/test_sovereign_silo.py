@@ -403,3 +403,26 @@ def test_a_missing_rounds_reply_does_not_name_the_silos_folders(
     assert reply.has_error() and reply.error.code == P.ERROR_MISSING_ROUNDS, _reason(reply)
     assert "[1]" in _reason(reply)  # the rounds it lacks: the coordinator resends them
     assert str(tmp_path) not in _reason(reply)
+
+
+def test_a_round_that_fails_after_training_began_records_its_spend_and_says_so(
+        tiny_model_dir, toy_dataset_file, tmp_path, monkeypatch):
+    """The data was touched, so the budget was spent: the ledger records it (a `failed`
+    entry, still audited) and the reply says so, without the failure's own text."""
+    cfg = _cfg(tmp_path, tiny_model_dir, toy_dataset_file)
+    source = _source(cfg, POLICY)
+    app = build_client_app(source)
+    secret = f"{tmp_path}/private/notes.csv"
+
+    def crash(*_args, **_kwargs):
+        raise RuntimeError(f"could not read {secret}")
+
+    monkeypatch.setattr("silotune.client.training.train_local", crash)
+    reply = app(_train_msg(cfg), _context())
+    assert reply.has_error() and reply.error.code == P.ERROR_REFUSED
+    reason = str(reply.error.reason)
+    assert "spend is recorded" in reason and secret not in reason
+    silo = source(_context())
+    entries = read_entries(silo.ledger_path)
+    assert [(e["type"], e["failed"]) for e in entries] == [("train", True)]
+    assert entries[0]["epsilon"] > 0 and verify_ledger(silo.ledger_path) == []
