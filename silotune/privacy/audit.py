@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from silotune.files import atomic_write_bytes
 from silotune.privacy.accounting import AccountingStep, compute_epsilon
-from silotune.privacy.ledger import key_id, read_entries, verify_ledger
+from silotune.privacy.ledger import ACCOUNTED, key_id, read_entries, verify_ledger
 
 PLD_REL_TOL = 0.02  # reported PRV epsilon vs independent PLD: within 2 % ...
 PLD_ABS_TOL = 0.02  # ... or within 0.02 for small epsilons (accountants' own error)
@@ -246,7 +246,7 @@ def audit_ledger(path: Path | str, public_key: Ed25519PublicKey | None = None) -
                                     f"key than seq 0 (key {signer_id}); no key rotation entry "
                                     "exists, so this entry was not written by this silo")
 
-    train = [(i, e) for i, e in enumerate(entries) if e.get("type") == "train"]
+    train = [(i, e) for i, e in enumerate(entries) if e.get("type") in ACCOUNTED]
     silo_id = next((str(e["silo_id"]) for e in reversed(entries) if "silo_id" in e), None)
     epsilon = limit = delta = None
     accountant: str | None = None

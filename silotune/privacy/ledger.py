@@ -97,17 +97,31 @@ def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
+def uncommitted_tail(path: Path) -> int:
+    """Bytes after the last newline: an entry whose write never completed (a crash or a
+    full disk mid-append). It was never committed; readers ignore it, the next append
+    removes it, and `verify_ledger` reports it."""
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    return len(data) - (data.rfind(b"\n") + 1)
+
+
 def read_entries(path: Path, *, skip_bad: bool = False) -> list[dict[str, Any]]:
-    """The ledger's entries in file order (none for a missing file).
+    """The ledger's committed entries in file order (none for a missing file).
 
     A line that is not a JSON object raises `LedgerError` naming the file and line, or,
     with `skip_bad` (the audit's summary, which `verify_ledger` complements), is skipped.
+    A last line without its newline is an uncommitted entry and is not read.
     """
     if not path.exists():
         return []
     entries = []
     with path.open(encoding="utf-8", errors="replace" if skip_bad else "strict") as f:
         for n, line in enumerate(f, start=1):
+            if not line.endswith("\n"):
+                log.warning("%s: line %d was never committed (no newline); ignored", path, n)
+                break
             if not line.strip():
                 continue
             try:
@@ -123,6 +137,20 @@ def read_entries(path: Path, *, skip_bad: bool = False) -> list[dict[str, Any]]:
                 raise LedgerError(f"{path}: line {n}: ledger entry is not a JSON object")
             entries.append(entry)
     return entries
+
+
+def _write_all(fd: int, data: bytes, committed: int) -> None:
+    """Write and fsync one entry; on any failure (a full disk) put the file back to its
+    committed length, so the ledger never holds half an entry."""
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, committed)
+            os.fsync(fd)
+        raise
 
 
 class Ledger:
@@ -150,9 +178,13 @@ class Ledger:
         if clash:
             raise ValueError(f"ledger body must not set reserved fields {clash}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # one writer at a time: seq/prev_hash stay a chain
+            committed = os.fstat(fd).st_size - uncommitted_tail(self.path)
+            if committed < os.fstat(fd).st_size:  # a write that never completed: drop it
+                log.warning("%s: discarding an uncommitted last line", self.path)
+                os.ftruncate(fd, committed)
             entries = self.entries()
             if entries and compute_entry_hash(entries[-1]) != entries[-1].get("entry_hash"):
                 raise LedgerError(f"{self.path}: last entry fails its hash check; refusing to "
@@ -167,10 +199,7 @@ class Ledger:
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"ledger entry is not plain finite JSON: {exc}") from exc
             entry["signature"] = self._key.sign(bytes.fromhex(entry["entry_hash"])).hex()
-            data = canonical(entry) + b"\n"
-            while data:
-                data = data[os.write(fd, data):]
-            os.fsync(fd)
+            _write_all(fd, canonical(entry) + b"\n", committed)
         finally:
             os.close(fd)  # also releases the lock
         return entry
@@ -251,6 +280,24 @@ def _check_train(e: dict[str, Any], label: str, state: dict[Any, tuple[str, floa
     state[ds] = (label, eps, history)
 
 
+# Fields of an accounted entry that are the silo's privacy policy: a change between
+# entries is reported, naming the entry (an auditor must see every loosening).
+POLICY_FIELDS = ("delta", "epsilon_limit", "accountant", "privacy_unit",
+                 "neighboring_relation")
+
+
+def _check_policy(e: Mapping[str, Any], label: str, seen: dict[str, tuple[str, Any]],
+                  problems: list[str]) -> None:
+    for name in POLICY_FIELDS:
+        if name not in e:
+            continue
+        if name in seen and seen[name][1] != e[name]:
+            first, value = seen[name]
+            problems.append(f"{label}: {name}: changed from {value!r} ({first}) to "
+                            f"{e[name]!r}: a change of the silo's privacy policy")
+        seen[name] = (label, e[name])
+
+
 def verify_ledger(path: Path, public_key: Ed25519PublicKey | None = None) -> list[str]:
     """Check a ledger; return problems (empty list = OK), each naming the seq and field.
 
@@ -262,7 +309,9 @@ def verify_ledger(path: Path, public_key: Ed25519PublicKey | None = None) -> lis
     for ``type == "feedback"`` entries (CrossLM), `check_feedback_entry`;
     for ``audit`` entries (empirical one-run audits) the bound recomputed from its counts
     and never above the accounted epsilon; for ``client_level`` entries (the coordinator's
-    ledger) epsilon recomputed from (z, N, k, releases) and releases counting up.
+    ledger) epsilon recomputed from (z, N, k, releases) and releases counting up. A change
+    of delta, epsilon limit, accountant, privacy unit or adjacency between accounted
+    entries, and an uncommitted last line, are reported too.
     """
     path = Path(path)
     if not path.exists():
@@ -272,7 +321,13 @@ def verify_ledger(path: Path, public_key: Ed25519PublicKey | None = None) -> lis
     except LedgerError as exc:
         return [str(exc)]
     problems: list[str] = []
+    tail = uncommitted_tail(path)
+    if tail:
+        problems.append(f"line {len(entries) + 1} (uncommitted): {tail} bytes without a "
+                        "newline, a write that never completed; the silo discards it at "
+                        "its next append")
     state: dict[Any, tuple[str, float, list[Any]]] = {}
+    policy: dict[str, tuple[str, Any]] = {}
     last_train: dict[str, Any] | None = None
     last_client_level: dict[str, Any] | None = None
     prev = GENESIS_HASH
@@ -309,6 +364,7 @@ def verify_ledger(path: Path, public_key: Ed25519PublicKey | None = None) -> lis
         try:
             if kind in ACCOUNTED:  # DP releases charged to the cumulative epsilon
                 _check_train(e, label, state, problems)
+                _check_policy(e, label, policy, problems)
             elif kind == "feedback":  # CrossLM: a post-processing release, 0 epsilon
                 check_feedback_entry(e, label, last_train, problems)
             elif kind == "audit":
