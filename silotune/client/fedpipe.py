@@ -47,7 +47,7 @@ def importance_reply(msg: Message, context: Context, silo: Silo) -> Message:
 def _private_importance(ask: ImportanceQuery, context: Context, silo: Silo
                         ) -> SiloImportance:
     """The DP answer: the policy is checked before the data is read, the spend checked
-    against the budget before scoring, and recorded in the ledger before it leaves."""
+    against the budget and recorded in the ledger before scoring (write-ahead)."""
     with state_lock(silo.state_dir):
         budget = SiloPrivacy(silo.privacy(IMPORTANCE_CLIP, silo.policy.epsilon))
         done = [e for e in budget.ledger.entries() if e.get("type") == "importance"]
@@ -57,16 +57,14 @@ def _private_importance(ask: ImportanceQuery, context: Context, silo: Silo
         q = min(1.0, ask.calibration_batch / len(frame))
         step = AccountingStep(silo.policy.importance_noise, q, ask.calibration_steps)
         budget.check_round(step)  # refuse before scoring
-        base, tok = STORE.get(str(resolve_model(ask.model)), str(context.run_id), [], [])
         seed = silo.noise_seed(0)  # None, always outside simulations: a secret draw
+        budget.record_round(step=step, run_id=ask.federation_id, round_=0, frame=frame,
+                            kind="importance", noise="os" if seed is None else "seeded")
+        base, tok = STORE.get(str(resolve_model(ask.model)), str(context.run_id), [], [])
         sampling = torch.Generator().manual_seed(secrets.randbits(63) if seed is None
                                                  else seed)
-        answer = dp_silo_importance(
+        return dp_silo_importance(
             base, encode_frame(tok, frame), int(tok.pad_token_id),
             batch_size=ask.calibration_batch, steps=ask.calibration_steps,
             clip=IMPORTANCE_CLIP, noise_multiplier=silo.policy.importance_noise,
             generator=sampling)
-        budget.record_round(step=step, run_id=ask.federation_id, round_=0, frame=frame,
-                            liveness=0.0, kind="importance",
-                            noise="os" if seed is None else "seeded")
-    return answer

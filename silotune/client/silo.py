@@ -3,7 +3,7 @@
 The budget belongs to the silo's dataset, not to a run: the cumulative accounting history
 is read back from the silo's ledger on disk, so restarts and new runs on the same data
 keep composing (docs/privacy.md §1, §6). The ledger entry is appended and signed
-*before* the adapter leaves the silo, so a crash can over-count but never under-count.
+*before* training touches the data, so a crash can over-count but never under-count.
 """
 
 from __future__ import annotations
@@ -79,14 +79,13 @@ class SiloPrivacy:
                              delta=self.cfg.delta)
 
     def record_round(self, *, step: AccountingStep, run_id: str, round_: int,
-                     frame: pd.DataFrame, liveness: float, noise: str = "os",
-                     failed: bool = False, kind: str = "train",
-                     ) -> tuple[EpsilonReport, dict[str, Any]]:
+                     frame: pd.DataFrame, noise: str = "os", kind: str = "train",
+                     liveness: float | None = None) -> tuple[EpsilonReport, dict[str, Any]]:
         """Compose `step`, then append and sign the ledger entry; returns (report, entry).
         `noise`: "os" (OS-seeded noise) or "seeded" (a simulation's public noise seed: the
-        guarantee then holds only against those who do not know that seed). `failed`: the
-        training touched the data but did not finish: spent, and nothing was released.
-        `kind`: "train" (DP-SGD) or "importance" (DP importance scores, FedPipe)."""
+        guarantee then holds only against those who do not know that seed). `kind`:
+        "train" (DP-SGD) or "importance" (DP importance scores, FedPipe). Called before the
+        data is touched (write-ahead), so `liveness` is absent from new entries."""
         if noise not in ("os", "seeded"):
             raise ValueError(f"noise source must be 'os' or 'seeded', got {noise!r}")
         history = [*self.history(), step]
@@ -112,10 +111,9 @@ class SiloPrivacy:
             "eps_cross_check": report.cross_check,
             "epsilon_limit": self.cfg.target_epsilon,
             "remaining": max(0.0, self.cfg.target_epsilon - report.epsilon),
-            "liveness": liveness,
+            **({} if liveness is None else {"liveness": liveness}),
             "secure_mode": False,
             "noise_seed_source": noise,
-            "failed": failed,
             "opacus_version": opacus.__version__,
         })
         return report, entry

@@ -135,24 +135,24 @@ def private_training(silo: Silo, privacy: SiloPrivacyConfig, request: Request,
         step = AccountingStep(noise_multiplier=sigma, sample_rate=q, steps=request.steps)
         budget.check_round(step)  # refuse before any training
         noise_seed = silo.noise_seed(request.round)
-        noise = "os" if noise_seed is None else "seeded"
+        # Write-ahead: the spend is in the ledger before the data is touched, so a crash
+        # at any point can over-count but never under-count.
+        report, entry = budget.record_round(
+            step=step, run_id=request.federation, round_=request.round, frame=frame,
+            noise="os" if noise_seed is None else "seeded")
         try:
             result, liveness = train(DPConfig(noise_multiplier=sigma,
                                               max_grad_norm=privacy.max_grad_norm,
                                               noise_seed=noise_seed))
-        except Exception as err:  # the data was touched: what was spent is recorded, loudly
-            report, _ = budget.record_round(
-                step=step, run_id=request.federation, round_=request.round, frame=frame,
-                liveness=0.0, noise=noise, failed=True)
+        except Exception as err:
             log.error("%s: round %d failed after training began (%s); its spend is "
                       "recorded in the ledger", silo.silo_id, request.round, err)
             raise SpentButFailedError(
                 f"training failed after it touched the data ({type(err).__name__}); its "
                 f"spend is recorded in the silo's ledger (epsilon now {report.epsilon:.4f})"
             ) from err
-        report, entry = budget.record_round(
-            step=step, run_id=request.federation, round_=request.round, frame=frame,
-            liveness=liveness, noise=noise)
+    log.info("%s: round %d trained, weights moved by up to %.3g", silo.silo_id,
+             request.round, liveness)
     return result, Spent(report.epsilon, privacy.delta, privacy.target_epsilon,
                          str(entry["entry_hash"]), sigma)
 
