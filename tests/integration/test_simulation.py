@@ -126,21 +126,21 @@ def test_non_private_run_is_labelled_and_reproducible(tiny_model_dir, toy_datase
     assert accuracies[0] == accuracies[1]
 
 
-def test_spent_budget_is_refused_on_the_next_run(private_run, tiny_model_dir,
-                                                 toy_dataset_file):
-    """Same silos (same --out, so same ledgers), smaller budget than already spent: every
-    silo refuses before training, the round is skipped, and nothing is added to a ledger."""
+def test_a_second_run_into_the_same_out_is_refused_and_keeps_the_ledgers(
+        private_run, tiny_model_dir, toy_dataset_file):
+    """Same --out (so the same simulated silos and ledgers), a new federation: refused in
+    one line before anything starts, unless --resume or --new-budget says which is meant;
+    the silos' ledgers are untouched. (A silo whose budget is spent refuses before
+    training: tests/unit/client/test_silo_privacy.py and test_sovereign_silo.py.)"""
     out, _ = private_run
     before = {p.name: p.read_text() for p in (out / "ledgers").glob("*.jsonl")}
     proc = _silotune("simulate", "--model", str(tiny_model_dir), "--dataset",
                      str(toy_dataset_file), "--silos", "2", "--rounds", "1",
                      "--local-steps", "3", "--batch-size", "16", "--ranks", "4,2",
                      "--test-size", "30", "--epsilon", "4", "--out", str(out), cwd=out.parent)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    row = json.loads((out / "metrics.json").read_text())["rounds"][0]
-    assert sorted(e["silo"] for e in row["excluded"]) == ["silo-000", "silo-001"]
-    assert all("BudgetExhausted" in e["reason"] for e in row["excluded"])
-    assert "round skipped" in proc.stdout
+    assert proc.returncode == 2, proc.stderr[-5000:]
+    assert "--resume" in proc.stderr and "--new-budget" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     after = {p.name: p.read_text() for p in (out / "ledgers").glob("*.jsonl")}
     assert after == before
 
