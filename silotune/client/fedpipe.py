@@ -52,7 +52,8 @@ def _private_importance(ask: ImportanceQuery, context: Context, silo: Silo
         budget = SiloPrivacy(silo.privacy(IMPORTANCE_CLIP, silo.policy.epsilon))
         done = [e for e in budget.ledger.entries() if e.get("type") == "importance"]
         silo.policy.check_importance(
-            len(done), sum(e.get("run_id") == ask.federation_id for e in done))
+            len(done), sum(e.get("run_id") == ask.federation_id for e in done),
+            ask.calibration_batch)
         frame = silo.frame
         q = min(1.0, ask.calibration_batch / len(frame))
         step = AccountingStep(silo.policy.importance_noise, q, ask.calibration_steps)

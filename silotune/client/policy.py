@@ -13,9 +13,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+# The smallest calibration batch an importance query may ask for: tiny batches would make
+# each released score the statistic of a handful of records.
+MIN_IMPORTANCE_BATCH = 8
+
 # Training whose noise would drown the signal is refused: the noise on the averaged
 # gradient has std sigma * C / (q n); above this many clip norms per step the update is
-# noise (docs/privacy.md §7). The default run's sigma ~1.1 at q n = 32 gives 0.03.
+# noise (docs/privacy.md §7). The default run's sigma ~0.5 at q n = 32 gives 0.016.
 MAX_NOISE_PER_AVERAGED_GRADIENT = 1.0
 
 
@@ -67,8 +71,13 @@ class SiloPolicy:
                 f"the run plans {planned_steps} DP-SGD steps on this silo; its policy "
                 f"allows at most {self.max_steps} per federation")
 
-    def check_importance(self, answered: int, answered_in_federation: int) -> None:
+    def check_importance(self, answered: int, answered_in_federation: int,
+                         batch_size: int) -> None:
         """Refuse an importance query beyond the policy's caps."""
+        if batch_size < MIN_IMPORTANCE_BATCH:
+            raise PolicyRefusalError(
+                f"the importance query asks for calibration batches of {batch_size}; this "
+                f"silo scores batches of at least {MIN_IMPORTANCE_BATCH}")
         if answered >= self.importance_queries:
             raise PolicyRefusalError(
                 f"this silo answers at most {self.importance_queries} importance queries "

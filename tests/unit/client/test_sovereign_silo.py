@@ -104,9 +104,9 @@ def _train_msg(cfg: RunConfig, round_: int = 1, **changes) -> Message:
     return _sent(msg)
 
 
-def _importance_msg(model, federation: str = FEDERATION) -> Message:
+def _importance_msg(model, federation: str = FEDERATION, batch: int = 8) -> Message:
     return _sent(ImportanceQuery(federation_id=federation, model=str(model),
-                                 calibration_steps=2, calibration_batch=8,
+                                 calibration_steps=2, calibration_batch=batch,
                                  run_seed=0).to_message(NODE))
 
 
@@ -163,6 +163,9 @@ def test_importance_is_answered_only_as_the_policy_allows_and_charged_to_the_led
 
     policy = SiloPolicy(8.0, 1e-5, importance_queries=1)
     app = build_client_app(_source(cfg, policy))  # the same silo, its operator opted in
+    tiny = app(_importance_msg(tiny_model_dir, batch=1), _context())  # a batch of one record
+    assert tiny.has_error() and tiny.error.code == P.ERROR_POLICY, _reason(tiny)
+    assert "batches of at least 8" in _reason(tiny) and not silo.ledger_path.exists()
     answered = app(_importance_msg(tiny_model_dir), _context())
     assert not answered.has_error(), _reason(answered)
     reply = ImportanceReply.from_message(answered)
