@@ -69,6 +69,10 @@ def _train(msg: Message, context: Context, silo: Silo) -> Message:
     if silo.held_out is None:
         raise ValueError("CrossLM mode runs in simulation only for now: a deployed silo "
                          "has no held-out split to report SLM accuracy on")
+    privacy = silo.privacy(ask.max_grad_norm, ask.target_epsilon)
+    if privacy.private:  # refused before the data is read
+        silo.policy.check_train(ask.target_epsilon, ask.target_delta,
+                                ask.planned_rounds * ask.slm_steps)
     run_id = str(context.run_id)
     model, tok, _ = _load(silo, ask.slm, ask.labels, run_id, ask.run_seed)
     frame = silo.frame
@@ -80,14 +84,9 @@ def _train(msg: Message, context: Context, silo: Silo) -> Message:
         steps=ask.slm_steps, batch_size=ask.batch_size, learning_rate=ask.learning_rate,
         synthetic_steps=ask.slm_steps if synth is not None else 0,
         seed=ask.run_seed * 100_003 + ask.round * 1009 + silo.index)
-    privacy = silo.privacy(ask.max_grad_norm, ask.target_epsilon)
 
-    def train(dp: DPConfig | None) -> tuple[float, float]:
-        before = trainable_state(model)
-        loss = train_slm(model, private, synth, train_cfg, dp)
-        moved = max(float((v - before[k]).abs().max())
-                    for k, v in trainable_state(model).items())
-        return loss, moved
+    def train(dp: DPConfig | None) -> float:
+        return train_slm(model, private, synth, train_cfg, dp)  # LivenessError if frozen
 
     if privacy.private:
         request = Request(run_id, ask.round, ask.target_epsilon, ask.target_delta,

@@ -106,10 +106,6 @@ class NodeSettings:
     def ledger_path(self) -> Path:
         return self.state_dir / "ledger.jsonl"
 
-    @property
-    def key_path(self) -> Path:
-        return self.state_dir / "ledger-signing-key.pem"
-
     def to_node_config(self) -> str:
         """The ``--node-config`` argument of ``flower-supernode``."""
         values: dict[str, str | float] = {SILO_ID: self.silo_id,

@@ -7,15 +7,16 @@ the silo's own making say what was refused; anything else is reported by its kin
 reference into the silo's own log.
 
 `private_training` is the one place a silo spends privacy budget, under one lock on its
-state directory (held across processes): check the request against the silo's policy,
-calibrate sigma once per run, refuse useless or over-budget training, train, and append
-the signed ledger entry before anything leaves the silo. A training that fails after it
-touched the data still records what it spent.
+state directory (held across processes): calibrate sigma once per run, refuse useless or
+over-budget training, append the signed ledger entry (write-ahead), then train. Its
+callers check the request against the silo's policy before they read the data. A
+training that fails after it touched the data replies that its spend is recorded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -117,14 +118,12 @@ class Request:
 
 
 def private_training(silo: Silo, privacy: SiloPrivacyConfig, request: Request,
-                     frame: pd.DataFrame, train: Callable[[DPConfig], tuple[T, float]],
+                     frame: pd.DataFrame, train: Callable[[DPConfig], T],
                      already_done: Callable[[SiloPrivacy], None] = lambda _: None,
                      ) -> tuple[T, Spent]:
-    """Run `train(dp)` (returning its result and the liveness of the weights) under the
-    silo's policy and budget, and record the spend; refusals come before any training.
-    `already_done` raises when the request was answered before (checked under the lock)."""
-    silo.policy.check_train(request.target_epsilon, request.target_delta,
-                            request.planned_steps)
+    """Run `train(dp)` under the silo's budget (the caller checked its policy), recording
+    the spend first; budget refusals come before any training. `already_done` raises when
+    the request was answered before (checked under the lock)."""
     with state_lock(silo.state_dir):
         budget = SiloPrivacy(privacy)
         already_done(budget)
@@ -141,9 +140,9 @@ def private_training(silo: Silo, privacy: SiloPrivacyConfig, request: Request,
             step=step, run_id=request.federation, round_=request.round, frame=frame,
             noise="os" if noise_seed is None else "seeded")
         try:
-            result, liveness = train(DPConfig(noise_multiplier=sigma,
-                                              max_grad_norm=privacy.max_grad_norm,
-                                              noise_seed=noise_seed))
+            result = train(DPConfig(noise_multiplier=sigma,
+                                    max_grad_norm=privacy.max_grad_norm,
+                                    noise_seed=noise_seed))
         except Exception as err:
             log.error("%s: round %d failed after training began (%s); its spend is "
                       "recorded in the ledger", silo.silo_id, request.round, err)
@@ -151,16 +150,11 @@ def private_training(silo: Silo, privacy: SiloPrivacyConfig, request: Request,
                 f"training failed after it touched the data ({type(err).__name__}); its "
                 f"spend is recorded in the silo's ledger (epsilon now {report.epsilon:.4f})"
             ) from err
-    log.info("%s: round %d trained, weights moved by up to %.3g", silo.silo_id,
-             request.round, liveness)
     return result, Spent(report.epsilon, privacy.delta, privacy.target_epsilon,
                          str(entry["entry_hash"]), sigma)
 
 
 def spent_fields(spent: Spent | None) -> dict[str, Any]:
-    """The manifest's privacy fields of a reply (none for a non-private training)."""
-    if spent is None:
-        return {}
-    return {"epsilon": spent.epsilon, "delta": spent.delta,
-            "epsilon_limit": spent.epsilon_limit, "ledger_head": spent.ledger_head,
-            "noise_multiplier": spent.noise_multiplier}
+    """The manifest's privacy fields of a reply (none for a non-private training): the
+    `Spent` fields are named as the reply's."""
+    return {} if spent is None else dataclasses.asdict(spent)

@@ -54,7 +54,6 @@ def train_round(msg: Message, context: Context, silo: Silo) -> Message:
             log.warning("%s: round %d of %s was already trained; sending the kept reply",
                         silo.silo_id, ask.round, ask.federation_id)
             return silo.reply(kept, msg, ask.wire_dtype)
-        _refuse_a_second_spend(SiloPrivacy(privacy), ask)
     rounds = complete_history(silo.state_dir / "history" / ask.federation_id, ask.arrays,
                               ask.base_fingerprints, ask.first_sent_round)
     updates = [update_from_arrays(rounds, f"{P.UPDATE_PREFIX}{t}/", ask.update_scales[str(t)])
@@ -67,9 +66,8 @@ def train_round(msg: Message, context: Context, silo: Silo) -> Message:
     local = _local_config(ask, silo, _initial_factors(start, ask, context))
     pad_id = int(tok.pad_token_id)
 
-    def train(dp: DPConfig | None) -> tuple[LocalTrainResult, float]:
-        result = train_local(base, examples, pad_id, local, dp)
-        return result, result.liveness
+    def train(dp: DPConfig | None) -> LocalTrainResult:
+        return train_local(base, examples, pad_id, local, dp)
 
     with PeakRSS() as peak:
         if privacy.private:
@@ -80,7 +78,7 @@ def train_round(msg: Message, context: Context, silo: Silo) -> Message:
                 silo, privacy, request, frame, train,
                 already_done=lambda budget: _refuse_a_second_spend(budget, ask))
         else:
-            result, spent = train(None)[0], None
+            result, spent = train(None), None
     if ask.local:
         context.state[P.LOCAL_FACTORS] = to_record(
             {k: v for k, v in result.adapter.items() if is_factor(k, ask.local)})

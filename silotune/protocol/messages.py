@@ -84,7 +84,7 @@ class Payload:
     @classmethod
     def from_content(cls: type[M], content: RecordDict) -> M:
         """Read and check every field; `MessageError` names the first bad one."""
-        hints = typing.get_type_hints(cls)
+        hints = _type_hints(cls)
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             meta = f.metadata
@@ -125,6 +125,15 @@ class Payload:
 
 
 _RECORD_KEYS = {"config": P.CONFIG, "metrics": P.METRICS, "info": P.INFO}
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    """The field types of a message class, resolved once, not for every message parsed."""
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
 
 
 def _encode(value: Any) -> Any:
