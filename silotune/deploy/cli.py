@@ -75,7 +75,14 @@ def add_deploy_parsers(sub: Any) -> None:
     co_sub = co.add_subparsers(dest="action", metavar="ACTION")
     reg = co_sub.add_parser("register-silo", help="allow a silo's node key to join")
     reg.add_argument("public_key", type=Path, metavar="PUBKEY", help="the silo's node.pub")
-    reg.add_argument("--name", help="a name for the silo in `flwr supernode list`")
+    reg.add_argument("--name", required=True,
+                     help="the silo's id: its agent must claim this --silo-id")
+    reg.add_argument("--examples", type=int, default=None,
+                     help="the silo's size as agreed with it, public by declaration: its "
+                     "aggregation weight whatever its replies claim (default: equal weights)")
+    reg.add_argument("--ledger-key", type=Path, default=None,
+                     help="the silo's ledger public key (the agent prints it at start): "
+                     "pinned, so ledgers re-signed with another key are refused")
 
     a = sub.add_parser(
         "agent", help="run a silo client agent (Flower SuperNode) next to the silo's "
@@ -171,7 +178,8 @@ def _coordinator(args: argparse.Namespace) -> int:
     settings = CoordinatorSettings(state_dir=args.state_dir, certs_dir=args.certs,
                                    host=args.host, port=args.port, insecure=args.insecure)
     if args.action == "register-silo":
-        return register_silo(settings, args.public_key, args.name)
+        return register_silo(settings, args.public_key, args.name, args.examples,
+                             args.ledger_key)
     return start(settings)
 
 
