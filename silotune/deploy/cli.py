@@ -112,6 +112,10 @@ def add_deploy_parsers(sub: Any) -> None:
                         help="a dataset size you declare public: the silo's aggregation "
                         "weight (default: none; the exact size never leaves the silo and "
                         "the coordinator weighs such silos equally)")
+    policy.add_argument("--privacy-unit-column", default=None, metavar="COLUMN",
+                        help="a column naming each row's privacy unit, e.g. a patient id: "
+                        "all rows of a unit are sampled and clipped together and epsilon "
+                        "holds per unit (default: one row is the unit)")
     a.add_argument("--text-column", default="text",
                    help="the column of the silo's data holding the text (%(default)s)")
     a.add_argument("--label-column", default="label",
@@ -191,7 +195,8 @@ def _agent(args: argparse.Namespace) -> int:
                         importance_queries=args.importance_queries,
                         public_size=args.public_size,
                         profile=declared_profile(args),
-                        text_column=args.text_column, label_column=args.label_column)
+                        text_column=args.text_column, label_column=args.label_column,
+                        privacy_unit_column=args.privacy_unit_column)
     settings = AgentSettings(
         connection=Connection(args.coordinator, args.ca, args.insecure), key=args.key,
         node=node, max_attempts=max(1, args.max_attempts), backoff_seconds=args.backoff,
