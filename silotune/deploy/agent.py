@@ -8,17 +8,29 @@ fix (docs/flower.md §7.5):
 3. the coordinator is reachable: TCP connect, retried with exponential backoff, each
    attempt logged, giving up with a message after ``--max-attempts``;
 4. the coordinator's TLS certificate verifies against the CA for the address dialled
-   (a wrong CA or a certificate for another host name fails here, clearly).
+   (a wrong CA or a certificate for another host name fails here, clearly);
+5. the consortium's app-signing public key is pinned (``--app-key``), unless the silo
+   admin explicitly allows any app (``--allow-unsigned-apps``).
 
 Then it runs the SuperNode with the silo's node config (client/node.py: data, budget,
 data columns and the optional FedPipe resource profile) and watches its log: a
 SuperNode that fails to activate although the coordinator is reachable and trusted was
 refused by node authentication, so the agent stops with "register this key" instead of
 Flower's bare exit code 305.
+
+Only signed apps run: the SuperNode's PATH starts with a gate folder in the state
+directory whose ``flwr-clientapp`` verifies each app's signature before any of its code
+is installed or imported (deploy/verified_clientapp.py, docs/flower.md §8).
+
+No orphan SuperNode: it runs in a process group of its own, which the agent signals on
+SIGTERM/SIGINT/SIGHUP and when it exits; and the kernel sends it SIGTERM when the agent
+dies, even by SIGKILL (``prctl(PR_SET_PDEATHSIG)``, Linux). Its SuperExec and ClientApp
+processes follow their parent (they watch ``--parent-pid``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -34,8 +46,9 @@ from types import FrameType
 from typing import IO
 
 from silotune.client.node import NodeSettings
-from silotune.deploy import certs
+from silotune.deploy import app_signing, certs
 from silotune.deploy.connection import Connection, DeployError, flower_env, flower_tool
+from silotune.deploy.verified_clientapp import write_gate
 from silotune.ml.precision import PRECISIONS
 from silotune.planning.profiles import RESOURCE_KEYS, SiloProfile
 
@@ -45,6 +58,8 @@ MAX_BACKOFF_SECONDS = 30.0
 # What flower-supernode 1.41 prints once connected, and when the SuperLink refuses it.
 _ACTIVATED_MARKER = "SuperNode ID:"
 _REFUSED_MARKER = "Failed to activate SuperNode"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+GATE_DIR = "app-gate"  # in the state directory: the verifying flwr-clientapp
 
 
 class AgentError(DeployError):
@@ -61,10 +76,14 @@ class AgentSettings:
     max_attempts: int = 8  # connection attempts before giving up
     backoff_seconds: float = 1.0  # first wait; doubles up to MAX_BACKOFF_SECONDS
     runtime_port: int | None = None  # local SuperNode <-> ClientApp port (default 9094)
+    app_key: Path | None = None  # the consortium's app-signing.pub the silo pins
+    allow_unsigned_apps: bool = False  # run ANY app the coordinator sends (explicit)
 
 
 def preflight(settings: AgentSettings, log: Log = print) -> None:
-    """Checks 1-4 of the module docstring; raises `AgentError` or `certs.CertsError`."""
+    """Checks 1-5 of the module docstring; raises `AgentError`, `certs.CertsError` or
+    `app_signing.AppSignatureError`."""
+    check_app_key(settings)
     conn = settings.connection
     if not conn.insecure:
         if settings.key is None:
@@ -80,6 +99,21 @@ def preflight(settings: AgentSettings, log: Log = print) -> None:
     wait_for_coordinator(settings, log)
     if not conn.insecure:
         check_tls(conn)
+
+
+def check_app_key(settings: AgentSettings) -> None:
+    """Check 5: a usable pinned key, or the explicit opt-out (not both)."""
+    if settings.app_key is None:
+        if not settings.allow_unsigned_apps:
+            raise AgentError("--app-key is required: pass the consortium's app-signing.pub "
+                             "(from the operator's `silotune certs --app-signing`), so that "
+                             "this silo runs only apps the operator signed; or, for a test "
+                             "federation only, --allow-unsigned-apps to run ANY app the "
+                             "coordinator sends next to this silo's data")
+        return
+    if settings.allow_unsigned_apps:
+        raise AgentError("--app-key and --allow-unsigned-apps exclude each other: pass one")
+    app_signing.load_public_key(settings.app_key)
 
 
 def wait_for_coordinator(settings: AgentSettings, log: Log = print) -> None:
@@ -154,11 +188,17 @@ def run(settings: AgentSettings, log: Log = print) -> int:
     log(f"[agent] silo {node.silo_id}: columns text={node.text_column!r} "
         f"label={node.label_column!r}, privacy unit {node.policy.privacy_unit!r}; "
         f"{describe_profile(node.profile)}")
+    log(f"[agent] silo {node.silo_id}: {describe_apps(settings)}")
     home = node.state_dir / "flwr"
     home.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(supernode_command(settings), env=flower_env(home),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    try:
+        proc = subprocess.Popen(supernode_command(settings),
+                                env=supernode_env(settings, home), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                preexec_fn=_die_with_parent(os.getpid()))
+    except subprocess.SubprocessError as err:
+        raise AgentError(f"could not start flower-supernode bound to this agent ({err}); "
+                         "the kernel refused prctl(PR_SET_PDEATHSIG)") from err
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         try:
@@ -166,7 +206,7 @@ def run(settings: AgentSettings, log: Log = print) -> int:
         except ProcessLookupError:
             pass
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     seen = _LogWatch()
     reader = threading.Thread(target=seen.follow, args=(proc.stdout,), daemon=True)
@@ -179,6 +219,44 @@ def run(settings: AgentSettings, log: Log = print) -> int:
     if code != 0 and seen.refused:
         raise AgentError(_refused_message(settings))
     return code
+
+
+def supernode_env(settings: AgentSettings, home: Path) -> dict[str, str]:
+    """Flower's environment for the SuperNode, with the app gate first on PATH when an
+    app key is pinned (its ``flwr-clientapp`` verifies every app before installing it)."""
+    env = flower_env(home)
+    if settings.app_key is not None:
+        gate = write_gate(settings.node.state_dir / GATE_DIR, settings.app_key)
+        env["PATH"] = os.pathsep.join([str(gate.resolve()), env["PATH"]])
+    return env
+
+
+def describe_apps(settings: AgentSettings) -> str:
+    """One line on which apps the silo runs, for the agent's log."""
+    if settings.app_key is None:
+        return ("runs ANY app the coordinator sends (--allow-unsigned-apps): no signature "
+                "is checked")
+    key = app_signing.load_public_key(settings.app_key)
+    return (f"runs only apps signed with app-signing key {app_signing.key_id(key)} "
+            f"({settings.app_key})")
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel SIGTERM the child when the agent dies, also
+    by SIGKILL (Linux only; elsewhere None). The fork happens in the agent's main thread,
+    which lives as long as the agent; libc is loaded before the fork, and a parent gone
+    before the call is caught by the pid check."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def arm() -> None:
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arm
 
 
 def describe_profile(profile: SiloProfile | None) -> str:

@@ -8,7 +8,13 @@ Creates, with `cryptography`:
   dial (a silo checks the name it connects to against them);
 - one node key pair per silo (``silos/<id>/node.key``, ``node.pub``): a NIST P-384 EC key
   in OpenSSH format, which is what Flower's SuperNode authentication expects
-  (``flower-supernode --auth-supernode-private-key``, ``flwr supernode register``).
+  (``flower-supernode --auth-supernode-private-key``, ``flwr supernode register``);
+- the consortium's app-signing key pair (``app-signing.key``, ``app-signing.pub``,
+  Ed25519; deploy/app_signing.py): the operator signs the app it submits with the
+  private half (``silotune run --app-key``), each silo pins the public half (``silotune
+  agent --app-key``) and runs no other app. Make it on the operator's own machine
+  (``--app-signing`` alone), not next to the coordinator's key: whoever holds it decides
+  what code runs next to every silo's data.
 
 Private keys are written with mode 0600 in folders of mode 0700. An existing file is
 never overwritten: it is kept and reported as such (delete it yourself to replace it).
@@ -30,12 +36,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from silotune.deploy.app_signing import new_key_pair
+
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 SERVER_CERT = "coordinator.crt"
 SERVER_KEY = "coordinator.key"
 NODE_KEY = "node.key"
 NODE_PUB = "node.pub"
+APP_SIGNING_KEY = "app-signing.key"
+APP_SIGNING_PUB = "app-signing.pub"
 VALID_DAYS = 825  # the longest lifetime browsers and most TLS stacks accept for a leaf
 
 
@@ -61,9 +71,10 @@ def silo_dir(out: Path, silo_id: str) -> Path:
 
 
 def create_material(out: Path, hosts: Sequence[str] = (), silos: Sequence[str] = (),
-                    ) -> CertsReport:
-    """Create the CA and coordinator certificate (when `hosts` are given) and one node key
-    pair per silo id in `silos`, under `out`; existing files are kept.
+                    app_signing: bool = False) -> CertsReport:
+    """Create the CA and coordinator certificate (when `hosts` are given), one node key
+    pair per silo id in `silos` and the app-signing key pair (when `app_signing`), under
+    `out`; existing files are kept.
 
     Raises
     ------
@@ -76,6 +87,8 @@ def create_material(out: Path, hosts: Sequence[str] = (), silos: Sequence[str] =
     if hosts:
         ca_key = _ensure_ca(out, report)
         _ensure_server_cert(out, hosts, ca_key, report)
+    if app_signing:
+        _ensure_app_signing(out, report)
     for silo in silos:
         if not silo or not all(c.isalnum() or c in "-_." for c in silo) or silo[0] == ".":
             raise CertsError(f"silo id {silo!r} must be a simple name (letters, digits, "
@@ -191,6 +204,16 @@ def _ensure_server_cert(out: Path, hosts: Sequence[str], ca_key: ec.EllipticCurv
             .sign(ca_key, hashes.SHA384()))
     _write(key_path, _pem_key(key), 0o600, report)
     _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644, report)
+
+
+def _ensure_app_signing(out: Path, report: CertsReport) -> None:
+    key_path, pub_path = out / APP_SIGNING_KEY, out / APP_SIGNING_PUB
+    if key_path.exists() or pub_path.exists():  # one half alone: never a mismatched pair
+        report.kept += [p for p in (key_path, pub_path) if p.exists()]
+        return
+    private, public = new_key_pair()
+    _write(key_path, private, 0o600, report)
+    _write(pub_path, public, 0o644, report)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -10,6 +10,7 @@ from typing import Any
 
 from silotune.client.node import NodeConfigError, NodeSettings
 from silotune.config import ConfigError
+from silotune.deploy.app_signing import AppSignatureError
 from silotune.deploy.certs import CertsError
 from silotune.deploy.connection import Connection, DeployError
 from silotune.ml.precision import PRECISIONS
@@ -48,15 +49,20 @@ def _connection_args(p: argparse.ArgumentParser) -> None:
 def add_deploy_parsers(sub: Any) -> None:
     """Add the certs, coordinator, agent and run sub-commands to `sub`."""
     c = sub.add_parser(
-        "certs", help="create the CA, the coordinator's TLS certificate and silo key pairs",
-        description="Create TLS and node-authentication material with safe permissions "
-        "(private keys 0600). Existing files are kept, never overwritten.")
+        "certs", help="create the CA, the coordinator's TLS certificate, silo key pairs and "
+        "the app-signing key pair",
+        description="Create TLS, node-authentication and app-signing material with safe "
+        "permissions (private keys 0600). Existing files are kept, never overwritten.")
     c.add_argument("--out", type=Path, required=True, help="folder for the material")
     c.add_argument("--host", action="append", default=[], metavar="NAME_OR_IP",
                    help="a host name or IP the silos dial to reach the coordinator "
                    "(repeat for several); creates the CA and coordinator certificate")
     c.add_argument("--silo", action="append", default=[], metavar="ID",
                    help="create silos/ID/node.key and node.pub (repeat for several)")
+    c.add_argument("--app-signing", action="store_true",
+                   help="create app-signing.key (the operator's, for `silotune run "
+                   "--app-key`; keep it off the coordinator) and app-signing.pub (for "
+                   "every silo's `silotune agent --app-key`)")
 
     co = sub.add_parser(
         "coordinator", help="start the coordinator service (Flower SuperLink with TLS, node "
@@ -91,6 +97,12 @@ def add_deploy_parsers(sub: Any) -> None:
         "(with retries and backoff) before starting the Flower SuperNode.")
     _connection_args(a)
     a.add_argument("--key", type=Path, help="the silo's node private key (node.key)")
+    a.add_argument("--app-key", type=Path, metavar="APP_SIGNING_PUB",
+                   help="the consortium's app-signing.pub: the silo runs only apps signed "
+                   "with it (required unless --allow-unsigned-apps)")
+    a.add_argument("--allow-unsigned-apps", action="store_true",
+                   help="run ANY app the coordinator sends, next to the silo's data (test "
+                   "federations only)")
     a.add_argument("--silo-id", required=True, help="the silo's name in metrics and ledgers")
     a.add_argument("--data", type=Path, required=True,
                    help="the silo's private training data (.jsonl/.json/.csv/.parquet)")
@@ -153,6 +165,12 @@ def add_deploy_parsers(sub: Any) -> None:
                    help="continue the run whose checkpoint is in OUT/checkpoint")
     r.add_argument("--app", type=Path, help="the silotune app folder (default: this "
                    "checkout)")
+    r.add_argument("--app-key", type=Path, metavar="APP_SIGNING_KEY",
+                   help="the operator's app-signing.key: the app is signed with it, as the "
+                   "agents require (required unless --unsigned)")
+    r.add_argument("--unsigned", action="store_true",
+                   help="submit the app unsigned (only agents started with "
+                   "--allow-unsigned-apps run it)")
 
 
 def run_deploy_job(args: argparse.Namespace) -> int:
@@ -160,7 +178,8 @@ def run_deploy_job(args: argparse.Namespace) -> int:
     exit status 2."""
     try:
         return DEPLOY_JOBS[args.job](args)
-    except (DeployError, CertsError, NodeConfigError, ConfigError, ProfileError) as err:
+    except (DeployError, CertsError, AppSignatureError, NodeConfigError, ConfigError,
+            ProfileError) as err:
         print(f"silotune {args.job}: error: {err}", file=sys.stderr)
         return 2
 
@@ -168,10 +187,11 @@ def run_deploy_job(args: argparse.Namespace) -> int:
 def _certs(args: argparse.Namespace) -> int:
     from silotune.deploy.certs import create_material
 
-    if not args.host and not args.silo:
+    if not args.host and not args.silo and not args.app_signing:
         raise CertsError("nothing to create: pass --host NAME_OR_IP (CA and coordinator "
-                         "certificate) and/or --silo ID (a silo's node key pair)")
-    for line in create_material(args.out, args.host, args.silo).lines():
+                         "certificate), --silo ID (a silo's node key pair) and/or "
+                         "--app-signing (the operator's app-signing key pair)")
+    for line in create_material(args.out, args.host, args.silo, args.app_signing).lines():
         print(line)
     return 0
 
@@ -200,7 +220,8 @@ def _agent(args: argparse.Namespace) -> int:
     settings = AgentSettings(
         connection=Connection(args.coordinator, args.ca, args.insecure), key=args.key,
         node=node, max_attempts=max(1, args.max_attempts), backoff_seconds=args.backoff,
-        runtime_port=args.runtime_port)
+        runtime_port=args.runtime_port, app_key=args.app_key,
+        allow_unsigned_apps=args.allow_unsigned_apps)
     return run(settings, lambda line: print(line, flush=True))
 
 
@@ -213,8 +234,16 @@ def declared_profile(args: argparse.Namespace) -> SiloProfile | None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from silotune.deploy.app_signing import load_private_key
     from silotune.deploy.submit import build_config, submit
 
+    if args.app_key is not None and args.unsigned:
+        raise DeployError("--app-key and --unsigned exclude each other: pass one")
+    if args.app_key is None and not args.unsigned:
+        raise DeployError("--app-key is required: pass app-signing.key (from `silotune "
+                          "certs --app-signing`), since agents run only apps signed with "
+                          "it; or --unsigned, for agents started with --allow-unsigned-apps")
+    signing_key = None if args.app_key is None else load_private_key(args.app_key)
     overrides: dict[str, Any] = {}
     for item in args.config:
         key, sep, value = item.partition("=")
@@ -225,7 +254,8 @@ def _run(args: argparse.Namespace) -> int:
     if not cfg.private:
         print("[run] NON-PRIVATE run (target-epsilon = inf): no DP guarantee for any silo "
               "that follows the run's target", flush=True)
-    code = submit(cfg, Connection(args.coordinator, args.ca, args.insecure), args.app)
+    code = submit(cfg, Connection(args.coordinator, args.ca, args.insecure), args.app,
+                  signing_key)
     print(f"[run] flwr run exited with {code}; results in {cfg.out_dir} on the coordinator",
           file=sys.stderr if code else sys.stdout)
     return code

@@ -47,7 +47,7 @@ class Consortium:
         self.root, self.model, self.dataset = root, model, dataset
         self.certs = root / "certs"
         made = silotune("certs", "--out", str(self.certs), "--host", "127.0.0.1",
-                        *[f"--silo={s}" for s in (*SILOS, "stranger")])
+                        "--app-signing", *[f"--silo={s}" for s in (*SILOS, "stranger")])
         assert made.returncode == 0, made.stderr
         for i, silo in enumerate(SILOS):
             toy_frame(60, seed=i + 1).to_json(root / f"{silo}.jsonl", orient="records",
@@ -77,6 +77,7 @@ class Consortium:
         return ["agent", "--coordinator", address or self.address,
                 "--ca", str(ca or self.certs / "ca.crt"),
                 "--key", str(self.certs / "silos" / (key or silo) / "node.key"),
+                "--app-key", str(self.certs / "app-signing.pub"),
                 "--silo-id", silo, "--data", str(self.root / f"{silo}.jsonl"),
                 "--state-dir", str(self.root / "silo-state" / silo),
                 "--epsilon", "inf", "--delta", "1e-5",  # the silos follow each run's target
@@ -94,7 +95,8 @@ class Consortium:
                     "lora-ranks": "4,2", "test-size": "30", "round-timeout": "300"}
         settings.update(dict(c.split("=", 1) for c in config))
         return ["run", "--coordinator", self.address, "--ca", str(self.certs / "ca.crt"),
-                "--out", str(out), *[f"--config={k}={v}" for k, v in settings.items()]]
+                "--app-key", str(self.certs / "app-signing.key"), "--out", str(out),
+                *[f"--config={k}={v}" for k, v in settings.items()]]
 
     def kill_coordinator_after(self, out: Path, round_: int, run: Process) -> dict:
         """Stop the coordinator once `round_` is checkpointed; restart it; return the

@@ -1,33 +1,47 @@
 """The sovereign silo, with real processes on 127.0.0.1: a `silotune coordinator`
 (flower-superlink, TLS + node authentication), two `silotune agent` silos
-(flower-supernode) whose operators set their own privacy policy, and `silotune run`
-(flwr run) submissions, on the tiny random Llama from conftest.
+(flower-supernode) whose operators set their own privacy policy and pin the consortium's
+app-signing key, and signed `silotune run` (flwr run) submissions, on the tiny random
+Llama from conftest.
 
 Each silo's policy: epsilon <= 8 over its life, delta 1e-5, at most 20 DP-SGD steps per
 federation, at most one FedPipe importance query ever (and a full resource profile).
 One consortium serves the module; tests run in file order:
 
-1. an agent without --epsilon or --delta does not start;
-2. runs asking for more than the policy allows (a non-private target, a looser delta,
+1. an agent without --epsilon, --delta or --app-key does not start;
+2. a foreign app submitted to the coordinator without the consortium's signature (one
+   that would write into each silo's state folder and read its data) is refused by
+   every agent: none of its code is installed or imported, its ServerApp gets the
+   refusal as each silo's reply;
+3. runs asking for more than the policy allows (a non-private target, a looser delta,
    more steps) are refused by every silo in every round, with the reason recorded in
    metrics.json, and nothing is trained: the ledgers stay empty;
-3. a FedPipe run within policy gets its importance query answered (one "importance"
+4. a FedPipe run within policy gets its importance query answered (one "importance"
    entry per ledger) and trains; a second FedPipe run's importance query is refused by
    both silos, and the ledgers still hold one "importance" entry each;
-4. `silotune audit` verifies both ledgers, each within the silo's epsilon of 8.
+5. `silotune audit` verifies both ledgers, each within the silo's epsilon of 8, and the
+   agents ran the signed app after verifying it;
+6. an agent killed with SIGKILL leaves no process of its SuperNode behind.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 
+from silotune.client.node import DATA_PATH, STATE_DIR
+from silotune.deploy.submit import app_dir
+from silotune.deploy.verified_clientapp import REFUSED
 from tests.conftest import toy_frame
-from tests.integration.deployment import Process, free_port, silotune
+from tests.integration.deployment import Process, free_port, silotune, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +69,7 @@ class SovereignConsortium:
         """Certificates, silo data, the coordinator, the silos' registration, the agents
         (each online: registered with the coordinator)."""
         made = silotune("certs", "--out", str(self.certs), "--host", "127.0.0.1",
-                        *[f"--silo={s}" for s in SILOS])
+                        "--app-signing", *[f"--silo={s}" for s in SILOS])
         assert made.returncode == 0, made.stderr
         for i, silo in enumerate(SILOS):
             toy_frame(60, seed=i + 1).to_json(self.root / f"{silo}.jsonl",
@@ -76,12 +90,16 @@ class SovereignConsortium:
     def agent_args(self, silo: str) -> list[str]:
         return ["agent", "--coordinator", self.address, "--ca", str(self.certs / "ca.crt"),
                 "--key", str(self.certs / "silos" / silo / "node.key"),
+                "--app-key", str(self.certs / "app-signing.pub"),
                 "--silo-id", silo, "--data", str(self.root / f"{silo}.jsonl"),
                 "--state-dir", str(self.root / "silo-state" / silo),
                 *POLICY, *PROFILE, "--runtime-port", str(free_port())]
 
+    def state_dir(self, silo: str) -> Path:
+        return self.root / "silo-state" / silo
+
     def ledger_path(self, silo: str) -> Path:
-        return self.root / "silo-state" / silo / "ledger.jsonl"
+        return self.state_dir(silo) / "ledger.jsonl"
 
     def ledger_bytes(self) -> dict[str, bytes]:
         """Each silo's ledger file as bytes (b"" when there is none)."""
@@ -105,6 +123,7 @@ class SovereignConsortium:
         out = self.root / name
         done = silotune("run", "--coordinator", self.address,
                         "--ca", str(self.certs / "ca.crt"), "--out", str(out),
+                        "--app-key", str(self.certs / "app-signing.key"),
                         *[f"--config={k}={v}" for k, v in settings.items()],
                         timeout=RUN_TIMEOUT)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -134,11 +153,87 @@ def _without(args: list[str], flag: str) -> list[str]:
     return args[:i] + args[i + 2:]
 
 
-@pytest.mark.parametrize("flag", ["--epsilon", "--delta"])
-def test_an_agent_without_its_privacy_policy_does_not_start(consortium, flag):
+@pytest.mark.parametrize("flag", ["--epsilon", "--delta", "--app-key"])
+def test_an_agent_without_its_privacy_policy_or_app_key_does_not_start(consortium, flag):
     started = silotune(*_without(consortium.agent_args("a"), flag), timeout=120)
     assert started.returncode == 2
     assert "required" in started.stderr and flag in started.stderr, started.stderr
+
+
+# The ClientApp a stranger would like every silo to run: it marks its import, writes into
+# the silo's state folder and returns the silo's first raw record.
+FOREIGN_CLIENT = """\
+from pathlib import Path
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+Path({markers!r}, "imported").touch()
+app = ClientApp()
+
+@app.query()
+def steal(msg: Message, context: Context) -> Message:
+    Path(str(context.node_config[{state!r}]), "foreign-app-ran").write_text("ran")
+    first = Path(str(context.node_config[{data!r}])).read_text().splitlines()[0]
+    return Message(RecordDict({{"loot": ConfigRecord({{"first": first}})}}), reply_to=msg)
+"""
+FOREIGN_SERVER = """\
+import json
+from pathlib import Path
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    asks = [Message(RecordDict(), dst_node_id=n, message_type="query")
+            for n in grid.get_node_ids()]
+    replies = grid.send_and_receive(asks, timeout=240)
+    Path({report!r}).write_text(json.dumps(
+        [r.error.reason if r.has_error() else "content" for r in replies]))
+"""
+
+
+def _foreign_app(root: Path, markers: Path, report: Path) -> Path:
+    """A 20-line app under its own name, whose run config has silotune's keys, so that
+    the operator's own `silotune run --unsigned --app` submits it."""
+    ours = tomllib.loads((app_dir() / "pyproject.toml").read_text())
+    app = root / "outsider"
+    (app / "outsider").mkdir(parents=True)
+    (app / "pyproject.toml").write_text(tomli_w.dumps({
+        "project": {"name": "outsider", "version": "1.0.0"},
+        "tool": {"flwr": {"app": {
+            "publisher": "outsider",
+            "components": {"serverapp": "outsider.server:app",
+                           "clientapp": "outsider.client:app"},
+            "config": ours["tool"]["flwr"]["app"]["config"]}}}}))
+    (app / "outsider" / "__init__.py").write_text("")
+    (app / "outsider" / "client.py").write_text(FOREIGN_CLIENT.format(
+        markers=str(markers), state=STATE_DIR, data=DATA_PATH))
+    (app / "outsider" / "server.py").write_text(FOREIGN_SERVER.format(report=str(report)))
+    return app
+
+
+def test_an_unsigned_app_is_refused_by_every_silo(consortium, tmp_path):
+    markers, report = tmp_path / "markers", tmp_path / "replies.json"
+    markers.mkdir()
+    app = _foreign_app(tmp_path, markers, report)
+    done = silotune("run", "--coordinator", consortium.address,
+                    "--ca", str(consortium.certs / "ca.crt"), "--unsigned", "--app", str(app),
+                    "--out", str(tmp_path / "out"), timeout=RUN_TIMEOUT)
+    assert report.exists(), done.stdout[-3000:] + done.stderr[-3000:]
+
+    reasons = json.loads(report.read_text())
+    assert len(reasons) == len(SILOS), reasons  # every silo answered, each with a refusal
+    for reason in reasons:
+        assert "AppSignatureError" in reason and "carries no" in reason, reason
+    assert list(markers.iterdir()) == []  # the ClientApp module was never imported
+    for silo, agent in consortium.agents.items():
+        assert not (consortium.state_dir(silo) / "foreign-app-ran").exists()
+        installed = consortium.state_dir(silo) / "flwr" / "apps"
+        assert not any(p.name.startswith("outsider.") for p in
+                       (installed.iterdir() if installed.exists() else ())), silo
+        assert f"{REFUSED} (FAB " in agent.log(), f"{silo} logged no refusal"
 
 
 @pytest.mark.parametrize(("config", "refused"), [
@@ -193,6 +288,7 @@ def test_an_importance_query_is_answered_once_in_a_silos_life(consortium):
 
 def test_the_ledgers_verify_within_the_silos_epsilon(consortium):
     for silo in SILOS:
+        assert "[silotune] app " in consortium.agents[silo].log()  # verified, then ran
         audit = silotune("audit", str(consortium.ledger_path(silo)), timeout=300)
         assert audit.returncode == 0, audit.stdout + audit.stderr
         entries = consortium.ledger(silo)
@@ -200,3 +296,33 @@ def test_the_ledgers_verify_within_the_silos_epsilon(consortium):
         assert [e["seq"] for e in entries] == list(range(len(entries)))
         assert all(e["epsilon_limit"] == POLICY_EPSILON for e in entries)
         assert entries[-1]["epsilon"] <= POLICY_EPSILON
+
+
+def _process_group(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group `pgid`, from /proc."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # not a process, or gone meanwhile
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_a_sigkilled_agent_leaves_no_supernode(consortium):
+    agent = consortium.agents["b"]
+    (supernode,) = _children(agent.proc.pid)  # the agent's one child, in its own group
+    assert "flower-supernode" in Path(f"/proc/{supernode}/cmdline").read_text()
+    assert os.getpgid(supernode) == supernode
+    wait_until(lambda: len(_process_group(supernode)) >= 2, 60,
+               "the SuperNode's SuperExec")  # the group holds more than the SuperNode
+    agent.stop(signal.SIGKILL)
+    wait_until(lambda: not _process_group(supernode), 120,
+               "the SuperNode's process group to exit with its agent")
+    assert _process_group(supernode) == []
