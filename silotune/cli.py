@@ -10,6 +10,7 @@ import argparse
 import importlib.metadata
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from silotune.cli_flags import (
@@ -166,6 +167,12 @@ def _simulate(args: argparse.Namespace, cfg: RunConfig) -> int:
     out = Path(cfg.out_dir)
     prepare_out_dir(out, resume=cfg.resume, new_budget=args.new_budget, mode=cfg.mode,
                     emit=print)  # before model loading and Ray
+    from silotune.ml.assets import resolve_model
+    from silotune.ml.targets import resolve_targets_of
+
+    # a wrong --lora-targets fails here in one line, not in the coordinator's thread
+    cfg = replace(cfg, lora_targets=resolve_targets_of(resolve_model(cfg.model),
+                                                       cfg.lora_targets))
     print(f"[config] {summary(cfg)} (every setting: {out / 'config.json'})")
     from silotune.server.report import format_summary_table
     from silotune.simulations.launcher import simulate
@@ -296,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(args.job, err)
     from silotune.adapters.types import AdapterError
     from silotune.ml.assets import AssetError
+    from silotune.ml.targets import TargetError
     from silotune.planning.configurator import InfeasibleProfileError
     from silotune.privacy.accounting import BudgetExhausted
     from silotune.strategies import UnknownStrategyError
@@ -307,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _audit_empirical(args) if args.empirical else _audit(args)
         return _plan(args, argv)
     except (InputError, ConfigError, UnknownStrategyError, AssetError, AdapterError,
-            BudgetExhausted, InfeasibleProfileError) as err:
+            BudgetExhausted, InfeasibleProfileError, TargetError) as err:
         return fail(args.job, err)
 
 

@@ -52,7 +52,7 @@ class RunConfig:
     learning_rate: float = 1e-2
     lora_ranks: tuple[int, ...] = (8, 4, 8, 4)
     lora_alpha_per_rank: float = 2.0
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_targets: tuple[str, ...] = ("auto",)  # the model's attention projections
     target_epsilon: float = 8.0
     target_delta: float = 1e-5
     max_grad_norm: float = 1.0

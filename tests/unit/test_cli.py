@@ -326,3 +326,17 @@ def test_bad_input_is_one_line_naming_the_flag(tmp_path, tiny_model_dir, toy_dat
         assert len(lines) == 1 and expected in lines[0], (argv, proc.stderr)
         assert "Traceback" not in proc.stderr + proc.stdout
     assert "empty" in _silotune("simulate", *data, str(empty), cwd=tmp_path).stderr
+
+
+def test_lora_targets_auto_is_resolved_and_a_wrong_name_lists_the_modules(
+        capsys, tmp_path, simulate_calls, tiny_run):
+    code, text = _run(capsys, "simulate", *tiny_run, "--silos", "2", "--out",
+                      str(tmp_path / "a"))
+    assert code == 0, text
+    assert [c.lora_targets for c in simulate_calls] == [("q_proj", "v_proj")]
+    assert "lora-targets=q_proj,v_proj" in text  # named in the printed config
+    code, text = _run(capsys, "simulate", *tiny_run, "--lora-targets", "c_attn", "--out",
+                      str(tmp_path / "b"))
+    assert code == 2 and len(simulate_calls) == 1
+    assert "--lora-targets" in text and "named c_attn" in text
+    assert "k_proj, lm_head, o_proj, q_proj" in text
