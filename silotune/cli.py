@@ -177,7 +177,7 @@ def _simulate(args: argparse.Namespace, cfg: RunConfig) -> int:
     from silotune.server.report import format_summary_table
     from silotune.simulations.launcher import simulate
 
-    metrics = simulate(cfg, ray_address=args.ray_address)
+    metrics = simulate(cfg, progress=_say, ray_address=args.ray_address)
     print()
     if cfg.mode == "crosslm":
         from silotune.server.crosslm import format_crosslm_table
@@ -187,6 +187,15 @@ def _simulate(args: argparse.Namespace, cfg: RunConfig) -> int:
         print(format_summary_table(metrics))
     print(f"\nwrote {out / 'metrics.json'}, {out / 'report.html'}, {out / 'ledgers'}/")
     return 0
+
+
+def _say(line: str) -> None:
+    """Print a run's progress line on stdout, above the rounds bar when one is drawn
+    (tqdm clears the bar, prints, redraws it): never onto the bar's line."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
 
 
 def _report(run_dir: Path) -> int:

@@ -340,3 +340,23 @@ def test_lora_targets_auto_is_resolved_and_a_wrong_name_lists_the_modules(
     assert code == 2 and len(simulate_calls) == 1
     assert "--lora-targets" in text and "named c_attn" in text
     assert "k_proj, lm_head, o_proj, q_proj" in text
+
+
+def test_progress_lines_go_above_the_bar_never_onto_its_line(monkeypatch):
+    """On a terminal (stdout and stderr on one screen) a run's line clears the bar's line
+    first (a carriage return), then the bar is drawn again below it."""
+    import io
+
+    from tqdm import tqdm
+
+    from silotune.cli import _say
+
+    screen = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", screen)
+    monkeypatch.setattr(sys, "stderr", screen)
+    with tqdm(total=3, desc="rounds", file=sys.stderr) as bar:
+        bar.update(1)
+        _say("[round 1/3] accuracy 0.5")
+        before, _, after = screen.getvalue().partition("[round 1/3] accuracy 0.5\n")
+    assert "rounds" in before and before.endswith("\r")  # the bar's line was cleared
+    assert "rounds" in after  # and redrawn under the line

@@ -3,6 +3,7 @@ the linear modules there are. Tiny GPT-2 (Conv1D c_attn, no q_proj) and tiny Lla
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -76,8 +77,10 @@ def test_gpt2_trains_and_merges_with_auto_targets(tiny_gpt2_dir):
     examples = [encode(tok, t, lab) for t, lab in zip(df.text, df.label, strict=True)]
     cfg = LocalTrainConfig(rank=2, alpha=4.0, targets=targets, local_steps=2, batch_size=8,
                            physical_batch_size=8, learning_rate=1e-2, init_seed=0)
-    result = train_local(model, examples, tok.pad_token_id, cfg,
-                         dp=DPConfig(noise_multiplier=0.5, max_grad_norm=1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. PEFT's fan_in_fan_out notice for Conv1D
+        result = train_local(model, examples, tok.pad_token_id, cfg,
+                             dp=DPConfig(noise_multiplier=0.5, max_grad_norm=1.0))
     assert result.liveness > 0
     assert {k.split(".")[-2] for k in result.adapter} == {"lora_A", "lora_B"}
     assert all(".c_attn." in k for k in result.adapter)
