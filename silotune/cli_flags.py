@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import math
 import re
 import sys
 import tomllib
@@ -91,14 +90,6 @@ def valid_names(name: str) -> list[str] | None:
     return list(setting.choices) or None
 
 
-def _shown(value: Any) -> str:
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    return "''" if value == "" else str(value)
-
-
 _METAVARS = {int: "N", float: "X"}
 
 
@@ -114,14 +105,16 @@ def add_setting_flags(parser: argparse.ArgumentParser | Any,
         raise RuntimeError(f"RunConfig fields without a Setting in silotune/config.py: "
                            f"{', '.join(missing)}")
     defaults = RunConfig()
+    written = defaults.to_flower()  # the defaults as Flower's run config writes them
     for name in names:
         setting, default = SETTINGS[name], getattr(defaults, name)
         names_text = ""
         if setting.registry:
             shown = [n for n in REGISTRIES[setting.registry]() if n]
             names_text = f": {', '.join(shown)}"
+        default_text = str(written[flower_key(name)]) or "off"
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS,
-                                  "help": f"{setting.help}{names_text} ({_shown(default)})"}
+                                  "help": f"{setting.help}{names_text} ({default_text})"}
         if isinstance(default, bool):
             kwargs["action"] = "store_true"
         else:
@@ -190,6 +183,10 @@ class Sources:
                     return option
         return None
 
+    def given(self, name: str) -> bool:
+        """Whether the user set field `name` (by a flag or in the ``--config`` file)."""
+        return self.flag_used(name) is not None or name in self.file_keys
+
     def name(self, name: str) -> str:
         """Field `name` as the user knows it: the flag given, the file key, or the flag."""
         if flag := self.flag_used(name):
@@ -241,11 +238,6 @@ def run_config(args: argparse.Namespace, argv: Sequence[str]) -> tuple[RunConfig
             raise InputError(f"{sources.name(name)} {getattr(cfg, name)!r} is unknown; "
                              f"valid: {listed}")
     return cfg, sources
-
-
-def explicit(sources: Sources) -> Callable[[str], bool]:
-    """Whether the user set field `name` (by a flag or in the ``--config`` file)."""
-    return lambda name: sources.flag_used(name) is not None or name in sources.file_keys
 
 
 def summary(cfg: RunConfig) -> str:
@@ -302,7 +294,7 @@ def check_inputs(cfg: RunConfig, sources: Sources,
     if held_out < cfg.test_size:
         why = (f"{cfg.dataset} has {rows} rows and can hold out at most {held_out} (half "
                "the rows, from labels with 2 or more rows)")
-        if explicit(sources)("test_size"):
+        if sources.given("test_size"):
             raise InputError(f"{name('test_size')} {cfg.test_size}: {why}; use "
                              f"{name('test_size')} {held_out} or less")
         emit(f"[data] held-out size {held_out}, not the default test-size {cfg.test_size}: "
