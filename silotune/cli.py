@@ -17,10 +17,12 @@ from silotune.cli_flags import (
     FIELDS,
     InputError,
     OneLineParser,
+    Sources,
     add_config_flag,
     add_setting_flags,
     check_inputs,
     fail,
+    in_user_terms,
     run_config,
     summary,
 )
@@ -325,7 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _plan(args, argv)
     except (InputError, ConfigError, UnknownStrategyError, AssetError, AdapterError,
             BudgetExhausted, InfeasibleProfileError, TargetError) as err:
-        return fail(args.job, err)
+        if args.job == "audit":
+            return fail(args.job, err)
+        return fail(args.job, in_user_terms(str(err), Sources(argv)))  # settings as flags
 
 
 if __name__ == "__main__":

@@ -247,7 +247,7 @@ def summary(cfg: RunConfig) -> str:
     return " ".join(changed) if changed else "all defaults"
 
 
-def fail(job: str, err: Exception) -> int:
+def fail(job: str, err: Exception | str) -> int:
     """Print `err` as the one-line error of `job`; the exit status 2."""
     print(f"silotune {job}: error: {err}", file=sys.stderr)
     return 2
