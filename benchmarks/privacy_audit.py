@@ -25,6 +25,7 @@ from silotune.config import RunConfig
 from silotune.ml.assets import resolve_model
 from silotune.ml.dp_sgd import DPConfig
 from silotune.ml.lm import encode, load_model
+from silotune.ml.targets import resolve_targets
 from silotune.ml.train import LocalTrainConfig
 from silotune.privacy.canary_audit import empirical_audit
 from silotune.simulations.federation import federated_task
@@ -50,7 +51,8 @@ def main() -> None:
                                                           strict=True)]
     rank = run.rank_of(args.silo_index)
     cfg = LocalTrainConfig(rank=rank, alpha=run.lora_alpha_per_rank * rank,
-                           targets=run.lora_targets, local_steps=args.steps,
+                           targets=resolve_targets(model, run.lora_targets),
+                           local_steps=args.steps,
                            batch_size=run.batch_size, physical_batch_size=run.batch_size,
                            learning_rate=run.learning_rate, init_seed=run.seed)
     rows: list[dict[str, object]] = [{

@@ -36,6 +36,7 @@ from silotune.ml.assets import resolve_model
 from silotune.ml.dp_sgd import DPConfig, sample_rate_for
 from silotune.ml.lm import encode, evaluate, load_model
 from silotune.ml.merge import apply_update
+from silotune.ml.targets import resolve_targets
 from silotune.ml.train import LocalTrainConfig, train_local
 from silotune.simulations.federation import federated_task
 
@@ -69,7 +70,8 @@ def train_alone(cfg: RunConfig, frame: pd.DataFrame, dp: bool, out: Path) -> flo
                                                           strict=True)]
     steps = cfg.rounds * cfg.local_steps
     local = LocalTrainConfig(rank=max(cfg.lora_ranks), alpha=cfg.lora_alpha_per_rank
-                             * max(cfg.lora_ranks), targets=cfg.lora_targets,
+                             * max(cfg.lora_ranks),
+                             targets=resolve_targets(model, cfg.lora_targets),
                              local_steps=steps, batch_size=cfg.batch_size,
                              physical_batch_size=cfg.physical_batch_size,
                              learning_rate=cfg.learning_rate, init_seed=cfg.seed)

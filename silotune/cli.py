@@ -7,144 +7,73 @@ audit (auditor / DPO), certs (all), report (rebuild a run's report).
 from __future__ import annotations
 
 import argparse
-import math
+import importlib.metadata
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
+from silotune.cli_flags import (
+    FIELDS,
+    InputError,
+    OneLineParser,
+    Sources,
+    add_config_flag,
+    add_setting_flags,
+    check_inputs,
+    fail,
+    in_user_terms,
+    run_config,
+    summary,
+)
 from silotune.config import ConfigError, RunConfig
 
 _DEFAULTS = RunConfig()
-
-
-def _epsilon(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"epsilon must be a number or 'inf', got {text!r}") from None
-    if math.isnan(value) or value <= 0:
-        raise argparse.ArgumentTypeError(
-            f"epsilon must be > 0 (or 'inf' for a non-private run), got {text}")
-    return value
+# Settings shown in their own groups of `silotune simulate --help`.
+_CROSSLM = ("mode", "slm", "slm_steps", "slm_learning_rate", "crosslm_per_label",
+            "crosslm_threshold", "crosslm_weighting", "llm_steps", "llm_learning_rate",
+            "max_new_tokens")
+_FEDPIPE = ("profiles", "plan_mode", "calibration_steps", "calibration_batch")
+_GROUPED = {*_CROSSLM, *_FEDPIPE, "resume"}  # resume: --resume of simulations/outdir.py
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="silotune",
         description="Federated, differentially private LoRA fine-tuning across data silos.")
+    p.add_argument("--version", action="version",
+                   version=f"silotune {importlib.metadata.version('silotune')}")
     sub = p.add_subparsers(dest="job", metavar="JOB")
 
     s = sub.add_parser("simulate", help="simulate many silos on one machine (Flower + Ray)",
                        description="Run a federation of simulated silos on this machine. "
                        "With no arguments: SmolLM2-135M-Instruct, ICD-10-CM chapter "
                        "classification, 4 hospital silos (non-IID), FLoRA, DP-SGD at "
-                       "epsilon 8.")
-    d = _DEFAULTS
-    s.add_argument("--silos", type=int, default=d.num_silos, help="number of silos (%(default)s)")
-    s.add_argument("--rounds", type=int, default=d.rounds, help="federated rounds (%(default)s)")
-    from silotune import strategies
-
-    s.add_argument("--strategy", default=d.strategy,
-                   help=f"aggregation rule: {', '.join(strategies.available())} (%(default)s)")
-    s.add_argument("--model", default=d.model,
-                   help="registered model name or a transformers causal-LM folder (%(default)s)")
-    s.add_argument("--dataset", default=d.dataset,
-                   help="registered dataset or a .jsonl/.csv/.parquet file (%(default)s)")
-    s.add_argument("--text-column", default=d.text_column, help="text column (%(default)s)")
-    s.add_argument("--label-column", default=d.label_column, help="label column (%(default)s)")
-    s.add_argument("--epsilon", type=_epsilon, default=d.target_epsilon,
-                   help="each silo's total epsilon budget; 'inf' = non-private (%(default)s)")
-    s.add_argument("--delta", type=float, default=d.target_delta, help="DP delta (%(default)s)")
-    s.add_argument("--fraction", type=float, default=d.fraction_train,
-                   help="fraction of silos sampled per round (%(default)s)")
-    s.add_argument("--local-steps", type=int, default=d.local_steps,
-                   help="local optimiser steps per round (%(default)s)")
-    s.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="expected (Poisson) batch size (%(default)s)")
-    s.add_argument("--lr", type=float, default=d.learning_rate, help="learning rate (%(default)s)")
-    s.add_argument("--ranks", default=",".join(map(str, d.lora_ranks)),
-                   help="LoRA ranks, cycled over the silos (%(default)s)")
-    s.add_argument("--wire-dtype", choices=("fp16", "fp32"), default=d.wire_dtype,
-                   help="float type of adapters on the wire (%(default)s)")
-    s.add_argument("--compress", type=float, default=d.upload_density, metavar="DENSITY",
-                   help="keep this fraction of each uploaded adapter's changes, as signs "
-                   "and one scale per tensor (ComPEFT-style); 1 = off (%(default)s)")
-    s.add_argument("--max-update-norm", type=float, default=d.max_update_norm,
-                   help="exclude replies whose update norm ||s B A|| exceeds this "
-                   "(%(default)s)")
-    from silotune.simulations.partition import PARTITIONERS
-
-    s.add_argument("--partition", default=d.partition, choices=sorted(PARTITIONERS),
-                   help="how the training rows are split over silos: dirichlet (label "
-                   "skew), iid, natural (whole label groups, e.g. ICD chapters, per silo), "
-                   "size (silo sizes skewed) (%(default)s)")
-    s.add_argument("--alpha", type=float, default=d.dirichlet_alpha,
-                   help="Dirichlet concentration of the dirichlet and size partitions; "
-                   "small = strong skew (%(default)s)")
+                       "epsilon 8. Every setting is a flag named as its key in "
+                       "[tool.flwr.app.config] (pyproject.toml), the key of a --config file "
+                       "and of `flwr run --run-config`; older short names (--silos, "
+                       "--rounds, --epsilon, --lr, ...) still work.")
+    add_config_flag(s)
+    add_setting_flags(s, [n for n in FIELDS if n not in _GROUPED])
     s.add_argument("--ray-address", metavar="HOST:PORT",
                    help="run the silos on this existing Ray cluster (started with `ray "
                    "start --head`) instead of a private Ray on this machine")
-    s.add_argument("--client-dp-noise", type=float, default=d.client_dp_noise, metavar="Z",
-                   help="client-level DP (DP-FedAvg, unit = one silo): noise multiplier of "
-                   "the coordinator's Gaussian noise; 0 = off (%(default)s)")
-    s.add_argument("--client-dp-clip", type=float, default=d.client_dp_clip, metavar="C",
-                   help="client-level DP: clip norm of each silo's update ||s B A|| "
-                   "(%(default)s)")
-    s.add_argument("--test-size", type=int, default=d.test_size,
-                   help="held-out examples for evaluation (%(default)s)")
-    s.add_argument("--seed", type=int, default=d.seed,
-                   help="public seed: data split, silo sampling, LoRA init; never DP noise")
-    s.add_argument("--dp-noise-seed", type=int, default=d.dp_noise_seed, metavar="N",
-                   help="seed the simulated silos' DP noise from N, so that two runs "
-                   "differ only by what you changed (research comparisons; the ledgers "
-                   "record it, and the noise is predictable to anyone who knows N); -1 = "
-                   "OS-seeded noise, as in every deployment (%(default)s)")
-    s.add_argument("--out", default=d.out_dir, help="output folder (%(default)s)")
     from silotune.simulations.outdir import add_out_dir_arguments
 
-    add_out_dir_arguments(s)  # --resume, --new-budget
-    c = s.add_argument_group("CrossLM mode (--mode crosslm)")
-    c.add_argument("--mode", choices=("lora", "crosslm"), default=d.mode,
-                   help="lora: federated LoRA; crosslm: central LLM (--model) and silo "
-                   "SLMs (--slm) improve each other through scored synthetic data "
-                   "(%(default)s)")
-    c.add_argument("--slm", default=d.slm,
-                   help="silo small model: registered name or encoder folder (%(default)s)")
-    c.add_argument("--slm-steps", type=int, default=d.slm_steps,
-                   help="DP-SGD steps per SLM training (%(default)s)")
-    c.add_argument("--slm-lr", type=float, default=d.slm_learning_rate,
-                   help="SLM learning rate (%(default)s)")
-    c.add_argument("--per-label", type=int, default=d.crosslm_per_label,
-                   help="synthetic examples per label per round; 0 = SLMs on private "
-                   "data alone (%(default)s)")
-    c.add_argument("--threshold", type=float, default=d.crosslm_threshold,
-                   help="keep synthetic examples with feedback >= this (%(default)s)")
-    c.add_argument("--weighting", choices=("feedback", "uniform"), default=d.crosslm_weighting,
-                   help="LLM update weights: SLM feedback, or uniform (ablation) (%(default)s)")
-    c.add_argument("--llm-steps", type=int, default=d.llm_steps,
-                   help="LoRA steps of the central LLM per round (%(default)s)")
-    c.add_argument("--llm-lr", type=float, default=d.llm_learning_rate,
-                   help="LLM learning rate (%(default)s)")
-    c.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
-                   help="tokens per generated example (%(default)s)")
-    _fedpipe_arguments(s)
-    s.add_argument("--precision", default=d.base_precision,
-                   help="base precision of every silo's training copy when --profiles is "
-                   "off: fp32 or bf16 (%(default)s)")
+    add_out_dir_arguments(s)  # --resume (the `resume` setting), --new-budget
+    add_setting_flags(s.add_argument_group("CrossLM mode (--mode crosslm)"), _CROSSLM)
+    add_setting_flags(s.add_argument_group("FedPipe automatic configuration (--profiles)"),
+                      _FEDPIPE)
 
     pl = sub.add_parser("plan", help="print the FedPipe per-silo plan of a simulation",
                         description="Score the weight matrices on every simulated silo's "
                         "data, then print each silo's configuration (targets, rank, batch, "
                         "base precision), its modelled memory and time against its "
-                        "limits, and the binding constraint.")
-    pl.add_argument("--silos", type=int, default=d.num_silos, help="silos (%(default)s)")
-    pl.add_argument("--model", default=d.model, help="model (%(default)s)")
-    pl.add_argument("--dataset", default=d.dataset, help="dataset (%(default)s)")
-    pl.add_argument("--local-steps", type=int, default=d.local_steps,
-                    help="local steps per round (%(default)s)")
-    pl.add_argument("--seed", type=int, default=d.seed, help="public seed (%(default)s)")
-    _fedpipe_arguments(pl, required=True)
+                        "limits, and the binding constraint. --profiles is required.")
+    add_config_flag(pl)
+    add_setting_flags(pl, ("num_silos", "model", "dataset", "text_column", "label_column",
+                           "partition", "dirichlet_alpha", "test_size", "local_steps",
+                           "seed", *_FEDPIPE))
 
     a = sub.add_parser(
         "audit", help="verify privacy ledgers (chain, signatures, epsilon)",
@@ -212,58 +141,45 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fedpipe_arguments(p: argparse.ArgumentParser, required: bool = False) -> None:
-    from silotune.planning.profiles import MIXES
-
-    p.add_argument("--profiles", default=_DEFAULTS.profiles, required=required,
-                   metavar="MIX", help="FedPipe automatic configuration: silo resource "
-                   f"profiles from a named mix ({', '.join(sorted(MIXES))}); each silo gets "
-                   "its own targets, rank, batch and base precision (off by default)")
-    p.add_argument("--plan-mode", choices=("per-silo", "uniform"),
-                   default=_DEFAULTS.plan_mode,
-                   help="per-silo: each silo's own optimum; uniform: every silo gets the "
-                   "configuration that fits the weakest profile (%(default)s)")
-
-
-def _plan(args: argparse.Namespace) -> int:
-    from silotune.simulations.checks import check_names
+def _plan(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    cfg, _ = run_config(args, argv)
+    if not cfg.profiles:
+        raise InputError("--profiles is required: name the mix of silo resource profiles "
+                         "to plan for (see silotune plan --help)")
     from silotune.simulations.plan import plan_offline
 
-    cfg = RunConfig(num_silos=args.silos, model=args.model, dataset=args.dataset,
-                    local_steps=args.local_steps, seed=args.seed, profiles=args.profiles,
-                    plan_mode=args.plan_mode)
-    check_names(cfg)
     print(plan_offline(cfg).table())
     return 0
 
 
-def _simulate(args: argparse.Namespace) -> int:
+def _check_simulation(args: argparse.Namespace, argv: Sequence[str]) -> RunConfig:
+    """The run's config, every input checked before the heavy imports (torch, Flower,
+    Ray): a bad flag, file key, model, data file or split fails in one line at once."""
+    cfg, sources = run_config(args, argv)
+    from silotune.simulations.outdir import refusal
+
+    if why := refusal(Path(cfg.out_dir), cfg.resume, args.new_budget, cfg.mode):
+        raise InputError(why)
+    return check_inputs(cfg, sources, emit=print)
+
+
+def _simulate(args: argparse.Namespace, cfg: RunConfig) -> int:
     from silotune.simulations.outdir import prepare_out_dir
 
-    cfg = RunConfig(
-        num_silos=args.silos, rounds=args.rounds, strategy=args.strategy, model=args.model,
-        dataset=args.dataset, text_column=args.text_column, label_column=args.label_column,
-        target_epsilon=args.epsilon, target_delta=args.delta, fraction_train=args.fraction,
-        local_steps=args.local_steps, batch_size=args.batch_size,
-        learning_rate=args.lr, lora_ranks=RunConfig.from_mapping({"lora-ranks": args.ranks}
-                                                                 ).lora_ranks,
-        test_size=args.test_size, seed=args.seed, dp_noise_seed=args.dp_noise_seed,
-        out_dir=args.out, wire_dtype=args.wire_dtype, upload_density=args.compress,
-        max_update_norm=args.max_update_norm, partition=args.partition,
-        dirichlet_alpha=args.alpha, client_dp_noise=args.client_dp_noise,
-        client_dp_clip=args.client_dp_clip, mode=args.mode, slm=args.slm,
-        slm_steps=args.slm_steps, slm_learning_rate=args.slm_lr,
-        crosslm_per_label=args.per_label, crosslm_threshold=args.threshold,
-        crosslm_weighting=args.weighting, llm_steps=args.llm_steps,
-        llm_learning_rate=args.llm_lr, max_new_tokens=args.max_new_tokens,
-        profiles=args.profiles, plan_mode=args.plan_mode, base_precision=args.precision,
-        resume=args.resume)
-    prepare_out_dir(Path(cfg.out_dir), resume=cfg.resume, new_budget=args.new_budget,
-                    mode=cfg.mode, emit=print)  # before model loading and Ray
+    out = Path(cfg.out_dir)
+    prepare_out_dir(out, resume=cfg.resume, new_budget=args.new_budget, mode=cfg.mode,
+                    emit=print)  # before model loading and Ray
+    from silotune.ml.assets import resolve_model
+    from silotune.ml.targets import resolve_targets_of
+
+    # a wrong --lora-targets fails here in one line, not in the coordinator's thread
+    cfg = replace(cfg, lora_targets=resolve_targets_of(resolve_model(cfg.model),
+                                                       cfg.lora_targets))
+    print(f"[config] {summary(cfg)} (every setting: {out / 'config.json'})")
     from silotune.server.report import format_summary_table
     from silotune.simulations.launcher import simulate
 
-    metrics = simulate(cfg, ray_address=args.ray_address)
+    metrics = simulate(cfg, progress=_say, ray_address=args.ray_address)
     print()
     if cfg.mode == "crosslm":
         from silotune.server.crosslm import format_crosslm_table
@@ -271,8 +187,30 @@ def _simulate(args: argparse.Namespace) -> int:
         print(format_crosslm_table(metrics))
     else:
         print(format_summary_table(metrics))
-    print(f"\nwrote {Path(args.out) / 'metrics.json'}, {Path(args.out) / 'report.html'}, "
-          f"{Path(args.out) / 'ledgers'}/")
+    print(f"\nwrote {out / 'metrics.json'}, {out / 'report.html'}, {out / 'ledgers'}/")
+    return 0
+
+
+def _say(line: str) -> None:
+    """Print a run's progress line on stdout, above the rounds bar when one is drawn
+    (tqdm clears the bar, prints, redraws it): never onto the bar's line."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def _report(run_dir: Path) -> int:
+    if not (run_dir / "metrics.json").is_file():
+        raise InputError(f"{run_dir / 'metrics.json'} not found: give the --out folder of a "
+                         "`silotune simulate` or `silotune run`")
+    from silotune.server.report import write_report
+
+    try:
+        written = write_report(run_dir)
+    except ValueError as err:
+        raise InputError(f"{run_dir / 'metrics.json'}: {err}") from None
+    print(f"wrote {written}")
     return 0
 
 
@@ -357,6 +295,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `silotune` command; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
     args = parser.parse_args(argv)
     if args.job is None:
@@ -366,33 +305,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.job in DEPLOY_JOBS:  # before the ML imports below: agents start in seconds
         return run_deploy_job(args)
-    if args.job == "simulate":  # likewise: an OUT holding old silos is refused at once
-        from silotune.simulations.outdir import refusal
-
-        if why := refusal(Path(args.out), args.resume, args.new_budget, args.mode):
-            print(f"silotune simulate: error: {why}", file=sys.stderr)
-            return 2
+    try:  # likewise: bad input is refused at once, before torch, Flower and Ray load
+        if args.job == "simulate":
+            cfg = _check_simulation(args, argv)
+        if args.job == "report":
+            return _report(args.run_dir)
+    except InputError as err:
+        return fail(args.job, err)
     from silotune.adapters.types import AdapterError
     from silotune.ml.assets import AssetError
+    from silotune.ml.targets import TargetError
     from silotune.planning.configurator import InfeasibleProfileError
     from silotune.privacy.accounting import BudgetExhausted
     from silotune.strategies import UnknownStrategyError
 
     try:
         if args.job == "simulate":
-            return _simulate(args)
+            return _simulate(args, cfg)
         if args.job == "audit":
             return _audit_empirical(args) if args.empirical else _audit(args)
-        if args.job == "plan":
-            return _plan(args)
-        from silotune.server.report import write_report
-
-        print(f"wrote {write_report(args.run_dir)}")
-        return 0
-    except (ConfigError, UnknownStrategyError, AssetError, AdapterError,
-            BudgetExhausted, InfeasibleProfileError) as err:
-        print(f"silotune {args.job}: error: {err}", file=sys.stderr)
-        return 2
+        return _plan(args, argv)
+    except (InputError, ConfigError, UnknownStrategyError, AssetError, AdapterError,
+            BudgetExhausted, InfeasibleProfileError, TargetError) as err:
+        if args.job == "audit":
+            return fail(args.job, err)
+        return fail(args.job, in_user_terms(str(err), Sources(argv)))  # settings as flags
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ class RunConfig:
     learning_rate: float = 1e-2
     lora_ranks: tuple[int, ...] = (8, 4, 8, 4)
     lora_alpha_per_rank: float = 2.0
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_targets: tuple[str, ...] = ("auto",)  # the model's attention projections
     target_epsilon: float = 8.0
     target_delta: float = 1e-5
     max_grad_norm: float = 1.0
@@ -189,7 +189,6 @@ class RunConfig:
     def to_flower(self) -> dict[str, bool | int | float | str]:
         """Flatten to Flower's run-config value types (lists as comma-separated strings)."""
         out: dict[str, bool | int | float | str] = {}
-        inverse = {v: k for k, v in _FLOWER_ALIASES.items()}
         for f in dataclasses.fields(self):
             if f.name == "extra":
                 continue
@@ -198,7 +197,7 @@ class RunConfig:
                 value = ",".join(str(v) for v in value)
             elif isinstance(value, float) and math.isinf(value):
                 value = "inf"
-            out[inverse.get(f.name, f.name.replace("_", "-"))] = value
+            out[flower_key(f.name)] = value
         return out
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -207,6 +206,13 @@ class RunConfig:
 
 
 _FLOWER_ALIASES = {"num-server-rounds": "rounds"}
+
+
+def flower_key(name: str) -> str:
+    """The kebab-case key of `RunConfig` field `name` in `[tool.flwr.app.config]`: also
+    the name of its `silotune simulate` flag and of its key in a ``--config`` file."""
+    inverse = {v: k for k, v in _FLOWER_ALIASES.items()}
+    return inverse.get(name, name.replace("_", "-"))
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -239,3 +245,109 @@ def _coerce(key: str, value: Any) -> Any:
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"config key '{key}' = {value!r} is out of range; allowed: {allowed}")
+
+
+# -- How each setting appears to users ---------------------------------------------------
+@dataclass(frozen=True)
+class Setting:
+    """How one `RunConfig` field appears to users (docs/architecture.md, "one vocabulary").
+
+    Its name everywhere is `flower_key` (the key of ``[tool.flwr.app.config]``): the
+    ``silotune simulate`` flag ``--<key>``, the key in a ``--config`` file and in ``flwr
+    run --run-config``. `aliases` are older flag names that keep working; `choices` are
+    fixed names checked here; `registry` names a higher layer's registry that owns the
+    valid names (resolved by ``silotune/cli_flags.py``).
+    """
+
+    help: str
+    aliases: tuple[str, ...] = ()
+    choices: tuple[str, ...] = ()
+    registry: str = ""
+    metavar: str = ""
+
+
+# One entry per RunConfig field (tests/unit/test_config.py checks that none is missing).
+SETTINGS: dict[str, Setting] = {
+    "model": Setting("registered model name or a transformers causal-LM folder"),
+    "dataset": Setting("registered dataset or a .jsonl/.json/.csv/.parquet file"),
+    "text_column": Setting("text column of a dataset file"),
+    "label_column": Setting("label column of a dataset file"),
+    "strategy": Setting("aggregation rule", registry="strategies"),
+    "num_silos": Setting("number of silos", ("--silos",), metavar="N"),
+    "rounds": Setting("federated rounds", ("--rounds",), metavar="N"),
+    "fraction_train": Setting("fraction of silos sampled per round", ("--fraction",)),
+    "min_replies": Setting("silos sampled per round at least (whatever the fraction)",
+                           metavar="N"),
+    "local_steps": Setting("local optimiser steps per round", metavar="N"),
+    "batch_size": Setting("expected (Poisson) batch size of DP-SGD", metavar="N"),
+    "physical_batch_size": Setting("examples per forward/backward pass (memory only; "
+                                   "the logical batch is --batch-size)", metavar="N"),
+    "learning_rate": Setting("learning rate", ("--lr",)),
+    "lora_ranks": Setting("LoRA ranks, comma-separated, cycled over the silos",
+                          ("--ranks",), metavar="R,R,..."),
+    "lora_alpha_per_rank": Setting("LoRA alpha divided by the rank (alpha = this x r)"),
+    "lora_targets": Setting("modules that get a LoRA, comma-separated; auto: the model's "
+                            "attention projections (e.g. q_proj,v_proj for Llama, c_attn "
+                            "for GPT-2)", metavar="auto|NAME,..."),
+    "target_epsilon": Setting("each silo's total epsilon budget; inf = non-private",
+                              ("--epsilon",)),
+    "target_delta": Setting("DP delta", ("--delta",)),
+    "max_grad_norm": Setting("DP-SGD per-example clip norm"),
+    "dirichlet_alpha": Setting("Dirichlet concentration of the dirichlet and size "
+                               "partitions; small = strong skew", ("--alpha",)),
+    "partition": Setting("how the training rows are split over silos: dirichlet (label "
+                         "skew), iid, natural (whole label groups per silo), size (silo "
+                         "sizes skewed)", registry="partitioners"),
+    "test_size": Setting("held-out examples for evaluation (at most half the rows)",
+                         metavar="N"),
+    "eval_batch_size": Setting("examples per evaluation batch", metavar="N"),
+    "wire_dtype": Setting("float type of adapters on the wire", choices=("fp16", "fp32")),
+    "upload_density": Setting("keep this fraction of each uploaded adapter's changes, as "
+                              "signs and one scale per tensor (ComPEFT-style); 1 = off",
+                              ("--compress",), metavar="DENSITY"),
+    "max_update_norm": Setting("exclude replies whose update norm ||s B A|| exceeds this"),
+    "client_dp_noise": Setting("client-level DP (DP-FedAvg, unit = one silo): noise "
+                               "multiplier of the coordinator's Gaussian noise; 0 = off",
+                               metavar="Z"),
+    "client_dp_clip": Setting("client-level DP: clip norm of each silo's update ||s B A||",
+                              metavar="C"),
+    "seed": Setting("public seed: data split, silo sampling, LoRA init; never DP noise"),
+    "dp_noise_seed": Setting("seed the simulated silos' DP noise from N, so that two runs "
+                             "differ only by what you changed (research comparisons; the "
+                             "ledgers record it, and the noise is predictable to anyone who "
+                             "knows N); -1 = OS-seeded noise, as in every deployment",
+                             metavar="N"),
+    "mode": Setting("lora: federated LoRA; crosslm: central LLM (--model) and silo SLMs "
+                    "(--slm) improve each other through scored synthetic data",
+                    choices=("lora", "crosslm")),
+    "slm": Setting("crosslm: silo small model, a registered name or an encoder folder"),
+    "slm_steps": Setting("crosslm: DP-SGD steps per SLM training", metavar="N"),
+    "slm_learning_rate": Setting("crosslm: SLM learning rate", ("--slm-lr",)),
+    "crosslm_per_label": Setting("crosslm: synthetic examples per label per round; 0 = "
+                                 "SLMs on private data alone", ("--per-label",), metavar="N"),
+    "crosslm_threshold": Setting("crosslm: keep synthetic examples with feedback >= this",
+                                 ("--threshold",)),
+    "crosslm_weighting": Setting("crosslm: LLM update weights, SLM feedback or uniform "
+                                 "(ablation)", ("--weighting",),
+                                 choices=("feedback", "uniform")),
+    "llm_steps": Setting("crosslm: LoRA steps of the central LLM per round", metavar="N"),
+    "llm_learning_rate": Setting("crosslm: LLM learning rate", ("--llm-lr",)),
+    "max_new_tokens": Setting("crosslm: tokens per generated example", metavar="N"),
+    "profiles": Setting("FedPipe automatic configuration: silo resource profiles from a "
+                        "named mix; each silo gets its own targets, rank, batch and base "
+                        "precision (empty = off)", registry="profile mixes", metavar="MIX"),
+    "plan_mode": Setting("FedPipe: per-silo, each silo's own optimum; uniform, every silo "
+                         "gets the configuration that fits the weakest profile",
+                         choices=("per-silo", "uniform")),
+    "calibration_steps": Setting("FedPipe importance scoring: mini-batches on each silo",
+                                 metavar="N"),
+    "calibration_batch": Setting("FedPipe importance scoring: examples per mini-batch",
+                                 metavar="N"),
+    "base_precision": Setting("base precision of every silo's training copy when "
+                              "--profiles is off", ("--precision",), registry="precisions"),
+    "out_dir": Setting("output folder", ("--out",), metavar="DIR"),
+    "round_timeout": Setting("seconds to wait for a round's replies; late silos are "
+                             "dropped from the round", metavar="SECONDS"),
+    "resume": Setting("continue the federation whose checkpoint is in OUT/checkpoint (its "
+                      "silos keep their ledgers and spent budgets)"),
+}

@@ -286,8 +286,12 @@ def load_dataset_frame(
         raise AssetError(f"dataset file not found: {path}")
     try:
         raw = reader(path)
+    except pd.errors.EmptyDataError:
+        raw = pd.DataFrame()
     except (ValueError, OSError) as exc:
         raise AssetError(f"could not read dataset file {path}: {exc}") from exc
+    if raw.empty:
+        raise AssetError(f"dataset file {path} is empty: it has no rows")
     wanted = [text_column, label_column, *([unit_column] if unit_column else [])]
     missing = [c for c in wanted if c not in raw.columns]
     if missing:

@@ -12,6 +12,7 @@ loses its end, never the ``Category:`` cue that asks for the answer, in both.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -139,6 +140,15 @@ def scored_label_ids(tokenizer: PreTrainedTokenizerBase, labels: Sequence[str]) 
     return [[*t, int(tokenizer.eos_token_id)] for t in ids] if ambiguous else ids
 
 
+def _cache_name(model: torch.nn.Module) -> str:
+    """The KV cache's name in `model`'s forward and output: ``cache`` where transformers
+    has it (the old ``past_key_values`` then warns on every call and is removed in 5.40),
+    else ``past_key_values``. Using the model's own name, not silencing its warning."""
+    base = getattr(model, "get_base_model", lambda: model)()  # a PEFT model's own model
+    params = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 @torch.no_grad()
 def score_labels(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                  texts: Sequence[str], labels: Sequence[str],
@@ -151,6 +161,7 @@ def score_labels(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     continuations instead of L full sequences.
     """
     pad = int(tokenizer.pad_token_id)
+    key = _cache_name(model)
     answers = scored_label_ids(tokenizer, labels)
     first_tok = torch.tensor([a[0] for a in answers])  # (L,)
     multi = [j for j, a in enumerate(answers) if len(a) > 1]
@@ -178,14 +189,14 @@ def score_labels(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
         score = first.logits[:, -1].float().log_softmax(-1)[:, first_tok]  # (B, L)
         if multi:
             m = len(multi)
-            cache = first.past_key_values
+            cache = first[key]
             cache.batch_repeat_interleave(m)  # (B*M, ...)
             rest = model(input_ids=cont.repeat(b, 1),
                          attention_mask=torch.cat([mask.repeat_interleave(m, 0),
                                                    cont_mask.repeat(b, 1)], dim=1),
                          position_ids=pos[:, -1:].repeat_interleave(m, 0) + 1
                          + torch.arange(cont.shape[1]),
-                         past_key_values=cache, use_cache=True)
+                         use_cache=True, **{key: cache})
             lp = rest.logits.float().log_softmax(-1)  # (B*M, Tc, V)
             tok_lp = lp.gather(-1, target.repeat(b, 1).unsqueeze(-1)).squeeze(-1)
             extra = (tok_lp * cont_mask.repeat(b, 1)).sum(-1).view(b, m)  # (B, M)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from torch.utils.data import DataLoader, TensorDataset
+from transformers.pytorch_utils import Conv1D
 
 from silotune.adapters.types import is_factor
 from silotune.ml.dp_sgd import (
@@ -79,9 +80,13 @@ def attach_lora(base: torch.nn.Module, cfg: LocalTrainConfig) -> torch.nn.Module
     factors in `cfg.frozen` excluded from training."""
     model = base_copy(base, cfg.base_precision)  # the shared base stays untouched
     # PEFT types lora_alpha as int but computes the scale alpha / r in float.
+    # GPT-2's Conv1D stores (d_in, d_out): PEFT needs fan_in_fan_out (it would set it
+    # itself, with a warning per training).
+    conv1d = any(isinstance(m, Conv1D) and n.rpartition(".")[2] in cfg.targets
+                 for n, m in model.named_modules())
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha,  # type: ignore[arg-type]
                       target_modules=list(cfg.targets), lora_dropout=0.0, bias="none",
-                      task_type="CAUSAL_LM")
+                      fan_in_fan_out=conv1d, task_type="CAUSAL_LM")
     with torch.random.fork_rng():  # seed the init without touching the caller's RNG
         torch.manual_seed(cfg.init_seed)
         peft_model = get_peft_model(model, lora)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from logging.handlers import BufferingHandler
 from typing import Any
 
+import numpy as np
 from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
@@ -169,7 +170,11 @@ def _prv_or_rdp(segs: Segs, delta: float) -> tuple[float, str]:
         return 0.0, "prv"
     try:
         acc, acc.history = PRVAccountant(), list(segs)
-        eps = float(acc.get_epsilon(delta, eps_error=PRV_EPS_ERROR, delta_error=delta / 1000))
+        # At q = 1 Opacus' PRV takes log(1 - q) = -inf on purpose (its np.where then picks
+        # the branch for t <= log(1 - q)); numpy's "divide by zero" warning for it is noise.
+        with np.errstate(divide="ignore"):
+            eps = float(acc.get_epsilon(delta, eps_error=PRV_EPS_ERROR,
+                                        delta_error=delta / 1000))
         if not math.isfinite(eps) or eps < 0:
             raise RuntimeError(f"PRV returned {eps}")
         return eps, "prv"

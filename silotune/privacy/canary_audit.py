@@ -288,6 +288,7 @@ def audit_silo(run: RunConfig, spec: SiloAuditSpec, frame: pd.DataFrame, silo_id
     """
     from silotune.ml.assets import resolve_model
     from silotune.ml.lm import encode, load_model
+    from silotune.ml.targets import resolve_targets
 
     ledger, sigma, clip = open_audit_ledger(run, spec, ledger_path, key_path)
     model, tok = load_model(resolve_model(run.model))
@@ -295,7 +296,8 @@ def audit_silo(run: RunConfig, spec: SiloAuditSpec, frame: pd.DataFrame, silo_id
                                                           strict=True)]
     rank = run.rank_of(spec.silo_index)
     cfg = LocalTrainConfig(rank=rank, alpha=run.lora_alpha_per_rank * rank,
-                           targets=run.lora_targets, local_steps=spec.steps,
+                           targets=resolve_targets(model, run.lora_targets),
+                           local_steps=spec.steps,
                            batch_size=run.batch_size,
                            physical_batch_size=run.physical_batch_size,
                            learning_rate=run.learning_rate, init_seed=run.seed)

@@ -15,6 +15,7 @@ import copy
 import logging
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from silotune.ml.assets import resolve_model
 from silotune.ml.data import held_out_split
 from silotune.ml.lm import evaluate, load_model, warn_if_truncated
 from silotune.ml.merge import apply_update, module_shapes
+from silotune.ml.targets import resolve_targets
 from silotune.planning.sensitivity import model_spec
 from silotune.progress import Emit, track
 from silotune.protocol import keys as P
@@ -65,6 +67,10 @@ class Federation:
         for sub in ("ledgers", "checkpoint"):
             (self.out / sub).mkdir(parents=True, exist_ok=True)
         self.model, self.tok = load_model(resolve_model(cfg.model, progress=progress))
+        # `auto` targets become the model's names here, so every silo is sent explicit ones
+        self.cfg = cfg = replace(cfg, lora_targets=resolve_targets(self.model,
+                                                                   cfg.lora_targets))
+        progress(f"[model] LoRA on {', '.join(cfg.lora_targets)}")
         self.task = held_out_split(cfg.dataset, cfg.text_column, cfg.label_column,
                                    cfg.test_size, cfg.seed)
         warn_if_truncated(self.tok, list(self.task.test["text"]), "held-out")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,12 @@ def simulate(cfg: RunConfig, progress: Emit = print,
     # when other programs fill it; on a shared machine that drops silos at random. The
     # kernel's OOM killer still guards real exhaustion. Set the variable to re-enable.
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+    # The silo workers' Flower logger: only errors. Its warnings there are Flower's own
+    # shutdown notices ("Manually terminating ClientAppActor", one per worker per run);
+    # silotune's silos report through their replies and the coordinator's log.
+    os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
+    if not sys.stdout.isatty():  # a log file: no colour codes around Ray's worker prefixes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     from flwr.simulation import run_simulation  # heavy import (Ray), only when simulating
 
     from silotune.server.app import build_server_app
@@ -71,6 +78,10 @@ def simulate(cfg: RunConfig, progress: Emit = print,
     # Flower warns that run_simulation is deprecated in favour of `flwr run`; silotune
     # runs the same engine in-process on purpose (no background SuperLink to clean up).
     logging.getLogger("flwr").setLevel(logging.ERROR)
+    if not sys.stdout.isatty():  # Flower colours its level names unless told not to
+        from flwr.common.logger import update_console_handler
+
+        update_console_handler(colored=False)
     if ray_address:
         progress(f"[ray] joining the Ray cluster at {ray_address}")
     run_simulation(

@@ -63,6 +63,18 @@ def test_metrics_follow_the_contract(private_run):
     assert "round 2/2" in proc.stdout
 
 
+def test_redirected_output_is_plain_and_quiet(private_run):
+    """A DP run into a file: no colour codes (Ray's worker prefixes, Flower's levels), no
+    Opacus or transformers warnings, no Flower shutdown notices."""
+    _, proc = private_run
+    log = proc.stdout + proc.stderr
+    assert "\x1b[" not in log
+    for noise in ("RuntimeWarning", "divide by zero", "FutureWarning", "past_key_values",
+                  "Manually terminating"):
+        assert noise not in log, noise
+    assert "[config] " in proc.stdout and "lora-targets=q_proj,v_proj" in proc.stdout
+
+
 def test_reported_epsilon_matches_independent_recomputation(private_run):
     out, _ = private_run
     final = json.loads((out / "metrics.json").read_text())["rounds"][-1]["epsilon"]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from silotune.config import ConfigError, RunConfig
+from silotune.config import SETTINGS, ConfigError, RunConfig, flower_key
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,3 +51,14 @@ def test_unknown_key_lists_valid_keys():
 def test_unreadable_value_is_a_config_error():
     with pytest.raises(ConfigError, match="cannot read"):
         RunConfig.from_mapping({"local-steps": "many"})
+
+
+def test_every_setting_has_one_user_facing_definition():
+    """Each field has its Setting (help text, older flag names); no alias shadows another
+    setting's key."""
+    names = [f.name for f in dataclasses.fields(RunConfig) if f.name != "extra"]
+    assert set(SETTINGS) == set(names)
+    keys = {f"--{flower_key(n)}" for n in names}
+    aliases = [a for s in SETTINGS.values() for a in s.aliases]
+    assert all(s.help for s in SETTINGS.values())
+    assert len(aliases) == len(set(aliases)) and not keys & set(aliases)

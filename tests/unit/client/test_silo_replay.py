@@ -30,7 +30,7 @@ def _task_identity(monkeypatch):
 
 
 def _ask(app, cfg: RunConfig, run_id: int):
-    silo = Silo(node_id=7, position=0, num_examples=0, rank=2, targets=cfg.lora_targets,
+    silo = Silo(node_id=7, position=0, num_examples=0, rank=2, targets=("q_proj", "v_proj"),
                 batch=cfg.batch_size, physical_batch=cfg.physical_batch_size,
                 precision=cfg.base_precision)
     msg = train_message(cfg, 1, silo, SiloPlan(rank=2), GlobalState(), "fed-test")

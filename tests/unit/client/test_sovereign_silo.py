@@ -95,7 +95,7 @@ def _sent(msg: Message) -> Message:
 def _train_msg(cfg: RunConfig, round_: int = 1, **changes) -> Message:
     """The coordinator's train message for round `round_`, with `changes` to its fields."""
     roster = RosterSilo(node_id=NODE, position=0, num_examples=0, rank=2,
-                        targets=cfg.lora_targets, batch=cfg.batch_size,
+                        targets=("q_proj", "v_proj"), batch=cfg.batch_size,
                         physical_batch=cfg.physical_batch_size, precision=cfg.base_precision)
     msg = train_message(cfg, round_, roster, SiloPlan(rank=2), GlobalState(), FEDERATION)
     if changes:

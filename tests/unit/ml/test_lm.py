@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -104,3 +106,19 @@ def test_a_long_text_keeps_the_cue_and_training_reads_what_evaluation_reads(
     with caplog.at_level("WARNING"):
         share = warn_if_truncated(tok, [long_text, short, short, short], "held-out")
     assert share == 0.25 and "25% of the held-out prompts" in caplog.text
+
+
+def test_cached_scoring_uses_the_models_own_cache_name(tiny_model_dir, caplog):
+    """Multi-token labels re-use the prompt's KV cache under the name the installed
+    transformers gives it: no `past_key_values` deprecation warning or log line."""
+    import warnings
+
+    model, tok = load_model(tiny_model_dir)
+    labels = ["heart lung", "skin"]  # the first needs the cached continuation
+    assert len(scored_label_ids(tok, labels)[0]) > 1
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING):
+        warnings.simplefilter("error")
+        scores = score_labels(model, tok, ["cardiac valve"], labels)
+    np.testing.assert_allclose(scores, _full_sequence_scores(model, tok, ["cardiac valve"],
+                                                             labels), atol=1e-4)
+    assert not [r for r in caplog.records if "past_key_values" in r.getMessage()]

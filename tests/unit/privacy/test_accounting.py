@@ -164,3 +164,16 @@ def test_cross_check_rule_rejects_disagreement(golden: EpsilonReport) -> None:
     assert not cross_check_ok(EpsilonReport(golden.epsilon, "prv", {}))
     loose_rdp = EpsilonReport(golden.epsilon, "prv", {"pld": 1.8282, "rdp": 1.5})
     assert not cross_check_ok(loose_rdp)
+
+
+def test_prv_at_sample_rate_one_is_silent_and_stays_prv():
+    """A silo whose batch covers its data (q = 1) is accounted by PRV without numpy's
+    "divide by zero" warning (Opacus takes log(1 - q) = -inf on purpose): before, the
+    warning filled DP logs, and as an error it sent the accounting to the RDP fallback."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = compute_epsilon([AccountingStep(1.0, 1.0, 5)], DELTA)
+    assert report.accountant == "prv"
+    assert report.epsilon == pytest.approx(report.cross_check["pld"], rel=0.02)

@@ -147,7 +147,7 @@ def test_every_lora_reply_field_on_the_wire_is_in_the_manifest(
         "silo_id", "num_examples", "profile"}
 
     roster = RosterSilo(node_id=NODE, position=0, num_examples=0, rank=2,
-                        targets=cfg.lora_targets, batch=cfg.batch_size,
+                        targets=("q_proj", "v_proj"), batch=cfg.batch_size,
                         physical_batch=cfg.physical_batch_size, precision=cfg.base_precision)
     train = ask(train_message(cfg, 1, roster, SiloPlan(rank=2), GlobalState(), "fed-m"))
     sent = check_on_the_wire(TrainReply, train, simulated=simulated)
