@@ -131,13 +131,22 @@ def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return per_sequence_losses(logits, labels).mean()
 
 
+def colliding_labels(tokenizer: PreTrainedTokenizerBase, labels: Sequence[str]
+                     ) -> tuple[str, ...]:
+    """Labels whose tokens are a prefix of another label's (scoring then tells them
+    apart by the end-of-answer token alone)."""
+    ids = [answer_ids(tokenizer, lab)[:-1] for lab in labels]
+    return tuple(labels[i] for i in range(len(ids))
+                 if any(i != j and ids[j][: len(ids[i])] == ids[i] for j in range(len(ids))))
+
+
 def scored_label_ids(tokenizer: PreTrainedTokenizerBase, labels: Sequence[str]) -> list[list[int]]:
     """Token ids scored for each label: the label's tokens, plus EOS only when some
     label's tokens are a prefix of another's (then EOS is what tells them apart)."""
     ids = [answer_ids(tokenizer, lab)[:-1] for lab in labels]
-    ambiguous = any(i != j and ids[j][: len(ids[i])] == ids[i]
-                    for i in range(len(ids)) for j in range(len(ids)))
-    return [[*t, int(tokenizer.eos_token_id)] for t in ids] if ambiguous else ids
+    if colliding_labels(tokenizer, labels):
+        return [[*t, int(tokenizer.eos_token_id)] for t in ids]
+    return ids
 
 
 def _cache_name(model: torch.nn.Module) -> str:

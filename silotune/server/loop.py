@@ -23,19 +23,20 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from silotune import strategies
+from silotune.adapters.codec import update_to_arrays
 from silotune.adapters.types import SiloAdapter
 from silotune.config import RunConfig
-from silotune.files import atomic_write_json
+from silotune.files import atomic_write_json, atomic_write_npz
 from silotune.ml.assets import resolve_model
 from silotune.ml.data import held_out_split
-from silotune.ml.lm import evaluate, load_model, warn_if_truncated
+from silotune.ml.lm import colliding_labels, evaluate, load_model, warn_if_truncated
 from silotune.ml.merge import apply_update, module_shapes
 from silotune.ml.targets import resolve_targets
 from silotune.planning.sensitivity import model_spec
 from silotune.progress import Emit, track
 from silotune.protocol import keys as P
 from silotune.protocol.messages import TrainReply
-from silotune.server import checkpoint
+from silotune.server import checkpoint, outcome
 from silotune.server.client_dp import ClientLevelRun
 from silotune.server.exchange import collect, on_wire, restrict, shapes_of, train_message
 from silotune.server.fedpipe import configure
@@ -45,6 +46,7 @@ from silotune.server.state import GlobalState
 from silotune.strategies.base import SiloPlan
 
 log = logging.getLogger(__name__)
+BEST_ADAPTER = "best/adapter.npz"  # the global adapter of the best round (adapter rules)
 
 
 def run_federation(grid: Grid, cfg: RunConfig, progress: Emit = print) -> dict[str, Any]:
@@ -53,6 +55,7 @@ def run_federation(grid: Grid, cfg: RunConfig, progress: Emit = print) -> dict[s
     first = len(federation.metrics["rounds"]) + 1
     for round_ in track(range(first, cfg.rounds + 1), "rounds", emit=progress):
         federation.run_round(round_)
+    federation.finish()
     write_report(federation.out)
     return federation.metrics
 
@@ -73,7 +76,7 @@ class Federation:
         progress(f"[model] LoRA on {', '.join(cfg.lora_targets)}")
         self.task = held_out_split(cfg.dataset, cfg.text_column, cfg.label_column,
                                    cfg.test_size, cfg.seed)
-        warn_if_truncated(self.tok, list(self.task.test["text"]), "held-out")
+        self.truncated = warn_if_truncated(self.tok, list(self.task.test["text"]), "held-out")
         self.state = GlobalState()
         self.rng = random.Random(cfg.seed)  # public: fixes which silos are sampled
         resumed = checkpoint.load(self.out / "checkpoint", cfg) if cfg.resume else None
@@ -177,7 +180,8 @@ class Federation:
                "bytes_up": bytes_up, "bytes_down": bytes_down,
                "seconds": round(time.monotonic() - start, 3),
                "excluded": unreachable + excluded, **_reply_facts(adapters),
-               "ranks": {s: silos[s].rank for s in sampled}, "history_resent": lost}
+               "ranks": {s: silos[s].rank for s in sampled}, "history_resent": lost,
+               "merged_updates": len(self.state.fingerprints)}
         if self.client_dp is not None:  # a separate guarantee (unit = silo), never added
             row["client_level"] = client_level
             self.metrics["client_level_dp"] = self.client_dp.summary()
@@ -236,6 +240,7 @@ class Federation:
     def _record(self, round_: int, row: dict[str, Any]) -> None:
         """Append `row` to metrics.json and write the round's checkpoint."""
         self.metrics["rounds"].append(row)
+        self._keep_best(round_)
         atomic_write_json(self.out / "metrics.json", self.metrics)
         state = self.state
         checkpoint.save(self.out / "checkpoint", checkpoint.Checkpoint(
@@ -243,6 +248,38 @@ class Federation:
             arrays=state.arrays, scales=state.scales, fingerprints=state.fingerprints,
             adapter=state.adapter, rng_state=self.rng.getstate(),
             ranks={s: v.rank for s, v in self.roster.silos.items()}, metrics=self.metrics))
+
+
+    def _keep_best(self, round_: int) -> None:
+        """Track the best round (docs/algorithms.md, "Never worse than the base"); when it
+        is this one and the rule carries a global adapter, keep that adapter (the merged
+        rounds up to it are in the checkpoint's history)."""
+        best = outcome.best_round(self.metrics)
+        previous = self.metrics.get("best_round", {})
+        if best["round"] == round_ and self.state.adapter is not None:
+            atomic_write_npz(self.out / BEST_ADAPTER, update_to_arrays(self.state.adapter, ""))
+            best["adapter"] = {"path": BEST_ADAPTER, "scale": self.state.adapter.scale}
+        elif previous.get("round") == best["round"] and "adapter" in previous:
+            best["adapter"] = previous["adapter"]
+        self.metrics["best_round"] = best
+
+    def finish(self) -> None:
+        """Say how the run ended: the best round, and loud warnings with their likely
+        causes when it ended below its base or fell while the loss fell."""
+        test = self.task.test
+        facts = outcome.TaskFacts(
+            truncated_share=self.truncated,
+            colliding_labels=colliding_labels(self.tok, self.task.labels),
+            majority_share=float(test["label"].value_counts(normalize=True).max())
+            if len(test) else 0.0)
+        notes = outcome.warnings(self.metrics, facts)
+        best = self.metrics.get("best_round", {"round": 0})
+        self.progress(f"[best] round {best['round']}" + (" (the base model)"
+                                                         if best["round"] == 0 else ""))
+        for note in notes:
+            self.progress(f"[WARNING] {note}")
+        self.metrics["warnings"] = notes
+        atomic_write_json(self.out / "metrics.json", self.metrics)
 
 
 def _reply_facts(adapters: dict[str, tuple[SiloAdapter, TrainReply]]) -> dict[str, Any]:

@@ -112,9 +112,20 @@ def validate_metrics(data: Any, source: str = "metrics") -> dict[str, Any]:
         return {"config": dict(config), "private": private, "rounds": rounds,
                 "base_accuracy": _number(data.get("base_accuracy"), "base_accuracy"),
                 "base_loss": math.nan if base_loss is None else _number(base_loss, "base_loss"),
-                "client_level_dp": data.get("client_level_dp")}
+                "client_level_dp": data.get("client_level_dp"),
+                "best_round": _best(data.get("best_round")),
+                "warnings": [str(w) for w in data.get("warnings") or []]}
     except ValueError as exc:
         raise ValueError(f"{source}: invalid metrics: {exc}") from exc
+
+
+def _best(raw: Any) -> int | None:
+    """The best round's number (0: the base model), or None for older metrics."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ValueError("best_round must be an object")
+    return int(_number(raw.get("round"), "best_round.round"))
 
 
 def load_metrics(run_dir: Path) -> dict[str, Any]:
@@ -269,11 +280,14 @@ def _fmt(v: Any) -> str:
 
 def _round_rows(m: dict[str, Any]) -> list[list[Any]]:
     """Rows "base" + one per round: acc, loss, eps max/min, bytes up/down, seconds, excluded."""
-    rows: list[list[Any]] = [["base", m["base_accuracy"], m["base_loss"], *["-"] * 6]]
+    best = m.get("best_round")
+    rows: list[list[Any]] = [["base*" if best == 0 else "base", m["base_accuracy"],
+                              m["base_loss"], *["-"] * 6]]
     for r in m["rounds"]:
         eps = list(r["epsilon"].values()) or ["-"]
-        rows.append([r["round"], r["accuracy"], r["loss"], max(eps), min(eps), r["bytes_up"],
-                     r["bytes_down"], r["seconds"], len(r["excluded"])])
+        rows.append([f"{r['round']}*" if r["round"] == best else r["round"], r["accuracy"],
+                     r["loss"], max(eps), min(eps), r["bytes_up"], r["bytes_down"],
+                     r["seconds"], len(r["excluded"])])
     return rows
 
 
@@ -303,6 +317,9 @@ def write_report(run_dir: Path) -> Path:
     privacy = ('<span class="private">private (differentially private training)</span>'
                if m["private"] else "<strong>NON-PRIVATE</strong>")
     rows = [("accuracy", f"{_fmt(m['base_accuracy'])} (base) → {_fmt(final)} (final)"),
+            *([("best round", f"{m['best_round']} (marked *)")]
+              if m["best_round"] is not None else []),
+            *(("warning", w) for w in m["warnings"]),
             ("rounds", str(len(m["rounds"]))),
             *((k.replace("_", " "), _fmt(_cfg(cfg, k)))
               for k in ("strategy", "target_epsilon", "target_delta"))]
@@ -362,6 +379,10 @@ def format_summary_table(metrics: dict[str, Any]) -> str:
                                for i, (c, w) in enumerate(zip(row, widths, strict=True))))
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
+    if m["best_round"] is not None:
+        lines.append(f"best: {'the base model' if m['best_round'] == 0 else 'round '}"
+                     f"{m['best_round'] or ''} (marked *)")
+    lines += [f"WARNING: {w}" for w in m["warnings"]]
     lines.append("final epsilon / limit per silo (and its latest noise multiplier):"
                  if m["private"] else f"final epsilon per silo: none ({NO_DP_TEXT})")
     lines += [f"  {s}: {_fmt(e)} / {_fmt(lim)}"
