@@ -213,7 +213,7 @@ def _run(args: argparse.Namespace) -> int:
         print("[run] NON-PRIVATE run (target-epsilon = inf): no DP guarantee for any silo "
               "that follows the run's target", flush=True)
     code = submit(cfg, Connection(args.coordinator, args.ca, args.insecure), args.app)
-    print(f"[run] flwr run exited with {code}; results in {cfg.out_dir} on the coordinator",
+    print(f"[run] exit status {code}; results in {cfg.out_dir} on the coordinator",
           file=sys.stderr if code else sys.stdout)
     return code
 
