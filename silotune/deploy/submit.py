@@ -107,7 +107,7 @@ class RunOutcome:
 def follow_run(run_args: Sequence[str], home: Path) -> int:
     """Start ``flwr RUN_ARGS`` (a ``flwr run`` command line), stream the run's log, and
     report how it ended: 0 for a completed run, 1 for any other end, 130 when the
-    operator interrupts the stream (the run goes on on the coordinator).
+    operator interrupts the stream (the run keeps running on the coordinator).
 
     Raises
     ------
@@ -120,7 +120,7 @@ def follow_run(run_args: Sequence[str], home: Path) -> int:
     try:
         run_flwr(["log", str(run_id), CONNECTION, "--stream"], home)
     except KeyboardInterrupt:
-        print(f"[run] stopped following run {run_id}; it goes on on the coordinator",
+        print(f"[run] stopped following run {run_id}; it keeps running on the coordinator",
               file=sys.stderr)
         return 130
     listed = run_flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
