@@ -150,6 +150,12 @@ class RunConfig:
         _check(self.client_dp_noise == 0 or self.strategy == "flora", "strategy",
                self.strategy, "flora when client_dp_noise > 0 (the only rule whose merge is "
                "linear in the silo updates)")
+        # FedPipe gives silos different modules, and FLoRA averages a module over the silos
+        # that adapt it: one silo alone on a module would carry weight 1 there, so the
+        # client-level sensitivity C would not hold (docs/privacy.md §4).
+        _check(self.client_dp_noise == 0 or not self.profiles, "profiles", self.profiles,
+               "empty when client_dp_noise > 0 (FedPipe's per-silo modules break the "
+               "client-level sensitivity bound)")
         _check(self.plan_mode in ("per-silo", "uniform"), "plan_mode", self.plan_mode,
                "per-silo or uniform")
         _check(self.calibration_steps >= 1, "calibration_steps", self.calibration_steps,

@@ -73,6 +73,7 @@ def _train(msg: Message, context: Context, silo: Silo) -> Message:
     if privacy.private:  # refused before the data is read
         silo.policy.check_train(ask.target_epsilon, ask.target_delta,
                                 ask.planned_rounds * ask.slm_steps)
+        silo.policy.check_per_row_release("CrossLM small-model training")
     run_id = str(context.run_id)
     model, tok, _ = _load(silo, ask.slm, ask.labels, run_id, ask.run_seed)
     frame = silo.frame

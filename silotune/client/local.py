@@ -99,7 +99,8 @@ def deployed_silo(context: Context) -> Silo:
 
     def load() -> pd.DataFrame:
         return load_dataset_frame(str(settings.data_path), text_column=settings.text_column,
-                                  label_column=settings.label_column)
+                                  label_column=settings.label_column,
+                                  unit_column=settings.privacy_unit_column)
 
     return Silo(silo_id=settings.silo_id, index=settings.index,
                 state_dir=settings.state_dir, ledger_path=settings.ledger_path,

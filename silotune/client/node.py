@@ -50,6 +50,7 @@ IMPORTANCE_QUERIES: Final = "importance-queries"
 PUBLIC_SIZE: Final = "public-size"
 TEXT_COLUMN: Final = "text-column"
 LABEL_COLUMN: Final = "label-column"
+PRIVACY_UNIT_COLUMN: Final = "privacy-unit-column"
 
 
 class NodeConfigError(ValueError):
@@ -71,6 +72,7 @@ class NodeSettings:
     profile: SiloProfile | None = None  # None: no FedPipe resource profile declared
     text_column: str = "text"
     label_column: str = "label"
+    privacy_unit_column: str | None = None  # None: one row is the privacy unit
 
     def __post_init__(self) -> None:
         if not self.silo_id or any(c.isspace() or c in "'\"/" for c in self.silo_id):
@@ -87,6 +89,9 @@ class NodeSettings:
             if not column.strip() or '"' in column:
                 raise NodeConfigError(f"{key} {column!r} must be a non-empty column name "
                                       "without double quotes")
+        if self.privacy_unit_column in (self.text_column, self.label_column):
+            raise NodeConfigError(f"{PRIVACY_UNIT_COLUMN} {self.privacy_unit_column!r} must "
+                                  "name a column other than the text and the label")
         if self.text_column == self.label_column:
             raise NodeConfigError(f"{TEXT_COLUMN} and {LABEL_COLUMN} are both "
                                   f"{self.text_column!r}; they must name different columns")
@@ -95,7 +100,8 @@ class NodeSettings:
     def policy(self) -> SiloPolicy:
         """The silo's own privacy policy."""
         return SiloPolicy(epsilon=self.epsilon, delta=self.delta, max_steps=self.max_steps,
-                          importance_queries=self.importance_queries)
+                          importance_queries=self.importance_queries,
+                          privacy_unit_column=self.privacy_unit_column)
 
     @property
     def index(self) -> int:
@@ -120,6 +126,8 @@ class NodeSettings:
             values[MAX_STEPS] = float(self.max_steps)
         if self.public_size is not None:
             values[PUBLIC_SIZE] = float(self.public_size)
+        if self.privacy_unit_column is not None:
+            values[PRIVACY_UNIT_COLUMN] = self.privacy_unit_column
         if self.profile is not None:
             values.update(self.profile.to_node_config())
         parts = []
@@ -169,7 +177,13 @@ def from_node_config(node_config: Mapping[str, object]) -> NodeSettings:
                         public_size=_whole(number(PUBLIC_SIZE), PUBLIC_SIZE),
                         profile=profile,
                         text_column=str(node_config.get(TEXT_COLUMN, "text")),
-                        label_column=str(node_config.get(LABEL_COLUMN, "label")))
+                        label_column=str(node_config.get(LABEL_COLUMN, "label")),
+                        privacy_unit_column=_optional_text(node_config, PRIVACY_UNIT_COLUMN))
+
+
+def _optional_text(node_config: Mapping[str, object], key: str) -> str | None:
+    value = node_config.get(key)
+    return None if value is None else str(value)
 
 
 def _whole(value: float | None, key: str) -> int | None:

@@ -38,6 +38,9 @@ class SiloPolicy:
     importance_queries: int = 0  # most importance queries it answers in its life
     importance_noise: float = 1.0  # sigma of its DP importance scoring
     diagnostics: bool = False  # simulated silos only: peak memory, worker, token length
+    # The privacy unit: None = one row; a column name = all rows sharing its value (e.g.
+    # a patient id) are one unit, sampled and clipped together (docs/privacy.md §8).
+    privacy_unit_column: str | None = None
 
     def __post_init__(self) -> None:
         if math.isnan(self.epsilon) or self.epsilon <= 0:
@@ -50,6 +53,24 @@ class SiloPolicy:
             raise ValueError("policy importance-queries must be >= 0")
         if not (math.isfinite(self.importance_noise) and self.importance_noise > 0):
             raise ValueError("policy importance-noise must be a finite number > 0")
+        if self.privacy_unit_column is not None and (
+                not self.privacy_unit_column.strip() or '"' in self.privacy_unit_column):
+            raise ValueError(f"policy privacy-unit-column {self.privacy_unit_column!r} must "
+                             "be a non-empty column name without double quotes")
+
+    @property
+    def privacy_unit(self) -> str:
+        """The unit as the ledger records it: "example", or "group:COLUMN"."""
+        column = self.privacy_unit_column
+        return "example" if column is None else f"group:{column}"
+
+    def check_per_row_release(self, what: str) -> None:
+        """Refuse a release whose mechanism treats each row as the unit (importance
+        scores, the CrossLM small model) when the silo's unit spans several rows."""
+        if self.privacy_unit_column is not None:
+            raise PolicyRefusalError(
+                f"{what} treats one row as the privacy unit, and this silo's unit is "
+                f"{self.privacy_unit!r}: refused (not supported with privacy-unit-column)")
 
     @property
     def private(self) -> bool:
@@ -74,6 +95,7 @@ class SiloPolicy:
     def check_importance(self, answered: int, answered_in_federation: int,
                          batch_size: int) -> None:
         """Refuse an importance query beyond the policy's caps."""
+        self.check_per_row_release("DP importance scoring")
         if batch_size < MIN_IMPORTANCE_BATCH:
             raise PolicyRefusalError(
                 f"the importance query asks for calibration batches of {batch_size}; this "

@@ -80,12 +80,15 @@ class SiloPrivacy:
 
     def record_round(self, *, step: AccountingStep, run_id: str, round_: int,
                      frame: pd.DataFrame, noise: str = "os", kind: str = "train",
-                     liveness: float | None = None) -> tuple[EpsilonReport, dict[str, Any]]:
+                     liveness: float | None = None,
+                     unit: tuple[str, int] | None = None,
+                     ) -> tuple[EpsilonReport, dict[str, Any]]:
         """Compose `step`, then append and sign the ledger entry; returns (report, entry).
         `noise`: "os" (OS-seeded noise) or "seeded" (a simulation's public noise seed: the
         guarantee then holds only against those who do not know that seed). `kind`:
         "train" (DP-SGD) or "importance" (DP importance scores, FedPipe). Called before the
-        data is touched (write-ahead), so `liveness` is absent from new entries."""
+        data is touched (write-ahead), so `liveness` is absent from new entries. `unit`:
+        the privacy unit and how many the data holds (default: one row, the rows)."""
         if noise not in ("os", "seeded"):
             raise ValueError(f"noise source must be 'os' or 'seeded', got {noise!r}")
         history = [*self.history(), step]
@@ -97,7 +100,8 @@ class SiloPrivacy:
             "round": round_,
             "dataset_fingerprint": dataset_fingerprint(frame),
             "dataset_size": len(frame),
-            "privacy_unit": "example",
+            "privacy_unit": "example" if unit is None else unit[0],
+            "privacy_units": len(frame) if unit is None else unit[1],
             "neighboring_relation": "add_or_remove_one",
             "mechanism": "poisson-subsampled-gaussian",
             "noise_multiplier": step.noise_multiplier,

@@ -127,10 +127,11 @@ def private_training(silo: Silo, privacy: SiloPrivacyConfig, request: Request,
     with state_lock(silo.state_dir):
         budget = SiloPrivacy(privacy)
         already_done(budget)
-        q = sample_rate_for(len(frame), request.batch_size)
+        units = privacy_units(frame, silo.policy.privacy_unit_column)
+        q = sample_rate_for(units, request.batch_size)
         sigma = budget.noise_multiplier(request.federation, q, request.planned_steps,
                                         run_epsilon=request.target_epsilon)
-        check_useful(sigma, q * len(frame))
+        check_useful(sigma, q * units)
         step = AccountingStep(noise_multiplier=sigma, sample_rate=q, steps=request.steps)
         budget.check_round(step)  # refuse before any training
         noise_seed = silo.noise_seed(request.round)
@@ -138,7 +139,8 @@ def private_training(silo: Silo, privacy: SiloPrivacyConfig, request: Request,
         # at any point can over-count but never under-count.
         report, entry = budget.record_round(
             step=step, run_id=request.federation, round_=request.round, frame=frame,
-            noise="os" if noise_seed is None else "seeded")
+            noise="os" if noise_seed is None else "seeded",
+            unit=(silo.policy.privacy_unit, units))
         try:
             result = train(DPConfig(noise_multiplier=sigma,
                                     max_grad_norm=privacy.max_grad_norm,
@@ -152,6 +154,12 @@ def private_training(silo: Silo, privacy: SiloPrivacyConfig, request: Request,
             ) from err
     return result, Spent(report.epsilon, privacy.delta, privacy.target_epsilon,
                          str(entry["entry_hash"]), sigma)
+
+
+def privacy_units(frame: pd.DataFrame, column: str | None) -> int:
+    """How many privacy units the data holds: rows, or distinct values of the unit
+    column (the population that batches are Poisson-sampled from)."""
+    return len(frame) if column is None else int(frame["unit"].nunique())
 
 
 def spent_fields(spent: Spent | None) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from silotune.client.spend import (
     spent_fields,
 )
 from silotune.ml.assets import resolve_model
-from silotune.ml.dp_sgd import DPConfig
+from silotune.ml.dp_sgd import DPConfig, unit_rows
 from silotune.ml.lm import encode_frame
 from silotune.ml.memory import PeakRSS
 from silotune.ml.merge import module_shapes
@@ -66,8 +66,11 @@ def train_round(msg: Message, context: Context, silo: Silo) -> Message:
     local = _local_config(ask, silo, _initial_factors(start, ask, context))
     pad_id = int(tok.pad_token_id)
 
+    units = (unit_rows(frame["unit"].tolist())
+             if silo.policy.privacy_unit_column is not None else None)
+
     def train(dp: DPConfig | None) -> LocalTrainResult:
-        return train_local(base, examples, pad_id, local, dp)
+        return train_local(base, examples, pad_id, local, dp, units=units)
 
     with PeakRSS() as peak:
         if privacy.private:

@@ -152,7 +152,8 @@ def run(settings: AgentSettings, log: Log = print) -> int:
         f"coordinator {settings.connection.address}"
         + (" INSECURE" if settings.connection.insecure else " (TLS, node key)"))
     log(f"[agent] silo {node.silo_id}: columns text={node.text_column!r} "
-        f"label={node.label_column!r}; {describe_profile(node.profile)}")
+        f"label={node.label_column!r}, privacy unit {node.policy.privacy_unit!r}; "
+        f"{describe_profile(node.profile)}")
     home = node.state_dir / "flwr"
     home.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(supernode_command(settings), env=flower_env(home),

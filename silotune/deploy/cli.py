@@ -75,7 +75,14 @@ def add_deploy_parsers(sub: Any) -> None:
     co_sub = co.add_subparsers(dest="action", metavar="ACTION")
     reg = co_sub.add_parser("register-silo", help="allow a silo's node key to join")
     reg.add_argument("public_key", type=Path, metavar="PUBKEY", help="the silo's node.pub")
-    reg.add_argument("--name", help="a name for the silo in `flwr supernode list`")
+    reg.add_argument("--name", required=True,
+                     help="the silo's id: its agent must claim this --silo-id")
+    reg.add_argument("--examples", type=int, default=None,
+                     help="the silo's size as agreed with it, public by declaration: its "
+                     "aggregation weight whatever its replies claim (default: equal weights)")
+    reg.add_argument("--ledger-key", type=Path, default=None,
+                     help="the silo's ledger public key (the agent prints it at start): "
+                     "pinned, so ledgers re-signed with another key are refused")
 
     a = sub.add_parser(
         "agent", help="run a silo client agent (Flower SuperNode) next to the silo's "
@@ -105,6 +112,10 @@ def add_deploy_parsers(sub: Any) -> None:
                         help="a dataset size you declare public: the silo's aggregation "
                         "weight (default: none; the exact size never leaves the silo and "
                         "the coordinator weighs such silos equally)")
+    policy.add_argument("--privacy-unit-column", default=None, metavar="COLUMN",
+                        help="a column naming each row's privacy unit, e.g. a patient id: "
+                        "all rows of a unit are sampled and clipped together and epsilon "
+                        "holds per unit (default: one row is the unit)")
     a.add_argument("--text-column", default="text",
                    help="the column of the silo's data holding the text (%(default)s)")
     a.add_argument("--label-column", default="label",
@@ -171,7 +182,8 @@ def _coordinator(args: argparse.Namespace) -> int:
     settings = CoordinatorSettings(state_dir=args.state_dir, certs_dir=args.certs,
                                    host=args.host, port=args.port, insecure=args.insecure)
     if args.action == "register-silo":
-        return register_silo(settings, args.public_key, args.name)
+        return register_silo(settings, args.public_key, args.name, args.examples,
+                             args.ledger_key)
     return start(settings)
 
 
@@ -183,7 +195,8 @@ def _agent(args: argparse.Namespace) -> int:
                         importance_queries=args.importance_queries,
                         public_size=args.public_size,
                         profile=declared_profile(args),
-                        text_column=args.text_column, label_column=args.label_column)
+                        text_column=args.text_column, label_column=args.label_column,
+                        privacy_unit_column=args.privacy_unit_column)
     settings = AgentSettings(
         connection=Connection(args.coordinator, args.ca, args.insecure), key=args.key,
         node=node, max_attempts=max(1, args.max_attempts), backoff_seconds=args.backoff,

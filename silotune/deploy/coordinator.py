@@ -34,6 +34,13 @@ from silotune.deploy.connection import (
     run_flwr,
     write_flwr_home,
 )
+from silotune.server.registry import (
+    FILE_NAME,
+    REGISTRY_ENV,
+    RegisteredSilo,
+    SiloRegistry,
+    ledger_key_hex,
+)
 
 DEFAULT_PORT = 9093
 INSECURE_WARNING = """
@@ -63,6 +70,11 @@ class CoordinatorSettings:
     @property
     def database(self) -> Path:
         return self.state_dir / "superlink.db"
+
+    @property
+    def registry(self) -> Path:
+        """What the operator registered about each silo (silotune/server/registry.py)."""
+        return self.state_dir / FILE_NAME
 
     @property
     def connection(self) -> Connection:
@@ -111,7 +123,8 @@ def start(settings: CoordinatorSettings) -> int:
     print(f"[coordinator] state {settings.database}, listening on {settings.host}:"
           f"{settings.port} ({'INSECURE' if settings.insecure else 'TLS + node auth'})",
           flush=True)
-    proc = subprocess.Popen(cmd, env=flower_env(settings.flwr_home), start_new_session=True)
+    env = {**flower_env(settings.flwr_home), REGISTRY_ENV: str(settings.registry.resolve())}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         try:  # stop Flower's whole process group (SuperLink, SuperExec, ServerApps)
@@ -128,16 +141,23 @@ def start(settings: CoordinatorSettings) -> int:
     return 0 if code in (-signal.SIGTERM, -signal.SIGINT) else code  # stopped on request
 
 
-def register_silo(settings: CoordinatorSettings, public_key: Path, name: str | None) -> int:
-    """Register a silo's node public key with the running coordinator."""
+def register_silo(settings: CoordinatorSettings, public_key: Path, name: str,
+                  examples: int | None = None, ledger_key: Path | None = None) -> int:
+    """Register a silo's node public key with the running coordinator under `name` (the
+    silo id its agent must claim), and record its public size and ledger key."""
     if not public_key.is_file():
         raise DeployError(f"public key {public_key} does not exist; the silo admin sends "
                           "node.pub from `silotune certs --silo ID`")
     if settings.insecure:
         raise DeployError("an insecure coordinator has no node authentication; there is "
                           "nothing to register")
+    if examples is not None and examples <= 0:
+        raise DeployError(f"--examples {examples}: a silo's registered size must be > 0")
+    entry = RegisteredSilo(examples, ledger_key_hex(ledger_key) if ledger_key else None)
+    registry = SiloRegistry.load(settings.registry)  # refuses a corrupt file first
     home = write_flwr_home(settings.flwr_home, settings.connection)
-    args = ["supernode", "register", str(public_key), CONNECTION]
-    if name:
-        args += ["--name", name]
-    return run_flwr(args, home).returncode
+    code = run_flwr(["supernode", "register", str(public_key), CONNECTION, "--name", name],
+                    home).returncode
+    if code == 0:
+        registry.with_silo(name, entry).save(settings.registry)
+    return code

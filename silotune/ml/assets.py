@@ -244,7 +244,8 @@ DATASETS: dict[str, Callable[[], pd.DataFrame]] = {
 
 
 def load_dataset_frame(
-    name_or_path: str, *, text_column: str = "text", label_column: str = "label"
+    name_or_path: str, *, text_column: str = "text", label_column: str = "label",
+    unit_column: str | None = None,
 ) -> pd.DataFrame:
     """Load a labelled text data set as a frame with columns ``text`` and ``label``.
 
@@ -255,12 +256,15 @@ def load_dataset_frame(
         file.
     text_column, label_column : str, optional
         Column names holding the text and the label in a file.
+    unit_column : str, optional
+        A column naming each row's privacy unit (e.g. a patient id), kept as ``unit``;
+        every row must have one.
 
     Returns
     -------
     pandas.DataFrame
-        Exactly the columns ``["text", "label"]`` as str; rows with an empty text or
-        label are dropped.
+        Exactly the columns ``["text", "label"]`` (plus ``"unit"`` with `unit_column`) as
+        str; rows with an empty text or label are dropped.
 
     Raises
     ------
@@ -284,18 +288,23 @@ def load_dataset_frame(
         raw = reader(path)
     except (ValueError, OSError) as exc:
         raise AssetError(f"could not read dataset file {path}: {exc}") from exc
-    missing = [c for c in (text_column, label_column) if c not in raw.columns]
+    wanted = [text_column, label_column, *([unit_column] if unit_column else [])]
+    missing = [c for c in wanted if c not in raw.columns]
     if missing:
         raise AssetError(
             f"dataset file {path} has no column(s) {', '.join(map(repr, missing))}; columns "
             f"found: {', '.join(map(repr, map(str, raw.columns)))}. Choose the columns with "
-            "--text-column/--label-column"
+            "--text-column/--label-column/--privacy-unit-column"
         )
-    frame = raw[[text_column, label_column]].dropna()
+    if unit_column and raw[unit_column].isna().any():
+        raise AssetError(
+            f"dataset file {path}: {int(raw[unit_column].isna().sum())} rows have no value "
+            f"in the privacy unit column {unit_column!r}; every row must name its unit")
+    frame = raw[wanted].dropna()
     for col in frame.columns:  # 1.0 -> "1" for numeric labels read as float
         if pd.api.types.is_float_dtype(frame[col]) and (frame[col] % 1 == 0).all():
             frame[col] = frame[col].astype("int64")
-    frame.columns = pd.Index(["text", "label"])
+    frame.columns = pd.Index(["text", "label", *(["unit"] if unit_column else [])])
     frame = frame.astype(str).apply(lambda col: col.str.strip())
     frame = frame[(frame["text"] != "") & (frame["label"] != "")].reset_index(drop=True)
     if frame["label"].nunique() < 2:

@@ -8,6 +8,13 @@ Library in PyTorch", arXiv:2109.12298) supplies the per-example gradients, the c
 and noise (`PrivacyEngine.make_private`), the Poisson sampler and the split of a logical
 batch into physical micro-batches (`BatchMemoryManager`). The accounting that turns
 (sigma, q, steps) into epsilon lives with the silo (silotune.privacy), not here.
+
+**Privacy units of several rows** (e.g. a patient's notes; docs/privacy.md §8). With
+`units` (row indices of each unit), the Poisson draws are over units, not rows, and each
+sampled unit's gradient is the mean of its rows' per-example gradients (Opacus computes
+one per row), formed before Opacus clips it: one unit then moves a step's gradient sum by
+at most C however many rows it has, and q = batch / number of units is the sampling rate
+the accountant must use.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import torch
 from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchMemoryManager
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 Batch = Sequence[torch.Tensor]
 LossFn = Callable[[Batch], torch.Tensor]  # a batch -> the mean loss over its examples
@@ -54,6 +61,20 @@ class OptimizerHook(Protocol):
     def attach(self, optimizer: DPOptimizer, sample_rate: float) -> None: ...
 
 
+def unit_rows(units: Sequence[object]) -> torch.Tensor:
+    """The rows of each privacy unit, from the unit of every row (e.g. a patient id):
+    a (number of units, most rows of a unit) matrix of row indices, padded with -1, in
+    order of first appearance."""
+    rows: dict[object, list[int]] = {}
+    for index, unit in enumerate(units):
+        rows.setdefault(unit, []).append(index)
+    width = max((len(r) for r in rows.values()), default=0)
+    out = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, r in enumerate(rows.values()):
+        out[i, :len(r)] = torch.tensor(r)
+    return out
+
+
 def sample_rate_for(num_examples: int, batch_size: int) -> float:
     """Opacus' q = 1 / len(DataLoader(ds, batch_size)), known before training."""
     return 1.0 / max(1, -(-num_examples // batch_size))
@@ -74,7 +95,8 @@ def run_sgd(optimizer: torch.optim.Optimizer, loader: DataLoader, steps: int,
 
 def run_dp_sgd(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
                steps: int, loss_fn: LossFn, dp: DPConfig, physical_batch_size: int,
-               hook: OptimizerHook | None = None) -> float:
+               hook: OptimizerHook | None = None, units: torch.Tensor | None = None,
+               ) -> float:
     """Train `model` in place with DP-SGD for exactly `steps` logical steps.
 
     Parameters
@@ -97,15 +119,22 @@ def run_dp_sgd(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader:
         The most examples per forward/backward pass (`BatchMemoryManager`).
     hook
         Wraps the DP optimizer once, before the first step.
+    units
+        The privacy unit's rows (`unit_rows`), when a unit is not one row: batches are
+        then drawn over units (the loader's batch size counts units) and each unit's
+        gradient is the mean of its rows' before clipping.
 
     Returns
     -------
     float
         The mean loss over the physical batches that held examples (0.0 if none).
     """
-    q = sample_rate_for(len(cast(Sized, loader.dataset)), _batch_size(loader))
+    drawn = loader.dataset if units is None else TensorDataset(units)
+    q = sample_rate_for(len(cast(Sized, drawn)), _batch_size(loader))
     noise, sampling = _generators(dp.noise_seed)
-    secret = DataLoader(loader.dataset, batch_size=loader.batch_size, generator=sampling)
+    secret = DataLoader(drawn, batch_size=loader.batch_size, generator=sampling)
+    if units is not None:
+        loss_fn = _per_unit(loss_fn, cast(TensorDataset, loader.dataset))
     with warnings.catch_warnings():
         for text in _BENIGN:
             warnings.filterwarnings("ignore", message=f".*{text}")
@@ -158,11 +187,44 @@ def _logical_steps(engine: PrivacyEngine, optimizer: DPOptimizer, loader: DataLo
                 else:
                     loss = loss_fn(batch)
                     loss.backward()
+                    if isinstance(loss_fn, _per_unit):
+                        loss_fn.average_rows(optimizer.params)
                     optimizer.step()
                     losses.append(loss.item())
                 if _steps_done(engine) >= steps:
                     break
     return losses
+
+
+class _per_unit:  # noqa: N801 (used like the function it wraps)
+    """The loss of a batch of units (rows of `rows` gathered by index), remembering
+    which unit each row belongs to so that per-row gradients can be averaged per unit."""
+
+    def __init__(self, loss_fn: LossFn, rows: TensorDataset) -> None:
+        self.loss_fn, self.rows = loss_fn, rows
+        self.unit_of_row = torch.empty(0, dtype=torch.long)
+        self.rows_per_unit = torch.empty(0)
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        index = batch[0]  # (units in the batch, most rows of a unit), -1 padded
+        present = index >= 0
+        self.rows_per_unit = present.sum(1)
+        self.unit_of_row = torch.arange(len(index)).repeat_interleave(self.rows_per_unit)
+        return self.loss_fn([t[index[present]] for t in self.rows.tensors])
+
+    def average_rows(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """Replace each parameter's per-row gradients by per-unit means (before Opacus
+        clips them: the clip then bounds a whole unit)."""
+        for p in params:
+            rows = p.grad_sample  # type: ignore[attr-defined]
+            if not isinstance(rows, torch.Tensor):  # a module run twice in one pass
+                raise RuntimeError("per-unit gradients need one per-row gradient tensor per "
+                                   f"parameter, got {type(rows).__name__}")
+            units = torch.zeros((len(self.rows_per_unit), *rows.shape[1:]),
+                                dtype=rows.dtype, device=rows.device)
+            units.index_add_(0, self.unit_of_row.to(rows.device), rows)
+            shape = (-1, *[1] * (rows.dim() - 1))
+            p.grad_sample = units / self.rows_per_unit.to(rows.device).view(shape)  # type: ignore[attr-defined]
 
 
 def _steps_done(engine: PrivacyEngine) -> int:

@@ -5,10 +5,14 @@ answer is the label word(s) followed by EOS. Training loss covers the answer tok
 and is averaged per sequence (the DP unit is one sequence). Evaluation scores every
 label's log-likelihood as a continuation of the shared prompt, re-using the prompt's KV
 cache, and predicts the arg-max.
+
+Training and evaluation read the same prompt: a text too long for `MAX_PROMPT_TOKENS`
+loses its end, never the ``Category:`` cue that asks for the answer, in both.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +26,11 @@ from transformers.utils import logging as hf_logging
 
 IGNORE_INDEX = -100
 PROMPT = "Text: {text}\nCategory:"
-MAX_LENGTH = 64  # default truncation cap of `encode`, in tokens (prompt + answer)
+CUE = "\nCategory:"
+MAX_LENGTH = 64  # tokens of a training example (prompt + answer) the memory plans assume
+MAX_PROMPT_TOKENS = MAX_LENGTH - 8  # a prompt's cap, cue included; answers are appended
+
+log = logging.getLogger(__name__)
 
 
 def load_model(path: str | Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
@@ -37,8 +45,36 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBa
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """The prompt's tokens, at most `MAX_PROMPT_TOKENS`: a longer text keeps its start
+    and the cue (tokenized apart), so the model is still asked for the category."""
     ids: list[int] = tokenizer(PROMPT.format(text=text), add_special_tokens=False)["input_ids"]
-    return ids
+    if len(ids) <= MAX_PROMPT_TOKENS:
+        return ids
+    cue: list[int] = tokenizer(CUE, add_special_tokens=False)["input_ids"]
+    head: list[int] = tokenizer(PROMPT.format(text=text)[: -len(CUE)],
+                                add_special_tokens=False)["input_ids"]
+    return head[: MAX_PROMPT_TOKENS - len(cue)] + cue
+
+
+def truncated_share(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> float:
+    """The share of `texts` whose prompt is cut to `MAX_PROMPT_TOKENS`."""
+    if not texts:
+        return 0.0
+    long = sum(len(tokenizer(PROMPT.format(text=t), add_special_tokens=False)["input_ids"])
+               > MAX_PROMPT_TOKENS for t in texts)
+    return long / len(texts)
+
+
+def warn_if_truncated(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+                      what: str) -> float:
+    """Log how much of `texts` is cut (the held-out split stands for the silos' data,
+    whose lengths stay on the silos); returns the share."""
+    share = truncated_share(tokenizer, texts)
+    if share > 0:
+        log.warning("%.0f%% of the %s prompts are longer than %d tokens: their text is cut "
+                    "after its first tokens (the 'Category:' cue is kept), in training and "
+                    "evaluation alike", 100 * share, what, MAX_PROMPT_TOKENS)
+    return share
 
 
 def answer_ids(tokenizer: PreTrainedTokenizerBase, label: str) -> list[int]:
@@ -52,11 +88,11 @@ class EncodedExample:
     labels: list[int]  # IGNORE_INDEX on the prompt
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, text: str, label: str,
-           max_length: int = MAX_LENGTH) -> EncodedExample:
-    """Prompt + answer; the loss mask keeps the answer only (the prompt is truncated)."""
+def encode(tokenizer: PreTrainedTokenizerBase, text: str, label: str) -> EncodedExample:
+    """Prompt (`prompt_ids`, as evaluation reads it) + answer; the loss mask keeps the
+    answer only."""
     answer = answer_ids(tokenizer, label)
-    prompt = prompt_ids(tokenizer, text)[: max(1, max_length - len(answer))]
+    prompt = prompt_ids(tokenizer, text)
     return EncodedExample(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer)
 
 

@@ -140,14 +140,17 @@ _BENIGN = ("is_gradient_checkpointing",)
 
 def train_local(base: torch.nn.Module, examples: Sequence[EncodedExample], pad_id: int,
                 cfg: LocalTrainConfig, dp: DPConfig | None,
-                hook: OptimizerHook | None = None) -> LocalTrainResult:
+                hook: OptimizerHook | None = None,
+                units: torch.Tensor | None = None) -> LocalTrainResult:
     """Train a fresh LoRA on `examples` for `cfg.local_steps` logical steps.
 
     With `dp`, DP-SGD (Opacus): Poisson sampling at q = 1/len(loader), per-example
     clipping to `dp.max_grad_norm`, Gaussian noise `dp.noise_multiplier * clip`. The
     noise comes from a generator seeded by the OS (never by the public run seed), unless
     a simulation asks for reproducible noise (`dp.noise_seed`).
-    `hook` (DP only) wraps the DP optimizer before the first step.
+    `hook` (DP only) wraps the DP optimizer before the first step. `units` (DP only,
+    `silotune.ml.dp_sgd.unit_rows`): privacy units of several rows; batches then count
+    units and q is over units.
     """
     if not examples:
         raise ValueError("this silo has no training examples")
@@ -156,12 +159,13 @@ def train_local(base: torch.nn.Module, examples: Sequence[EncodedExample], pad_i
     with warnings.catch_warnings():
         for text in _BENIGN:
             warnings.filterwarnings("ignore", message=f".*{text}")
-        return _train_local(base, examples, pad_id, cfg, dp, hook)
+        return _train_local(base, examples, pad_id, cfg, dp, hook, units)
 
 
 def _train_local(base: torch.nn.Module, examples: Sequence[EncodedExample], pad_id: int,
                  cfg: LocalTrainConfig, dp: DPConfig | None,
-                 hook: OptimizerHook | None) -> LocalTrainResult:
+                 hook: OptimizerHook | None, units: torch.Tensor | None,
+                 ) -> LocalTrainResult:
     model = attach_lora(base, cfg)
     before = _lora_state(model)
     data = tensor_dataset(examples, pad_id)
@@ -175,8 +179,8 @@ def _train_local(base: torch.nn.Module, examples: Sequence[EncodedExample], pad_
         q = cfg.batch_size / len(data)
     else:
         loss = run_dp_sgd(model, optimizer, loader, cfg.local_steps, step, dp,
-                          cfg.physical_batch_size, hook)
-        q = sample_rate_for(len(data), cfg.batch_size)
+                          cfg.physical_batch_size, hook, units)
+        q = sample_rate_for(len(data) if units is None else len(units), cfg.batch_size)
     after = _lora_state(model)
     moved = max(float(np.abs(after[k] - before[k]).max()) for k in after)
     changed = [k for k in after if is_factor(k, cfg.frozen)

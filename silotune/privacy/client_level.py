@@ -25,15 +25,17 @@ price of full-rank noise. Only rules whose round result is a merge that is linea
 silo updates qualify (``flora``); the others average factors separately (FedIT family)
 or truncate an SVD, and their sensitivity is not bounded by ``||Delta_k||``.
 
-**Accounting** (dp_accounting, Mironov 2017 RDP; PLD cross-check where it applies).
-The mean is divided by the fixed k = silos sampled per round, never by the number of
-replies, so a missing or excluded silo cannot change the scale. With every silo in every
-round (silotune's default, ``fraction-train = 1``): R compositions of the Gaussian
-mechanism with noise multiplier z under add-or-remove-one-silo. With k of N silos sampled
-uniformly without replacement (what silotune's loop does), the RDP bound of Wang, Balle
-& Kasiviswanathan (AISTATS 2019, Thm 27) under replace-one-silo, where the sensitivity of
-the sum is ``2 C``, i.e. noise multiplier ``z / 2``. Client-level epsilon is a different
-guarantee from the silos' record-level epsilon: never add the two.
+**Accounting** (dp_accounting, Mironov 2017 RDP, PLD cross-check). The mean is divided
+by the fixed k = silos per round, never by the number of replies, so a missing or
+excluded silo cannot change the scale. Each noisy round is one Gaussian mechanism with
+noise multiplier z and sensitivity C under add-or-remove-one-silo, and R rounds are R
+compositions, whether or not the silo took part. No amplification by sampling is
+claimed: the silos of a round are drawn with the run's public seed and published in
+``metrics.json``, and amplification needs a secret sample. The count restarts nowhere:
+a resumed run continues the release count of the ledger it appends to
+(``silotune/server/client_dp.py``). Client-level epsilon is a different guarantee from
+the silos' record-level epsilon: never add the two. Nothing else derived from the
+updates is published (no count of clipped silos: it would be an un-noised statistic).
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ from silotune.strategies.base import AggregationRule, RoundResult, SiloPlan
 
 SUPPORTED_RULES = ("flora",)
 MECHANISM = "DP-FedAvg server-side fixed clipping (McMahan et al. 2018)"
+NEIGHBORING_RELATION = "add_or_remove_one_silo"
+SAMPLING = "public: no amplification claimed"
 
 
 @dataclass(frozen=True)
@@ -84,35 +88,20 @@ class ClientLevelConfig:
         if not 0 < self.delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
 
-    @property
-    def sampled(self) -> bool:
-        return self.per_round < self.population
-
-    @property
-    def neighboring_relation(self) -> str:
-        return "replace_one_silo" if self.sampled else "add_or_remove_one_silo"
-
 
 def client_level_epsilon(cfg: ClientLevelConfig, releases: int) -> dict[str, float]:
-    """Epsilon after ``releases`` noisy rounds: ``{"rdp": ...}``, plus ``"pld"`` without
-    sampling (dp_accounting's PLD has no sampling-without-replacement event)."""
+    """Epsilon after ``releases`` noisy rounds: ``{"rdp": ..., "pld": ...}`` (R Gaussian
+    compositions, add-or-remove-one-silo, no amplification by sampling)."""
     if releases <= 0:
-        return {"rdp": 0.0, **({} if cfg.sampled else {"pld": 0.0})}
-    if cfg.sampled:  # replace-one: the sum moves by up to 2C, so z / 2 per unit sensitivity
-        one: dp_event.DpEvent = dp_event.SampledWithoutReplacementDpEvent(
-            cfg.population, cfg.per_round, dp_event.GaussianDpEvent(cfg.noise_multiplier / 2))
-        rel = rdp_privacy_accountant.NeighborRel.REPLACE_ONE
-    else:
-        one = dp_event.GaussianDpEvent(cfg.noise_multiplier)
-        rel = rdp_privacy_accountant.NeighborRel.ADD_OR_REMOVE_ONE
-    event = dp_event.SelfComposedDpEvent(one, releases)
-    rdp = rdp_privacy_accountant.RdpAccountant(neighboring_relation=rel)
-    out = {"rdp": float(rdp.compose(event).get_epsilon(cfg.delta))}
-    if not cfg.sampled:
-        pld = pld_privacy_accountant.PLDAccountant(
-            value_discretization_interval=PLD_DISCRETIZATION)
-        out["pld"] = float(pld.compose(event).get_epsilon(cfg.delta))
-    return out
+        return {"rdp": 0.0, "pld": 0.0}
+    event = dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(cfg.noise_multiplier),
+                                         releases)
+    rdp = rdp_privacy_accountant.RdpAccountant(
+        neighboring_relation=rdp_privacy_accountant.NeighborRel.ADD_OR_REMOVE_ONE)
+    pld = pld_privacy_accountant.PLDAccountant(
+        value_discretization_interval=PLD_DISCRETIZATION)
+    return {"rdp": float(rdp.compose(event).get_epsilon(cfg.delta)),
+            "pld": float(pld.compose(event).get_epsilon(cfg.delta))}
 
 
 def update_norm(adapter: SiloAdapter) -> float:
@@ -145,10 +134,10 @@ def dense_factors(delta: np.ndarray) -> LoraFactors:
 
 @dataclass
 class RoundPrivacy:
-    """What one noisy round did: norms before clipping, how many were clipped."""
+    """What one noisy round did: each silo's update norm before clipping (kept on the
+    coordinator, never published)."""
 
     norms: dict[str, float] = field(default_factory=dict)
-    clipped: int = 0
     releases: int = 0
 
 
@@ -163,10 +152,12 @@ class ClientLevelDP:
         z, C, N, k and delta.
     rng : np.random.Generator, optional
         Noise source; default seeded from the OS (``secrets``), never from the run seed.
+    releases : int
+        Noisy rounds already released about these silos (a resumed run's ledger).
     """
 
     def __init__(self, inner: AggregationRule, cfg: ClientLevelConfig,
-                 rng: np.random.Generator | None = None) -> None:
+                 rng: np.random.Generator | None = None, releases: int = 0) -> None:
         if inner.name not in SUPPORTED_RULES:
             raise AdapterError(
                 f"client-level DP needs a rule whose merge is linear in the silo updates "
@@ -177,7 +168,7 @@ class ClientLevelDP:
         self.name = inner.name
         self.rng = rng or np.random.default_rng(secrets.randbits(128))
         self.last = RoundPrivacy()
-        self.releases = 0
+        self.releases = releases
 
     def setup(self, ranks: Mapping[str, int], shapes: Mapping[str, tuple[int, int]],
               seed: int) -> None:
@@ -211,8 +202,7 @@ class ClientLevelDP:
                                   / self.cfg.per_round)
                  for m, t in sorted(total.items())}
         self.releases += 1
-        self.last = RoundPrivacy(norms=norms, releases=self.releases,
-                                 clipped=sum(n > self.cfg.clip_norm for n in norms.values()))
+        self.last = RoundPrivacy(norms=norms, releases=self.releases)
         return RoundResult(merge=LowRankUpdate(modules=noisy, scale=1.0))
 
     def next_rank(self, adapter: SiloAdapter, rank: int) -> int:
@@ -229,15 +219,14 @@ class ClientLevelDP:
         cfg = self.cfg
         return {
             "type": "client_level", "run_id": run_id, "round": round_,
-            "privacy_unit": "silo", "neighboring_relation": cfg.neighboring_relation,
-            "mechanism": MECHANISM, "rule": self.name,
-            "sampling": ("uniform_without_replacement" if cfg.sampled else "none"),
+            "privacy_unit": "silo", "neighboring_relation": NEIGHBORING_RELATION,
+            "mechanism": MECHANISM, "rule": self.name, "sampling": SAMPLING,
             "noise_multiplier": cfg.noise_multiplier, "clip_norm": cfg.clip_norm,
             "population": cfg.population, "per_round": cfg.per_round,
             "releases": self.releases, "delta": cfg.delta,
             "epsilon": eps["rdp"], "accountant": "rdp",
             "eps_cross_check": {k: v for k, v in eps.items() if k != "rdp"},
-            "participants": len(self.last.norms), "clipped": self.last.clipped,
+            "participants": len(self.last.norms),
         }
 
 
@@ -245,7 +234,7 @@ def check_client_level_entry(entry: Mapping[str, Any],
                              previous: Mapping[str, Any] | None) -> list[str]:
     """Problems with a ``client_level`` ledger entry (``"field: what is wrong"``):
     epsilon recomputed with RDP from (z, N, k, releases, delta); releases counting up by
-    one and epsilon never decreasing within a run."""
+    one and epsilon never decreasing along the ledger (a resumed run continues the count)."""
     try:
         cfg = ClientLevelConfig(float(entry["noise_multiplier"]), float(entry["clip_norm"]),
                                 int(entry["population"]), int(entry["per_round"]),
@@ -258,7 +247,7 @@ def check_client_level_entry(entry: Mapping[str, Any],
     if not math.isclose(eps, recomputed, rel_tol=1e-6, abs_tol=1e-12):
         problems.append(f"epsilon: stored {eps} but RDP recomputation from (noise_multiplier, "
                         f"population, per_round, releases) gives {recomputed}")
-    if previous is not None and previous.get("run_id") == entry.get("run_id"):
+    if previous is not None:
         if releases != int(previous.get("releases", -1)) + 1:
             problems.append(f"releases: {releases} does not follow {previous.get('releases')}"
                             " (a noisy round is missing from the ledger)")

@@ -28,7 +28,7 @@ from silotune.config import ConfigError, RunConfig
 from silotune.files import atomic_write_json
 from silotune.ml.assets import resolve_model
 from silotune.ml.data import HeldOutSplit, held_out_split
-from silotune.ml.lm import evaluate, load_model
+from silotune.ml.lm import evaluate, load_model, warn_if_truncated
 from silotune.ml.merge import apply_update, module_shapes
 from silotune.planning.sensitivity import model_spec
 from silotune.progress import Emit, track
@@ -67,6 +67,7 @@ class Federation:
             (self.out / sub).mkdir(parents=True, exist_ok=True)
         self.model, self.tok = load_model(resolve_model(cfg.model, progress=progress))
         self.task = evaluation_split(cfg)
+        warn_if_truncated(self.tok, list(self.task.test["text"]), "held-out")
         self.state = GlobalState()
         self.rng = random.Random(cfg.seed)  # public: fixes which silos are sampled
         resumed = checkpoint.load(self.out / "checkpoint", cfg) if cfg.resume else None

@@ -6,7 +6,10 @@ import numpy as np
 import torch
 
 from silotune.ml.lm import (
+    CUE,
     IGNORE_INDEX,
+    MAX_PROMPT_TOKENS,
+    PROMPT,
     answer_ids,
     collate,
     encode,
@@ -16,6 +19,7 @@ from silotune.ml.lm import (
     prompt_ids,
     score_labels,
     scored_label_ids,
+    warn_if_truncated,
 )
 from tests.conftest import TOY_LABELS
 
@@ -83,3 +87,20 @@ def test_eos_is_scored_only_when_a_label_prefixes_another(tiny_model_dir):
     assert all(len(ids) == 1 for ids in scored_label_ids(tok, TOY_LABELS))
     ids = scored_label_ids(tok, ["heart", "heart lung"])
     assert [i[-1] for i in ids] == [tok.eos_token_id] * 2
+
+
+def test_a_long_text_keeps_the_cue_and_training_reads_what_evaluation_reads(
+        tiny_model_dir, caplog):
+    _, tok = load_model(tiny_model_dir)
+    long_text = " ".join(["cardiac valve of the left"] * 40)  # ~200 tokens
+    prompt = prompt_ids(tok, long_text)
+    cue = tok(CUE, add_special_tokens=False)["input_ids"]
+    assert len(prompt) == MAX_PROMPT_TOKENS and prompt[-len(cue):] == cue
+    example = encode(tok, long_text, "heart")
+    assert example.input_ids[:len(prompt)] == prompt  # the same prompt as evaluation
+    short = "asthma"  # fits: tokenized whole, as before
+    assert prompt_ids(tok, short) == tok(PROMPT.format(text=short),
+                                         add_special_tokens=False)["input_ids"]
+    with caplog.at_level("WARNING"):
+        share = warn_if_truncated(tok, [long_text, short, short, short], "held-out")
+    assert share == 0.25 and "25% of the held-out prompts" in caplog.text

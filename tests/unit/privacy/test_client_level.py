@@ -21,6 +21,7 @@ from silotune.privacy.client_level import (
     update_norm,
 )
 from silotune.privacy.ledger import Ledger, load_or_create_signing_key, verify_ledger
+from silotune.server.client_dp import ClientLevelRun
 
 SHAPES = {"l0.q": (6, 5), "l0.v": (4, 5)}
 
@@ -105,8 +106,8 @@ def test_client_level_epsilon_matches_reference_values():
     eps = client_level_epsilon(cfg, 5)
     assert eps["rdp"] == pytest.approx(12.30, abs=0.01)  # docs/privacy.md §4: 5 releases, z=1
     assert eps["pld"] <= eps["rdp"]
-    sampled = client_level_epsilon(ClientLevelConfig(1.0, 1.0, 1000, 10, 1e-5), 5)
-    assert "pld" not in sampled and 0 < sampled["rdp"] < eps["rdp"]
+    # the sampled silos are public (seeded, listed in metrics.json): no amplification
+    assert client_level_epsilon(ClientLevelConfig(1.0, 1.0, 1000, 10, 1e-5), 5) == eps
     assert client_level_epsilon(cfg, 0) == {"rdp": 0.0, "pld": 0.0}
     more = client_level_epsilon(cfg, 6)["rdp"]
     assert more > eps["rdp"]
@@ -122,6 +123,8 @@ def test_only_linear_merge_rules_and_bad_settings_are_refused():
         ClientLevelConfig(0.0, 1.0, 2, 2, 1e-5)
     with pytest.raises(ConfigError, match="strategy"):
         RunConfig(strategy="fedit", client_dp_noise=1.0)
+    with pytest.raises(ConfigError, match="profiles"):  # FedPipe: per-silo modules
+        RunConfig(client_dp_noise=1.0, profiles="node")
     with pytest.raises(ConfigError, match="client_dp_clip"):
         RunConfig(client_dp_clip=0.0)
     assert RunConfig(client_dp_noise=1.0).to_flower()["client-dp-noise"] == 1.0
@@ -139,7 +142,8 @@ def test_coordinator_ledger_entries_verify_and_tampering_is_named(tmp_path):
         entries.append(ledger.append(rule.ledger_body(round_, "run-1")))
     assert verify_ledger(ledger.path) == []
     assert [e["releases"] for e in entries] == [1, 2, 3]
-    assert entries[-1]["clipped"] == 1 and entries[-1]["privacy_unit"] == "silo"
+    assert entries[-1]["privacy_unit"] == "silo" and "clipped" not in entries[-1]
+    assert entries[-1]["sampling"].startswith("public")
     assert entries[-1]["epsilon"] == pytest.approx(client_level_epsilon(cfg, 3)["rdp"])
     lowered = {**entries[2], "epsilon": entries[1]["epsilon"] * 0.5}
     problems = check_client_level_entry(lowered, entries[1])
@@ -147,3 +151,30 @@ def test_coordinator_ledger_entries_verify_and_tampering_is_named(tmp_path):
     assert any("eps decreased" in p for p in problems)
     skipped = check_client_level_entry(entries[2], entries[0])
     assert skipped and skipped[0].startswith("releases: 3 does not follow 1")
+    restarted = {**entries[2], "run_id": "run-2", "releases": 1}  # a resume that reset
+    assert any(p.startswith("releases: 1 does not follow 2")
+               for p in check_client_level_entry(restarted, entries[1]))
+
+
+def test_a_resumed_run_continues_the_release_count_of_its_ledger(tmp_path):
+    cfg = RunConfig(client_dp_noise=1.0, client_dp_clip=1.0)
+
+    def run(rounds: range) -> ClientLevelRun:
+        coordinator = ClientLevelRun(strategies.create("flora"), cfg, 3, 3, tmp_path,
+                                     run_id=f"flower-{rounds.start}")
+        coordinator.rule.setup({"a": 2, "b": 3}, SHAPES, seed=0)
+        for round_ in rounds:
+            coordinator.rule.aggregate([_adapter("a", 2, round_), _adapter("b", 3, 9)], None)
+            coordinator.record(round_)
+        return coordinator
+
+    run(range(1, 3))  # killed after round 2
+    resumed = run(range(3, 4))
+    settings = ClientLevelConfig(1.0, 1.0, 3, 3, cfg.target_delta)
+    assert resumed.summary()["releases"] == 3
+    assert resumed.summary()["epsilon"] == pytest.approx(
+        client_level_epsilon(settings, 3)["rdp"])  # as an uninterrupted 3-round run
+    assert verify_ledger(resumed.ledger_path) == []
+    with pytest.raises(ValueError, match="same settings"):
+        ClientLevelRun(strategies.create("flora"), RunConfig(client_dp_noise=2.0), 3, 3,
+                       tmp_path, run_id="other")
