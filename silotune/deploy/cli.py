@@ -256,7 +256,7 @@ def _run(args: argparse.Namespace) -> int:
               "that follows the run's target", flush=True)
     code = submit(cfg, Connection(args.coordinator, args.ca, args.insecure), args.app,
                   signing_key)
-    print(f"[run] flwr run exited with {code}; results in {cfg.out_dir} on the coordinator",
+    print(f"[run] exit status {code}; results in {cfg.out_dir} on the coordinator",
           file=sys.stderr if code else sys.stdout)
     return code
 

@@ -5,10 +5,19 @@ writes, after each completed round, everything needed to continue as if never st
 
 - ``updates.npz``: the merged global updates ``round-<t>/<module>.lora_{A,B}`` (append
   only: the global base is the original base plus these, in order);
-- ``adapter.npz``: the global adapter that FedIT-family rules carry on top of the base;
-- ``state.json`` (written last, atomically): the round, the federation id the silos
-  record in their ledgers, the update scales and fingerprints, the sampling RNG state,
+- ``adapter-<sha256>.npz``: the global adapter that FedIT-family rules carry on top of
+  the base, named by its content, so a new round's adapter never overwrites the one the
+  committed ``state.json`` names;
+- ``state.json``: the round, the federation id the silos record in their ledgers, the
+  update scales and fingerprints, the adapter's file and digest, the sampling RNG state,
   each silo's current rank, the run config and the metrics so far.
+
+Commit: the data files are written first (each atomically: temporary file, fsync,
+rename; silotune/files.py), the folder is fsynced, and then the one rename of
+``state.json`` commits the round; adapters no ``state.json`` names are deleted after.
+A crash at any point leaves the previous round or the new one, complete: ``updates.npz``
+only grows and the loader ignores rounds after the committed one, and the committed
+adapter file is never touched before the commit.
 
 A restarted coordinator given ``resume = true`` (``silotune run --resume``) loads this,
 rebuilds the global base and continues at the next round with the same federation id,
@@ -22,7 +31,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +48,8 @@ from silotune.protocol.codec import round_digest
 
 STATE = "state.json"
 UPDATES = "updates.npz"
-ADAPTER = "adapter.npz"
-VERSION = 1
+ADAPTER_PREFIX = "adapter-"  # + the adapter's sha256 (first 16 hex digits) + ".npz"
+VERSION = 2  # 1: a single adapter.npz, replaced before state.json (not crash-safe)
 # Keys that may differ between the interrupted run and its resumption.
 _FREE_KEYS = frozenset({"out_dir", "resume"})
 
@@ -69,22 +80,39 @@ def new_federation_id() -> str:
 
 
 def save(folder: Path, ckpt: Checkpoint) -> None:
-    """Write `ckpt` under `folder`; ``state.json`` last, so a crash leaves the previous
-    round's state readable (the update history only grows)."""
+    """Write `ckpt` under `folder`; the rename of ``state.json`` commits it (see the
+    module docstring), so a crash at any point leaves the previous round or this one."""
+    folder.mkdir(parents=True, exist_ok=True)
     atomic_write_npz(folder / UPDATES, ckpt.arrays)
-    adapter_digest = None
+    adapter_file: str | None = None
+    adapter_digest: str | None = None
     if ckpt.adapter is not None:
         adapter_arrays = update_to_arrays(ckpt.adapter, "")
-        atomic_write_npz(folder / ADAPTER, adapter_arrays)
         adapter_digest = _digest(adapter_arrays)
+        adapter_file = f"{ADAPTER_PREFIX}{adapter_digest[:16]}.npz"
+        atomic_write_npz(folder / adapter_file, adapter_arrays)
+    _sync_folder(folder)  # the data files' renames are durable before the commit
     state = {
         "version": VERSION, "round": ckpt.round, "federation_id": ckpt.federation_id,
         "scales": ckpt.scales, "fingerprints": ckpt.fingerprints,
         "adapter_scale": ckpt.adapter.scale if ckpt.adapter is not None else None,
-        "adapter_sha256": adapter_digest,
+        "adapter_file": adapter_file, "adapter_sha256": adapter_digest,
         "rng_state": [ckpt.rng_state[0], list(ckpt.rng_state[1]), ckpt.rng_state[2]],
         "ranks": ckpt.ranks, "config": ckpt.config, "metrics": ckpt.metrics}
-    atomic_write_json(folder / STATE, state, indent=1)
+    atomic_write_json(folder / STATE, state, indent=1)  # the commit
+    _sync_folder(folder)
+    for stale in folder.glob(f"{ADAPTER_PREFIX}*.npz"):
+        if stale.name != adapter_file:
+            stale.unlink(missing_ok=True)
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync `folder` itself, so that the renames inside it survive a power loss."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load(folder: Path, cfg: RunConfig) -> Checkpoint | None:
@@ -104,11 +132,13 @@ def load(folder: Path, cfg: RunConfig) -> Checkpoint | None:
         state = json.loads(path.read_text())
         with np.load(folder / UPDATES, allow_pickle=False) as data:
             stored = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
         raise CheckpointError(f"cannot read the checkpoint in {folder}: {err}") from err
     if state.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {state.get('version')}, this "
-                              f"silotune reads version {VERSION}")
+                              f"silotune reads version {VERSION}; resume it with the "
+                              "silotune that wrote it, or start a new run with another "
+                              "out-dir")
     _check_config(state["config"], cfg, folder)
     round_ = int(state["round"])
     # Updates of a round after `round_` may exist if the coordinator died while saving.
@@ -121,12 +151,17 @@ def load(folder: Path, cfg: RunConfig) -> Checkpoint | None:
             raise CheckpointError(f"{folder / UPDATES}: round {t}'s update does not match "
                                   "its fingerprint in state.json; the checkpoint is damaged")
     adapter = None
-    if state["adapter_sha256"] is not None:
-        with np.load(folder / ADAPTER, allow_pickle=False) as data:
-            adapter_arrays = {k: data[k] for k in data.files}
+    if state["adapter_file"] is not None:
+        adapter_path = folder / str(state["adapter_file"])
+        try:
+            with np.load(adapter_path, allow_pickle=False) as data:
+                adapter_arrays = {k: data[k] for k in data.files}
+        except (OSError, ValueError, zipfile.BadZipFile) as err:
+            raise CheckpointError(f"cannot read {adapter_path}, named by {path}: {err}; "
+                                  "the checkpoint is damaged") from err
         if _digest(adapter_arrays) != state["adapter_sha256"]:
-            raise CheckpointError(f"{folder / ADAPTER} does not match state.json (the "
-                                  "coordinator stopped while saving); it cannot be resumed")
+            raise CheckpointError(f"{adapter_path} does not match its digest in {path}; "
+                                  "the checkpoint is damaged")
         adapter = update_from_arrays(adapter_arrays, "", float(state["adapter_scale"]))
     version, internal, gauss = state["rng_state"]
     return Checkpoint(

@@ -1,7 +1,8 @@
 """The coordinator's round loop (FLoRA by default), on Flower's Grid.
 
-One round (docs/architecture.md): sample silos (a hello to those sampled for the first
-time: the roster never contacts unsampled silos, so 10,000 silos cost what 10 do); send
+One round (docs/architecture.md): look for silos that came online (they take part from
+this round on); sample silos (a hello to those sampled for the first time: the roster
+never contacts unsampled silos, so 10,000 silos cost what 10 do); send
 each the merged rounds it does not hold yet (all of them to a silo that lost its copy)
 plus its own configuration; validate the replies and exclude bad ones; aggregate with
 the configured rule; merge into the global base; evaluate on the held-out split; write
@@ -25,10 +26,10 @@ from flwr.serverapp import Grid
 from silotune import strategies
 from silotune.adapters.codec import update_to_arrays
 from silotune.adapters.types import SiloAdapter
-from silotune.config import RunConfig
+from silotune.config import ConfigError, RunConfig
 from silotune.files import atomic_write_json, atomic_write_npz
 from silotune.ml.assets import resolve_model
-from silotune.ml.data import held_out_split
+from silotune.ml.data import HeldOutSplit, held_out_split
 from silotune.ml.lm import colliding_labels, evaluate, load_model, warn_if_truncated
 from silotune.ml.merge import apply_update, module_shapes
 from silotune.ml.targets import resolve_targets
@@ -74,8 +75,7 @@ class Federation:
         self.cfg = cfg = replace(cfg, lora_targets=resolve_targets(self.model,
                                                                    cfg.lora_targets))
         progress(f"[model] LoRA on {', '.join(cfg.lora_targets)}")
-        self.task = held_out_split(cfg.dataset, cfg.text_column, cfg.label_column,
-                                   cfg.test_size, cfg.seed)
+        self.task = evaluation_split(cfg)
         self.truncated = warn_if_truncated(self.tok, list(self.task.test["text"]), "held-out")
         self.state = GlobalState()
         self.rng = random.Random(cfg.seed)  # public: fixes which silos are sampled
@@ -86,16 +86,24 @@ class Federation:
         self.limits: dict[str, float] = dict(last.get("epsilon_limit", {}))
         self.sigma: dict[str, float] = dict(last.get("noise_multiplier", {}))
         self.roster = Roster(grid, cfg, ranks=resumed.ranks if resumed else None)
-        self.per_round = min(len(self.roster), max(
-            cfg.min_replies, round(cfg.fraction_train * len(self.roster))))
         self.client_dp: ClientLevelRun | None = None
         if cfg.client_dp_noise > 0:  # DP-FedAvg around the rule; its own ledger and epsilon
-            self.client_dp = ClientLevelRun(self.rule, cfg, len(self.roster), self.per_round,
-                                            self.out, str(grid.run.run_id))
+            self.client_dp = ClientLevelRun(self.rule, cfg, len(self.roster),
+                                            self.per_round(), self.out,
+                                            str(grid.run.run_id))
             self.rule = self.client_dp.rule
         self.shapes = self._setup_rule()
         progress(f"[silos] {len(self.roster)} connected; each is contacted the first time "
                  "it is sampled")
+
+    def per_round(self) -> int:
+        """Silos sampled per round: `fraction_train` of those known, at least
+        `min_replies`. Client-level DP keeps the number its accounting was set up with
+        (sampling it from more silos only lowers the true sampling rate)."""
+        if self.client_dp is not None:
+            return self.client_dp.dp.cfg.per_round
+        n = len(self.roster)
+        return min(n, max(self.cfg.min_replies, round(self.cfg.fraction_train * n)))
 
     def held_out(self) -> tuple[float, float]:
         """Accuracy and loss of the global model on the held-out split."""
@@ -152,10 +160,14 @@ class Federation:
 
     def run_round(self, round_: int) -> None:
         """One round, end to end; appends its row to the metrics and checkpoints."""
-        self.roster.rejoin()
+        known = len(self.roster)
+        self.roster.refresh()
+        if len(self.roster) > known:
+            self.progress(f"[silos] {len(self.roster) - known} more online; {len(self.roster)} "
+                          "in the sampling order from this round on")
         start = time.monotonic()
         silos = self.roster.silos
-        sampled, unreachable = self.roster.sample(self.rng, self.per_round)
+        sampled, unreachable = self.roster.sample(self.rng, self.per_round())
         plans = {s: on_wire(restrict(self.rule.plan(s, silos[s].rank, self.state.adapter,
                                                     round_),
                                      shapes_of(self.shapes, silos[s].targets)),
@@ -290,3 +302,22 @@ def _reply_facts(adapters: dict[str, tuple[SiloAdapter, TrainReply]]) -> dict[st
             "workers": {s: a.worker for s, (_, a) in sorted(adapters.items())
                         if a.worker is not None}}
 
+
+def evaluation_split(cfg: RunConfig) -> HeldOutSplit:
+    """The run's held-out split; a dataset that cannot hold out `cfg.test_size` rows
+    fails the run (evaluating on fewer rows than asked would be a silent change).
+
+    Raises
+    ------
+    ConfigError
+        The dataset gives fewer held-out rows than ``test-size``.
+    """
+    split = held_out_split(cfg.dataset, cfg.text_column, cfg.label_column, cfg.test_size,
+                           cfg.seed)
+    if len(split.test) < cfg.test_size:
+        total = len(split.train) + len(split.test)
+        raise ConfigError(f"test-size = {cfg.test_size}, but dataset {cfg.dataset!r} ({total} "
+                          f"rows) can hold out only {len(split.test)} (at most half of the "
+                          "rows, only labels with 2 or more rows); lower test-size to "
+                          f"{len(split.test)} or less, or use a larger dataset")
+    return split

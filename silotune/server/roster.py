@@ -10,6 +10,12 @@ Order: nodes are ordered by registration time, then id. Flower's simulation engi
 registers node ``i`` for partition ``i`` in turn, so position ``i`` is silo ``i`` and a
 seeded sample of positions picks the same silos in every run with the same seed
 (`RunConfig.seed` is public and fixes silo sampling).
+
+Nodes that come online later (an agent started late, or restarted while the coordinator
+was down) are not left out for the run: at the start of every round `Roster.refresh`
+asks the Grid for the online nodes and greets the new ones, which join the end of the
+order (a silo back under a new node id takes its old place), so a silo takes part in
+the next round that starts after it is online (docs/architecture.md, one round step 1).
 """
 
 from __future__ import annotations
@@ -77,7 +83,8 @@ class Roster:
         """`ranks`: current ranks of silos known from a checkpoint (a resumed run keeps
         what HetLoRA pruned); other silos start at their position's configured rank."""
         self.grid, self.cfg = grid, cfg
-        self.nodes: list[int] = _ordered_nodes(grid, _wait_for_nodes(grid, cfg))
+        self._online = _wait_for_nodes(grid, cfg)  # as of the last look at the Grid
+        self.nodes: list[int] = _ordered_nodes(grid, self._online)
         self.silos: dict[str, Silo] = {}  # contacted silos only, by silo id
         self._by_node: dict[int, str] = {}
         self._known_ranks = dict(ranks or {})
@@ -110,41 +117,70 @@ class Roster:
             log.warning("%s left out: %s", failure["silo"], failure["reason"])
         return self.silos
 
-    def rejoin(self) -> None:
-        """Silos that came back under a new node id (an agent restarted without node
-        authentication registers anew) take their old place in the roster. Nodes that
-        claim no known silo are not added: the sampling frame stays fixed for the run."""
-        new = sorted(set(self.grid.get_node_ids()) - set(self.nodes))
-        if not new:
+    def refresh(self) -> None:
+        """Look at the Grid's online nodes (the start of a round). Nodes not in the order
+        yet are greeted now and join it: a silo back under a new node id (an agent
+        restarted without node authentication) takes its old place, any other at the
+        end; a node that does not answer joins the end too and is greeted again when
+        sampled."""
+        self._online = set(self.grid.get_node_ids())
+        unseen = self._online - set(self.nodes)
+        if not unseen:
             return
-        answers, _ = self._ask(new, REJOIN_HELLO_SECONDS)
-        for node, silo, count, _ in answers:
-            known = self.silos.get(silo)
-            if known is None:
-                continue
-            log.warning("silo %s rejoined as node %s (was %s)", silo, node, known.node_id)
-            self._by_node.pop(known.node_id, None)
-            self.nodes[known.position] = node
-            self._by_node[node] = silo
-            known.node_id, known.num_examples = node, count
+        new = _ordered_nodes(self.grid, unseen)
+        answers, failed = self._ask(new, REJOIN_HELLO_SECONDS)
+        answer_of = {a.node_id: a for a in answers}
+        for node in new:  # registration order: the order does not depend on reply order
+            if node in answer_of:
+                refused = self._admit(answer_of[node], None)
+                failed += [refused] if refused else []
+            else:
+                self.nodes.append(node)
+        for failure in failed:
+            log.warning("new node %s not admitted yet: %s", failure["silo"],
+                        failure["reason"])
+        log.info("%d nodes came online; the order now holds %d", len(new), len(self.nodes))
 
     def _hello(self, positions: list[int]) -> list[dict[str, str]]:
         position_of = {self.nodes[p]: p for p in positions}
         # Often a worker's first ClientApp call (it starts the Ray actor, imports torch):
         # on a loaded machine that takes minutes, so it gets a round's timeout.
         answers, failed = self._ask(list(position_of), self.cfg.round_timeout)
-        for node, silo, count, profile in answers:
-            if silo in self.silos:  # the first claim stands; the impostor is left out
-                failed.append({"silo": f"node-{node}", "reason": f"claims silo id '{silo}', "
-                               f"which node {self.silos[silo].node_id} already holds"})
-                continue
-            position = position_of[node]
-            rank = self._known_ranks.get(silo, self.cfg.rank_of(position))
-            self.silos[silo] = Silo(node, position, count, rank, self.cfg.lora_targets,
-                                    self.cfg.batch_size, self.cfg.physical_batch_size,
-                                    self.cfg.base_precision, profile)
-            self._by_node[node] = silo
+        for answer in answers:
+            refused = self._admit(answer, position_of[answer.node_id])
+            failed += [refused] if refused else []
         return failed
+
+    def _admit(self, answer: Answer, position: int | None) -> dict[str, str] | None:
+        """Learn the silo of `answer`, from the node at `position` of the order (None:
+        a new node, not in the order yet); an excluded entry when the claim is refused."""
+        node, silo = answer.node_id, answer.silo
+        known = self.silos.get(silo)
+        if known is not None and known.node_id in self._online:
+            if position is None:  # in the order, unclaimed: asked again when sampled
+                self.nodes.append(node)
+            # the first claim stands; the impostor is left out
+            return {"silo": f"node-{node}", "reason": f"claims silo id '{silo}', which "
+                    f"node {known.node_id} already holds"}
+        if known is not None:  # its old node is gone: the silo keeps its place
+            log.warning("silo %s rejoined as node %s (was %s)", silo, node, known.node_id)
+            if position is not None:  # the old node takes the new one's place
+                self.nodes[position] = known.node_id
+            self.nodes[known.position] = node
+            self._by_node.pop(known.node_id, None)
+            known.node_id, known.num_examples = node, answer.num_examples
+            self._by_node[node] = silo
+            return None
+        if position is None:
+            position = len(self.nodes)
+            self.nodes.append(node)
+        rank = self._known_ranks.get(silo, self.cfg.rank_of(position))
+        self.silos[silo] = Silo(node, position, answer.num_examples, rank,
+                                self.cfg.lora_targets, self.cfg.batch_size,
+                                self.cfg.physical_batch_size, self.cfg.base_precision,
+                                answer.profile)
+        self._by_node[node] = silo
+        return None
 
     def _ask(self, nodes: list[int], timeout: float,
              ) -> tuple[list[Answer], list[dict[str, str]]]:
@@ -195,10 +231,27 @@ def broadcast(grid: Grid, silos: Mapping[str, Silo], request: Payload, timeout: 
     return {s: r for s, r in replies.items() if not r.has_error()}, excluded
 
 
+class TooFewSilosError(RuntimeError):
+    """Fewer silos are online than the run needs: the run fails instead of going on."""
+
+
 def _wait_for_nodes(grid: Grid, cfg: RunConfig) -> set[int]:
     """Wait for `cfg.num_silos` nodes, or go on with those present once the count has
-    been stable for NODE_SETTLE_SECONDS (at least `cfg.min_replies` of them)."""
-    deadline = time.monotonic() + NODE_WAIT_SECONDS
+    been stable for NODE_SETTLE_SECONDS (at least `cfg.min_replies` of them). The wait
+    lasts at most NODE_WAIT_SECONDS or a round's timeout, whichever is shorter.
+
+    Raises
+    ------
+    TooFewSilosError
+        `cfg.min_replies` exceeds `cfg.num_silos`, or fewer than `cfg.min_replies`
+        nodes came online in time (no round could aggregate).
+    """
+    if cfg.min_replies > cfg.num_silos:
+        raise TooFewSilosError(f"min-replies = {cfg.min_replies} is more than num-silos = "
+                               f"{cfg.num_silos}, so no round could aggregate; lower "
+                               "min-replies or raise num-silos")
+    wait = min(NODE_WAIT_SECONDS, cfg.round_timeout)
+    deadline = time.monotonic() + wait
     nodes = set(grid.get_node_ids())
     stable_since = time.monotonic()
     while len(nodes) < cfg.num_silos and time.monotonic() < deadline:
@@ -210,8 +263,11 @@ def _wait_for_nodes(grid: Grid, cfg: RunConfig) -> set[int]:
         if now != nodes:
             nodes, stable_since = now, time.monotonic()
     if len(nodes) < cfg.min_replies:
-        raise RuntimeError(f"only {len(nodes)} silos connected within {NODE_WAIT_SECONDS:.0f}"
-                           f" s; need at least {cfg.min_replies}")
+        raise TooFewSilosError(
+            f"only {len(nodes)} silos online after waiting {wait:.0f} s, and the run needs "
+            f"min-replies = {cfg.min_replies}: start the missing agents (`silotune agent`) "
+            "and submit the run again (add --resume to continue a checkpointed run), or "
+            "lower min-replies")
     return nodes
 
 

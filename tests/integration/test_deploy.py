@@ -11,13 +11,19 @@ One coordinator serves the module; tests run in file order:
    and its ledger continues), and the coordinator is killed after round 2 and restarted
    with `silotune run --resume` (no ledger shows a round twice);
 3. a non-private run killed after round 1 of 3 and resumed ends with exactly the global
-   state of an uninterrupted run with the same seed.
+   state of an uninterrupted run with the same seed;
+4. runs that fail (fewer silos online than min-replies, a test-size the data cannot
+   give) make `silotune run` exit non-zero with the reason.
+
+Before a resumed run, the tests wait until the coordinator reports every running agent
+online (`flwr supernode list`), so that the resumed run sees the same silos.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from silotune.deploy.connection import CONNECTION, Connection, run_flwr, write_flwr_home
 from silotune.privacy.ledger import verify_ledger
 from tests.conftest import toy_frame
 from tests.integration.deployment import (
@@ -108,6 +115,27 @@ class Consortium:
         self.coordinator = self.start_coordinator()
         return state
 
+    def online_nodes(self) -> set[str]:
+        """Node ids the coordinator reports online (`flwr supernode list`, operator)."""
+        home = write_flwr_home(self.root / "operator-flwr",
+                               Connection(self.address, self.certs / "ca.crt"))
+        listed = run_flwr(["supernode", "list", CONNECTION, "--format", "json"], home,
+                          capture=True)
+        try:
+            nodes = json.loads(listed.stdout).get("nodes", [])
+        except ValueError:  # the coordinator is still starting
+            return set()
+        return {str(n["node-id"]) for n in nodes if n.get("status") == "online"}
+
+    def running_agents(self) -> list[Process]:
+        return [p for p in self.agents.values() if p.proc.poll() is None]
+
+    def wait_online(self, agents: list[Process]) -> None:
+        """Wait until the coordinator reports each of `agents` online."""
+        wanted = {re.findall(r"SuperNode ID: (\d+)", a.log())[-1] for a in agents}
+        wait_until(lambda: wanted <= self.online_nodes(), 300,
+                   f"agents {[a.name for a in agents]} online")
+
     def close(self) -> None:
         for proc in self.agents.values():
             proc.stop()
@@ -169,6 +197,7 @@ def test_private_federation_survives_a_lost_silo_and_a_coordinator_restart(conso
     # ... and comes back only after round 2 (restarted at once, on an idle machine it
     # could still answer round 2 under its registered node id)
     agents["c"] = consortium.start_agent("c")
+    consortium.wait_online(list(agents.values()))  # a and b reconnected, c is back
 
     resumed = silotune(*args, "--resume", timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -200,15 +229,21 @@ def test_private_federation_survives_a_lost_silo_and_a_coordinator_restart(conso
 
 
 def test_resumed_non_private_run_equals_an_uninterrupted_one(consortium):
-    plain = consortium.run_args(consortium.root / "uninterrupted", "num-silos=2",
-                                "target-epsilon=inf", "seed=3")
+    # min-replies = 2: neither run may go on with one silo (it waits for both, and a
+    # round with fewer replies changes nothing), so a late silo cannot pass unnoticed
+    settings = ("num-silos=2", "min-replies=2", "target-epsilon=inf", "seed=3")
+    agents = consortium.running_agents()
+    assert len(agents) == 2  # a and b, left running by the test above
+    consortium.wait_online(agents)
+    plain = consortium.run_args(consortium.root / "uninterrupted", *settings)
     done = silotune(*plain, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "NON-PRIVATE" in done.stdout
+    assert "NON-PRIVATE" in done.stdout and "finished:completed" in done.stdout
 
     out = consortium.root / "interrupted"
-    args = consortium.run_args(out, "num-silos=2", "target-epsilon=inf", "seed=3")
+    args = consortium.run_args(out, *settings)
     saved = consortium.kill_coordinator_after(out, 1, Process("run-i", args, consortium.root))
+    consortium.wait_online(agents)  # both reconnected to the restarted coordinator
     resumed = silotune(*args, "--resume", timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "rounds 1-1 of 3" in resumed.stdout
@@ -227,3 +262,23 @@ def test_resumed_non_private_run_equals_an_uninterrupted_one(consortium):
     theirs = json.loads((consortium.root / "uninterrupted" / "metrics.json").read_text())
     assert [r["accuracy"] for r in ours] == [r["accuracy"] for r in theirs["rounds"]]
     assert [r["loss"] for r in ours] == [r["loss"] for r in theirs["rounds"]]
+
+
+def test_a_failed_run_exits_non_zero_and_says_why(consortium):
+    online = len(consortium.online_nodes())  # 2 after the tests above
+    more = online + 1
+    too_few = silotune(*consortium.run_args(
+        consortium.root / "too-few", f"num-silos={more}", f"min-replies={more}",
+        "round-timeout=5"), timeout=600)  # waits for silos at most round-timeout
+    assert too_few.returncode == 1, too_few.stdout[-3000:] + too_few.stderr[-3000:]
+    assert "finished:failed: ServerApp failed with exception: only " \
+           f"{online} silos online after waiting 5 s, and the run needs min-replies = " \
+           f"{more}: start the missing agents" in too_few.stderr
+    assert "[run] exit status 1" in too_few.stderr
+
+    split = silotune(*consortium.run_args(consortium.root / "bad-split", "num-silos=2",
+                                          "test-size=1000"), timeout=600)
+    assert split.returncode == 1, split.stdout[-3000:] + split.stderr[-3000:]
+    assert "finished:failed: ServerApp failed with exception: test-size = 1000, but " \
+           "dataset" in split.stderr and "lower test-size to 120 or less" in split.stderr
+    assert not (consortium.root / "bad-split" / "metrics.json").exists()

@@ -1,11 +1,10 @@
 """Deployment building blocks without processes: key material, node config, run-config
-text, the checkpoint, and a silo's kept reply."""
+text and a silo's kept reply (the checkpoint: tests/unit/server/test_checkpoint.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import random
 import ssl
 import stat
 from pathlib import Path
@@ -15,7 +14,6 @@ import pytest
 from cryptography import x509
 from flwr.common.config import parse_config_args
 
-from silotune.adapters.types import LoraFactors, LowRankUpdate
 from silotune.client import node, replay
 from silotune.config import ConfigError, RunConfig
 from silotune.deploy import certs
@@ -24,9 +22,7 @@ from silotune.deploy.connection import Connection, DeployError
 from silotune.deploy.coordinator import CoordinatorSettings, superlink_command
 from silotune.deploy.submit import build_config, run_config_arg
 from silotune.planning.profiles import SiloProfile
-from silotune.protocol.codec import round_digest
 from silotune.protocol.messages import TrainReply
-from silotune.server import checkpoint
 
 
 def test_certs_have_safe_modes_and_are_never_overwritten(tmp_path):
@@ -118,67 +114,6 @@ def test_commands_are_secure_unless_explicitly_insecure(tmp_path):
         node.NodeSettings("s", tmp_path / "d.jsonl", tmp_path / "state", 8.0, 1e-5)))
     assert "--root-certificates" in agent and "--auth-supernode-private-key" in agent
     assert "--insecure" not in agent
-
-
-def _checkpoint(cfg: RunConfig, round_: int = 2) -> checkpoint.Checkpoint:
-    rng = np.random.default_rng(0)
-    arrays: dict[str, np.ndarray] = {}
-    for t in range(1, round_ + 1):
-        arrays[f"round-{t}/m.lora_A"] = rng.standard_normal((2, 3)).astype(np.float32)
-        arrays[f"round-{t}/m.lora_B"] = rng.standard_normal((4, 2)).astype(np.float32)
-    fingerprints = [round_digest({k: v for k, v in arrays.items()
-                                             if k.startswith(f"round-{t}/")})
-                    for t in range(1, round_ + 1)]
-    adapter = LowRankUpdate({"m": LoraFactors(A=np.ones((1, 3), np.float32),
-                                              B=np.full((4, 1), round_, np.float32))}, 0.5)
-    sampler = random.Random(7)
-    sampler.random()
-    return checkpoint.Checkpoint(
-        round=round_, federation_id="fed-x", config=cfg.to_json_dict(), arrays=arrays,
-        scales={str(t): 1.0 for t in range(1, round_ + 1)}, fingerprints=fingerprints,
-        adapter=adapter, rng_state=sampler.getstate(), ranks={"a": 4},
-        metrics={"rounds": [{"round": t} for t in range(1, round_ + 1)]})
-
-
-def test_checkpoint_round_trip_and_config_guard(tmp_path):
-    cfg = RunConfig(out_dir=str(tmp_path))
-    saved = _checkpoint(cfg)
-    checkpoint.save(tmp_path / "ck", saved)
-    resumed = RunConfig(out_dir="elsewhere", resume=True)  # free keys may differ
-    loaded = checkpoint.load(tmp_path / "ck", resumed)
-    assert loaded is not None and loaded.round == 2 and loaded.federation_id == "fed-x"
-    assert sorted(loaded.arrays) == sorted(saved.arrays)
-    assert all(np.array_equal(loaded.arrays[k], v) for k, v in saved.arrays.items())
-    assert loaded.adapter is not None and loaded.adapter.scale == 0.5
-    a, b = random.Random(), random.Random()
-    a.setstate(loaded.rng_state)
-    b.setstate(saved.rng_state)
-    assert a.random() == b.random()
-    assert checkpoint.load(tmp_path / "none", cfg) is None
-    with pytest.raises(ConfigError, match="rounds: 4 -> 5"):
-        checkpoint.load(tmp_path / "ck", RunConfig(rounds=5))
-
-
-def test_checkpoint_ignores_a_half_written_next_round_and_detects_damage(tmp_path):
-    cfg = RunConfig()
-    checkpoint.save(tmp_path, _checkpoint(cfg, round_=2))
-    state = (tmp_path / checkpoint.STATE).read_text()
-    checkpoint.save(tmp_path, _checkpoint(cfg, round_=3))  # died before state.json:
-    (tmp_path / checkpoint.STATE).write_text(state)  # ... round 3 arrays, round 2 state
-    with pytest.raises(checkpoint.CheckpointError, match=r"adapter\.npz"):
-        checkpoint.load(tmp_path, cfg)  # the adapter moved on: refuse, do not guess
-    two, ck = _checkpoint(cfg, round_=2), _checkpoint(cfg, round_=3)
-    two.adapter = ck.adapter = None  # a rule without a global adapter (FLoRA)
-    checkpoint.save(tmp_path, two)
-    state = (tmp_path / checkpoint.STATE).read_text()
-    checkpoint.save(tmp_path, ck)
-    (tmp_path / checkpoint.STATE).write_text(state)
-    loaded = checkpoint.load(tmp_path, cfg)
-    assert loaded is not None and not any(k.startswith("round-3/") for k in loaded.arrays)
-    ck.arrays["round-1/m.lora_A"] = ck.arrays["round-1/m.lora_A"] + 1
-    checkpoint.save(tmp_path, ck)
-    with pytest.raises(checkpoint.CheckpointError, match="round 1's update"):
-        checkpoint.load(tmp_path, cfg)
 
 
 def test_kept_reply_answers_only_the_same_request(tmp_path):
