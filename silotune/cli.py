@@ -162,16 +162,25 @@ def _parser() -> argparse.ArgumentParser:
         "  - the final cumulative epsilon recomputed now with dp_accounting PLD and RDP:\n"
         "    a PRV value must agree with PLD within 2% (0.02 for small epsilons), an\n"
         "    RDP value must lie between PLD and a fresh RDP bound\n\n"
-        "A ledger cannot show that entries were cut from its end: compare its last\n"
-        "entry_hash with a head hash published elsewhere.\n\n"
+        "A ledger cannot show that entries were cut from its end or rolled back: with\n"
+        "--heads metrics.json (a run's, written by its coordinator) every head the\n"
+        "coordinator accepted must be in the ledger at its seq, signed by the key it\n"
+        "recorded (pinned at enrolment, or trusted on first use). The verdict names the\n"
+        "key trusted; --strict fails a ledger whose key is not pinned.\n\n"
         "Exit status: 0 when every ledger is OK, 1 when any ledger has a problem or is\n"
-        "missing, 2 for usage errors (including an unreadable --public-key).")
+        "missing, 2 for usage errors (including an unreadable --public-key or --heads).")
     a.add_argument("ledgers", nargs="+", type=Path, metavar="LEDGER",
                    help="ledger .jsonl files")
     a.add_argument("--public-key", type=Path, metavar="KEY",
                    help="the silo's Ed25519 public key for every LEDGER: a PEM file or a file "
                    "holding the hex signer_public_key; without it, the key that signed seq 0 "
                    "is trusted")
+    a.add_argument("--heads", type=Path, metavar="METRICS",
+                   help="a run's metrics.json: check each LEDGER against the ledger heads "
+                   "its coordinator recorded (truncation, rollback, fork, new key)")
+    a.add_argument("--strict", action="store_true",
+                   help="fail a ledger whose key is not pinned (at enrolment, seen through "
+                   "--heads, or by --public-key)")
     a.add_argument("--json", action="store_true",
                    help="print a JSON list (one object per ledger) instead of the table")
     a.add_argument("--plot", type=Path, metavar="FILE",
@@ -318,9 +327,11 @@ def _audit(args: argparse.Namespace) -> int:
     import json
 
     from silotune.privacy.audit import (
+        HeadsFileError,
         KeyFileError,
         audit_ledger,
         format_table,
+        load_heads,
         load_public_key,
         plot_epsilon,
     )
@@ -328,7 +339,8 @@ def _audit(args: argparse.Namespace) -> int:
 
     try:
         key = load_public_key(args.public_key) if args.public_key is not None else None
-    except KeyFileError as err:
+        heads = load_heads(args.heads) if args.heads is not None else None
+    except (KeyFileError, HeadsFileError) as err:
         print(f"silotune audit: error: {err}", file=sys.stderr)
         return 2
     audits = []
@@ -337,7 +349,7 @@ def _audit(args: argparse.Namespace) -> int:
     with Tracker(len(args.ledgers), "audit", emit=None if show else _quiet,
                  bar=None if show else False) as tracker:
         for path in args.ledgers:
-            audits.append(audit_ledger(path, key))
+            audits.append(audit_ledger(path, key, heads=heads, strict=args.strict))
             tracker.advance(path.name)
     if args.json:
         print(json.dumps([a.to_dict() for a in audits], indent=2, allow_nan=False))
@@ -357,6 +369,11 @@ def _audit(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `silotune` command; returns the exit code."""
+    from silotune.deploy.cli import show_ledger_key
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if (shown := show_ledger_key(argv)) is not None:  # before the agent's required flags
+        return shown
     parser = _parser()
     args = parser.parse_args(argv)
     if args.job is None:

@@ -22,14 +22,21 @@ made by the latest DP-trained model, whose cumulative epsilon they repeat.
 Only the final cumulative value is cross-checked with PLD (about 0.5 s per ledger);
 every entry is already recomputed with PRV/RDP by ``verify_ledger``.
 
-A ledger cannot prove it was not truncated at its tail: compare its head hash with one
-published elsewhere (docs/privacy.md §6, anchoring).
+A ledger cannot prove it was not truncated at its tail or rolled back: the coordinator
+keeps every head it accepted (``metrics.json``, ``ledger_heads``; silotune/server/heads.py)
+and ``audit_ledger(..., heads=...)`` (``silotune audit --heads metrics.json``) checks that
+the ledger holds each recorded head at its seq, signed by the recorded key: a ledger
+shorter than a head was truncated, another hash at that seq means it was rolled back or
+forked. The verdict names the key it trusted: pinned at enrolment (or given by the
+auditor), trusted on first use by the coordinator, or only seq 0's; ``strict`` fails
+the last two (docs/privacy.md, "Coordinator-kept heads").
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +55,75 @@ _ORDER_TOL = 1e-6
 
 class KeyFileError(ValueError):
     """A public or private key file is missing, unreadable or not an Ed25519 key."""
+
+
+class HeadsFileError(ValueError):
+    """The coordinator's metrics.json is missing, unreadable or records no ledger heads."""
+
+
+# Which key an audit trusted (its verdict), strongest first.
+KEY_AUDITOR = "given by the auditor (--public-key)"
+KEY_PINNED = "pinned at enrolment (the coordinator's registry)"
+KEY_FIRST_USE = "NOT pinned: trusted on first use by the coordinator"
+KEY_SEQ0 = "NOT pinned: the key that signed seq 0"
+PINNED_SOURCES = (KEY_AUDITOR, KEY_PINNED)
+
+
+@dataclass(frozen=True)
+class RecordedHeads:
+    """What a coordinator recorded about one silo's ledger (its metrics.json): the last
+    head with its key, and every head it accepted, each with the round it came in."""
+
+    key: str  # raw Ed25519 public key, hex
+    pinned: bool
+    heads: tuple[tuple[int, str, int | None], ...]  # (seq, entry_hash, round or None)
+
+
+def load_heads(path: Path | str) -> dict[str, RecordedHeads]:
+    """The ledger heads a coordinator recorded per silo in a run's metrics.json (the
+    ``ledger_heads`` of the run and of each round). Raises `HeadsFileError`."""
+    path = Path(path)
+    try:
+        metrics = json.loads(path.read_text())
+        last = metrics["ledger_heads"]
+        rows = [r for r in metrics.get("rounds", []) if isinstance(r, dict)]
+        recorded = {}
+        for silo, head in last.items():
+            seen: dict[tuple[int, str], int | None] = {
+                (int(head["seq"]), str(head["entry_hash"])): None}
+            for r in rows:
+                if silo in r.get("ledger_heads", {}):
+                    got = r["ledger_heads"][silo]
+                    seen[(int(got["seq"]), str(got["entry_hash"]))] = int(r["round"])
+            recorded[str(silo)] = RecordedHeads(
+                str(head["key"]), bool(head["pinned"]),
+                tuple(sorted((seq, h, rnd) for (seq, h), rnd in seen.items())))
+    except OSError as exc:
+        raise HeadsFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise HeadsFileError(f"{path}: no readable ledger_heads ({exc!r}); pass the "
+                             "metrics.json of a run whose coordinator records heads") from exc
+    return recorded
+
+
+def check_heads(entries: Sequence[dict[str, Any]], recorded: RecordedHeads) -> list[str]:
+    """Problems of a ledger against the heads a coordinator recorded (each names the
+    entry): every recorded head must be in the ledger at its seq, signed by the key."""
+    problems = []
+    for seq, entry_hash, round_ in recorded.heads:
+        when = f"round {round_}" if round_ is not None else "the run's last head"
+        if seq >= len(entries):
+            problems.append(f"seq {seq}: missing: the coordinator recorded head seq {seq} "
+                            f"({entry_hash[:12]}, {when}) but the ledger ends at seq "
+                            f"{len(entries) - 1} (truncated or rolled back)")
+        elif entries[seq].get("entry_hash") != entry_hash:
+            problems.append(f"seq {seq}: entry_hash: {str(entries[seq].get('entry_hash'))[:12]}"
+                            f" is not the head the coordinator recorded ({entry_hash[:12]}, "
+                            f"{when}): the ledger was rolled back or forked")
+        elif entries[seq].get("signer_public_key") != recorded.key:
+            problems.append(f"seq {seq}: signer_public_key: not the key the coordinator "
+                            "recorded for this silo (re-signed with another key)")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -82,6 +158,13 @@ class LedgerAudit:
     # Train entries whose DP noise came from a simulation's public seed (reproducible, so
     # the guarantee holds only against whoever does not know that seed).
     seeded_noise_entries: int = 0
+    key_source: str = KEY_SEQ0  # which key the audit trusted (KEY_*)
+    heads_checked: int = 0  # coordinator-recorded heads found in the ledger (--heads)
+
+    @property
+    def pinned(self) -> bool:
+        """Whether the signer key was pinned (at enrolment, or by the auditor)."""
+        return self.key_source in PINNED_SOURCES
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (non-finite numbers become None; safe with ``allow_nan=False``)."""
@@ -97,6 +180,8 @@ class LedgerAudit:
             "history": [[r, _finite(e)] for r, e in self.history],
             "empirical": list(self.empirical), "privacy_unit": self.unit,
             "seeded_noise_entries": self.seeded_noise_entries,
+            "key_source": self.key_source, "key_pinned": self.pinned,
+            "heads_checked": self.heads_checked,
         }
 
 
@@ -213,21 +298,48 @@ def _plot_history(train: list[dict[str, Any]]) -> list[tuple[int, float]]:
     return out
 
 
-def audit_ledger(path: Path | str, public_key: Ed25519PublicKey | None = None) -> LedgerAudit:
-    """Audit one ledger file (see the module doc for what is checked)."""
+def audit_ledger(path: Path | str, public_key: Ed25519PublicKey | None = None, *,
+                 heads: Mapping[str, RecordedHeads] | None = None,
+                 strict: bool = False) -> LedgerAudit:
+    """Audit one ledger file (see the module doc for what is checked). `heads`: what the
+    coordinator recorded per silo (`load_heads`); `strict`: an unpinned key fails."""
     path = Path(path)
     if not path.is_file():
         what = "is not a file" if path.exists() else "not found"
         return LedgerAudit(path=path, silo_id=None, entries=0, train_entries=0, epsilon=None,
                            epsilon_limit=None, delta=None, accountant=None, independent={},
                            problems=[f"ledger file {what}"], history=[], ok=False)
-    prefix = f"{path}: "
-    problems = [p.removeprefix(prefix) for p in verify_ledger(path, public_key)]
     try:
         entries = read_entries(path, skip_bad=True)
     except OSError as exc:
-        problems.append(f"cannot read ledger: {exc.strerror or exc}")
         entries = []
+        read_problem: str | None = f"cannot read ledger: {exc.strerror or exc}"
+    else:
+        read_problem = None
+    silo_id = next((str(e["silo_id"]) for e in reversed(entries) if "silo_id" in e), None)
+    recorded = heads.get(silo_id or path.stem) if heads is not None else None
+    key_source = KEY_AUDITOR if public_key is not None else KEY_SEQ0
+    head_problems: list[str] = []
+    if heads is not None and recorded is None:
+        head_problems.append(f"heads: the coordinator recorded no ledger head for silo "
+                             f"{silo_id or path.stem!r} (recorded: {sorted(heads)})")
+    elif recorded is not None:
+        coordinator_key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(recorded.key))
+        if public_key is not None and key_id(public_key) != key_id(coordinator_key):
+            head_problems.append(f"heads: the coordinator recorded key "
+                                 f"{key_id(coordinator_key)} for this silo, not the "
+                                 f"--public-key {key_id(public_key)}")
+        elif public_key is None:
+            public_key = coordinator_key
+            key_source = KEY_PINNED if recorded.pinned else KEY_FIRST_USE
+        head_problems += check_heads(entries, recorded)
+    prefix = f"{path}: "
+    problems = [p.removeprefix(prefix) for p in verify_ledger(path, public_key)]
+    problems += [read_problem] if read_problem else []
+    problems += head_problems
+    if strict and key_source not in PINNED_SOURCES:
+        problems.append(f"key: {key_source}; --strict needs a key pinned at enrolment "
+                        "(--heads with a registered --ledger-key) or given (--public-key)")
     if not entries and not problems:
         problems.append("ledger has no entries (an emptied ledger cannot be told from a new one; "
                         "compare with its published head hash)")
@@ -247,7 +359,6 @@ def audit_ledger(path: Path | str, public_key: Ed25519PublicKey | None = None) -
                                     "exists, so this entry was not written by this silo")
 
     train = [(i, e) for i, e in enumerate(entries) if e.get("type") in ACCOUNTED]
-    silo_id = next((str(e["silo_id"]) for e in reversed(entries) if "silo_id" in e), None)
     epsilon = limit = delta = None
     accountant: str | None = None
     independent: dict[str, float] = {}
@@ -287,7 +398,9 @@ def audit_ledger(path: Path | str, public_key: Ed25519PublicKey | None = None) -
                        feedback_entries=sum(e.get("type") == "feedback" for e in entries),
                        empirical=empirical, unit=unit,
                        seeded_noise_entries=sum(e.get("noise_seed_source") == "seeded"
-                                                for _, e in train))
+                                                for _, e in train),
+                       key_source=key_source,
+                       heads_checked=0 if recorded is None else len(recorded.heads))
 
 
 # --------------------------------------------------------------------------- output
@@ -299,7 +412,8 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
 def format_table(audits: Sequence[LedgerAudit]) -> str:
     """Per-ledger table (silo, entries, epsilon / limit, delta, accountant, PLD check,
     status), then one line per problem: ``FILE: seq N: field: what is wrong``."""
-    header = ("silo", "entries", "epsilon / limit", "delta", "accountant", "PLD check", "status")
+    header = ("silo", "entries", "epsilon / limit", "delta", "accountant", "PLD check",
+              "key", "status")
     rows = []
     for a in audits:
         pld = a.independent.get("pld")
@@ -314,11 +428,15 @@ def format_table(audits: Sequence[LedgerAudit]) -> str:
                      if a.entries else "0",
                      f"{_fmt(a.epsilon)} / {_fmt(a.epsilon_limit, 'g')}",
                      _fmt(a.delta, "g"), a.accountant or "-", check,
-                     "OK" if a.ok else "FAILED"))
+                     "pinned" if a.pinned else "NOT pinned", "OK" if a.ok else "FAILED"))
     widths = [max(len(r[c]) for r in (header, *rows)) for c in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
              for r in (header, *rows)]
     for a in audits:
+        name = a.silo_id or a.path.stem
+        lines.append(f"{name}: signer key {a.signer_key_id or '-'} {a.key_source}"
+                     + (f"; {a.heads_checked} coordinator-recorded head(s) checked"
+                        if a.heads_checked else ""))
         if a.unit == "silo":
             lines.append(f"{a.path.name}: client-level DP, unit = one silo (a separate "
                          "guarantee from the silos' record-level epsilon)")
