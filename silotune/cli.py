@@ -161,12 +161,9 @@ def _parser() -> argparse.ArgumentParser:
         "    and histories only growing\n"
         "  - the final cumulative epsilon recomputed now with dp_accounting PLD and RDP:\n"
         "    a PRV value must agree with PLD within 2% (0.02 for small epsilons), an\n"
-        "    RDP value must lie between PLD and a fresh RDP bound\n\n"
-        "A ledger cannot show that entries were cut from its end or rolled back: with\n"
-        "--heads metrics.json (a run's, written by its coordinator) every head the\n"
-        "coordinator accepted must be in the ledger at its seq, signed by the key it\n"
-        "recorded (pinned at enrolment, or trusted on first use). The verdict names the\n"
-        "key trusted; --strict fails a ledger whose key is not pinned.\n\n"
+        "    RDP value must lie between PLD and a fresh RDP bound\n"
+        "  - with --heads: every ledger head the run's coordinator accepted, at its seq\n"
+        "    and signed by the key it recorded; --strict fails a key not pinned\n\n"
         "Exit status: 0 when every ledger is OK, 1 when any ledger has a problem or is\n"
         "missing, 2 for usage errors (including an unreadable --public-key or --heads).")
     a.add_argument("ledgers", nargs="+", type=Path, metavar="LEDGER",
@@ -175,12 +172,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="the silo's Ed25519 public key for every LEDGER: a PEM file or a file "
                    "holding the hex signer_public_key; without it, the key that signed seq 0 "
                    "is trusted")
-    a.add_argument("--heads", type=Path, metavar="METRICS",
-                   help="a run's metrics.json: check each LEDGER against the ledger heads "
-                   "its coordinator recorded (truncation, rollback, fork, new key)")
-    a.add_argument("--strict", action="store_true",
-                   help="fail a ledger whose key is not pinned (at enrolment, seen through "
-                   "--heads, or by --public-key)")
+    a.add_argument("--heads", type=Path, metavar="METRICS", help="a run's metrics.json: "
+                   "check each LEDGER against the ledger heads its coordinator recorded")
+    a.add_argument("--strict", action="store_true", help="fail a key that is not pinned")
     a.add_argument("--json", action="store_true",
                    help="print a JSON list (one object per ledger) instead of the table")
     a.add_argument("--plot", type=Path, metavar="FILE",
@@ -326,21 +320,14 @@ def _audit_empirical(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     import json
 
-    from silotune.privacy.audit import (
-        HeadsFileError,
-        KeyFileError,
-        audit_ledger,
-        format_table,
-        load_heads,
-        load_public_key,
-        plot_epsilon,
-    )
+    from silotune.privacy import audit as ledgers
+    from silotune.privacy.recorded_heads import HeadsFileError, load_heads
     from silotune.progress import Tracker
 
     try:
-        key = load_public_key(args.public_key) if args.public_key is not None else None
+        key = ledgers.load_public_key(args.public_key) if args.public_key else None
         heads = load_heads(args.heads) if args.heads is not None else None
-    except (KeyFileError, HeadsFileError) as err:
+    except (ledgers.KeyFileError, HeadsFileError) as err:
         print(f"silotune audit: error: {err}", file=sys.stderr)
         return 2
     audits = []
@@ -349,16 +336,16 @@ def _audit(args: argparse.Namespace) -> int:
     with Tracker(len(args.ledgers), "audit", emit=None if show else _quiet,
                  bar=None if show else False) as tracker:
         for path in args.ledgers:
-            audits.append(audit_ledger(path, key, heads=heads, strict=args.strict))
+            audits.append(ledgers.audit_ledger(path, key, heads=heads, strict=args.strict))
             tracker.advance(path.name)
     if args.json:
         print(json.dumps([a.to_dict() for a in audits], indent=2, allow_nan=False))
     else:
-        print(format_table(audits))
+        print(ledgers.format_table(audits))
     failed = not all(a.ok for a in audits)
     if args.plot is not None:
         try:
-            written = plot_epsilon(audits, args.plot)
+            written = ledgers.plot_epsilon(audits, args.plot)
         except OSError as err:
             print(f"silotune audit: error: cannot write plot {args.plot}: "
                   f"{err.strerror or err}", file=sys.stderr)
@@ -369,18 +356,15 @@ def _audit(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `silotune` command; returns the exit code."""
-    from silotune.deploy.cli import show_ledger_key
+    from silotune.deploy.cli import DEPLOY_JOBS, run_deploy_job, show_ledger_key
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if (shown := show_ledger_key(argv)) is not None:  # before the agent's required flags
-        return shown
+    if (shown := show_ledger_key(sys.argv[1:] if argv is None else argv)) is not None:
+        return shown  # `agent --show-ledger-key` needs none of the agent's other flags
     parser = _parser()
     args = parser.parse_args(argv)
     if args.job is None:
         parser.print_help()
         return 2
-    from silotune.deploy.cli import DEPLOY_JOBS, run_deploy_job
-
     if args.job in DEPLOY_JOBS:  # before the ML imports below: agents start in seconds
         return run_deploy_job(args)
     if args.job == "simulate":  # likewise: an OUT holding old silos is refused at once

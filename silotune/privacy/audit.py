@@ -22,19 +22,13 @@ made by the latest DP-trained model, whose cumulative epsilon they repeat.
 Only the final cumulative value is cross-checked with PLD (about 0.5 s per ledger);
 every entry is already recomputed with PRV/RDP by ``verify_ledger``.
 
-A ledger cannot prove it was not truncated at its tail or rolled back: the coordinator
-keeps every head it accepted (``metrics.json``, ``ledger_heads``; silotune/server/heads.py)
-and ``audit_ledger(..., heads=...)`` (``silotune audit --heads metrics.json``) checks that
-the ledger holds each recorded head at its seq, signed by the recorded key: a ledger
-shorter than a head was truncated, another hash at that seq means it was rolled back or
-forked. The verdict names the key it trusted: pinned at enrolment (or given by the
-auditor), trusted on first use by the coordinator, or only seq 0's; ``strict`` fails
-the last two (docs/privacy.md, "Coordinator-kept heads").
+A ledger cannot show a truncated tail or a rollback: ``heads`` checks it against the
+heads its coordinator recorded (`silotune.privacy.recorded_heads`); the verdict names the
+key trusted, and ``strict`` fails one not pinned (docs/privacy.md §6).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +41,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from silotune.files import atomic_write_bytes
 from silotune.privacy.accounting import AccountingStep, compute_epsilon
 from silotune.privacy.ledger import ACCOUNTED, key_id, read_entries, verify_ledger
+from silotune.privacy.recorded_heads import (
+    KEY_SEQ0,
+    PINNED_SOURCES,
+    RecordedHeads,
+    against_heads,
+)
 
 PLD_REL_TOL = 0.02  # reported PRV epsilon vs independent PLD: within 2 % ...
 PLD_ABS_TOL = 0.02  # ... or within 0.02 for small epsilons (accountants' own error)
@@ -57,73 +57,6 @@ class KeyFileError(ValueError):
     """A public or private key file is missing, unreadable or not an Ed25519 key."""
 
 
-class HeadsFileError(ValueError):
-    """The coordinator's metrics.json is missing, unreadable or records no ledger heads."""
-
-
-# Which key an audit trusted (its verdict), strongest first.
-KEY_AUDITOR = "given by the auditor (--public-key)"
-KEY_PINNED = "pinned at enrolment (the coordinator's registry)"
-KEY_FIRST_USE = "NOT pinned: trusted on first use by the coordinator"
-KEY_SEQ0 = "NOT pinned: the key that signed seq 0"
-PINNED_SOURCES = (KEY_AUDITOR, KEY_PINNED)
-
-
-@dataclass(frozen=True)
-class RecordedHeads:
-    """What a coordinator recorded about one silo's ledger (its metrics.json): the last
-    head with its key, and every head it accepted, each with the round it came in."""
-
-    key: str  # raw Ed25519 public key, hex
-    pinned: bool
-    heads: tuple[tuple[int, str, int | None], ...]  # (seq, entry_hash, round or None)
-
-
-def load_heads(path: Path | str) -> dict[str, RecordedHeads]:
-    """The ledger heads a coordinator recorded per silo in a run's metrics.json (the
-    ``ledger_heads`` of the run and of each round). Raises `HeadsFileError`."""
-    path = Path(path)
-    try:
-        metrics = json.loads(path.read_text())
-        last = metrics["ledger_heads"]
-        rows = [r for r in metrics.get("rounds", []) if isinstance(r, dict)]
-        recorded = {}
-        for silo, head in last.items():
-            seen: dict[tuple[int, str], int | None] = {
-                (int(head["seq"]), str(head["entry_hash"])): None}
-            for r in rows:
-                if silo in r.get("ledger_heads", {}):
-                    got = r["ledger_heads"][silo]
-                    seen[(int(got["seq"]), str(got["entry_hash"]))] = int(r["round"])
-            recorded[str(silo)] = RecordedHeads(
-                str(head["key"]), bool(head["pinned"]),
-                tuple(sorted((seq, h, rnd) for (seq, h), rnd in seen.items())))
-    except OSError as exc:
-        raise HeadsFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise HeadsFileError(f"{path}: no readable ledger_heads ({exc!r}); pass the "
-                             "metrics.json of a run whose coordinator records heads") from exc
-    return recorded
-
-
-def check_heads(entries: Sequence[dict[str, Any]], recorded: RecordedHeads) -> list[str]:
-    """Problems of a ledger against the heads a coordinator recorded (each names the
-    entry): every recorded head must be in the ledger at its seq, signed by the key."""
-    problems = []
-    for seq, entry_hash, round_ in recorded.heads:
-        when = f"round {round_}" if round_ is not None else "the run's last head"
-        if seq >= len(entries):
-            problems.append(f"seq {seq}: missing: the coordinator recorded head seq {seq} "
-                            f"({entry_hash[:12]}, {when}) but the ledger ends at seq "
-                            f"{len(entries) - 1} (truncated or rolled back)")
-        elif entries[seq].get("entry_hash") != entry_hash:
-            problems.append(f"seq {seq}: entry_hash: {str(entries[seq].get('entry_hash'))[:12]}"
-                            f" is not the head the coordinator recorded ({entry_hash[:12]}, "
-                            f"{when}): the ledger was rolled back or forked")
-        elif entries[seq].get("signer_public_key") != recorded.key:
-            problems.append(f"seq {seq}: signer_public_key: not the key the coordinator "
-                            "recorded for this silo (re-signed with another key)")
-    return problems
 
 
 @dataclass(frozen=True)
@@ -162,8 +95,7 @@ class LedgerAudit:
     heads_checked: int = 0  # coordinator-recorded heads found in the ledger (--heads)
 
     @property
-    def pinned(self) -> bool:
-        """Whether the signer key was pinned (at enrolment, or by the auditor)."""
+    def pinned(self) -> bool:  # the signer key pinned at enrolment or by the auditor
         return self.key_source in PINNED_SOURCES
 
     def to_dict(self) -> dict[str, Any]:
@@ -309,34 +241,17 @@ def audit_ledger(path: Path | str, public_key: Ed25519PublicKey | None = None, *
         return LedgerAudit(path=path, silo_id=None, entries=0, train_entries=0, epsilon=None,
                            epsilon_limit=None, delta=None, accountant=None, independent={},
                            problems=[f"ledger file {what}"], history=[], ok=False)
+    read_problem: list[str] = []
     try:
         entries = read_entries(path, skip_bad=True)
     except OSError as exc:
-        entries = []
-        read_problem: str | None = f"cannot read ledger: {exc.strerror or exc}"
-    else:
-        read_problem = None
+        entries, read_problem = [], [f"cannot read ledger: {exc.strerror or exc}"]
     silo_id = next((str(e["silo_id"]) for e in reversed(entries) if "silo_id" in e), None)
-    recorded = heads.get(silo_id or path.stem) if heads is not None else None
-    key_source = KEY_AUDITOR if public_key is not None else KEY_SEQ0
-    head_problems: list[str] = []
-    if heads is not None and recorded is None:
-        head_problems.append(f"heads: the coordinator recorded no ledger head for silo "
-                             f"{silo_id or path.stem!r} (recorded: {sorted(heads)})")
-    elif recorded is not None:
-        coordinator_key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(recorded.key))
-        if public_key is not None and key_id(public_key) != key_id(coordinator_key):
-            head_problems.append(f"heads: the coordinator recorded key "
-                                 f"{key_id(coordinator_key)} for this silo, not the "
-                                 f"--public-key {key_id(public_key)}")
-        elif public_key is None:
-            public_key = coordinator_key
-            key_source = KEY_PINNED if recorded.pinned else KEY_FIRST_USE
-        head_problems += check_heads(entries, recorded)
+    public_key, key_source, head_problems, checked = against_heads(
+        entries, silo_id or path.stem, public_key, heads)
     prefix = f"{path}: "
     problems = [p.removeprefix(prefix) for p in verify_ledger(path, public_key)]
-    problems += [read_problem] if read_problem else []
-    problems += head_problems
+    problems += read_problem + head_problems
     if strict and key_source not in PINNED_SOURCES:
         problems.append(f"key: {key_source}; --strict needs a key pinned at enrolment "
                         "(--heads with a registered --ledger-key) or given (--public-key)")
@@ -400,7 +315,7 @@ def audit_ledger(path: Path | str, public_key: Ed25519PublicKey | None = None, *
                        seeded_noise_entries=sum(e.get("noise_seed_source") == "seeded"
                                                 for _, e in train),
                        key_source=key_source,
-                       heads_checked=0 if recorded is None else len(recorded.heads))
+                       heads_checked=checked)
 
 
 # --------------------------------------------------------------------------- output
@@ -433,10 +348,8 @@ def format_table(audits: Sequence[LedgerAudit]) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
              for r in (header, *rows)]
     for a in audits:
-        name = a.silo_id or a.path.stem
-        lines.append(f"{name}: signer key {a.signer_key_id or '-'} {a.key_source}"
-                     + (f"; {a.heads_checked} coordinator-recorded head(s) checked"
-                        if a.heads_checked else ""))
+        lines.append(f"{a.silo_id or a.path.stem}: signer key {a.signer_key_id or '-'} "
+                     f"{a.key_source}; {a.heads_checked} coordinator-recorded head(s) checked")
         if a.unit == "silo":
             lines.append(f"{a.path.name}: client-level DP, unit = one silo (a separate "
                          "guarantee from the silos' record-level epsilon)")

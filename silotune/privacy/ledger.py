@@ -145,11 +145,10 @@ def read_entries(path: Path, *, skip_bad: bool = False) -> list[dict[str, Any]]:
 
 
 def chain_links(entries: list[dict[str, Any]], since: int | None) -> list[list[Any]]:
-    """``[seq, prev_hash, entry_hash, signature]`` of every entry after seq `since` (the
-    head the coordinator last acknowledged), and always at least the newest entry: what a
-    reply carries so that the coordinator can check that the ledger extends the head it
-    saw (silotune/server/heads.py). Hashes and signatures only: an entry hash covers
-    private fields (dataset size and fingerprint), so the entries themselves stay home."""
+    """``[seq, prev_hash, entry_hash, signature]`` of each entry after seq `since` (the head
+    the coordinator last acknowledged; at least the newest entry): what a reply carries so
+    the coordinator can check that the ledger extends that head (docs/privacy.md §6). The
+    entries stay home: they cover private fields (the dataset size and fingerprint)."""
     newer = [e for e in entries if since is None or e.get("seq", -1) > since] or entries[-1:]
     return [[e["seq"], e["prev_hash"], e["entry_hash"], e["signature"]] for e in newer]
 
