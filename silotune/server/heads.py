@@ -9,7 +9,8 @@ since (`silotune.privacy.ledger.chain_links`: seq, prev_hash, entry_hash, signat
 `check_chain` accepts the reply only if those entries extend that head:
 
 - seqs consecutive from the head's seq + 1, each prev_hash the previous entry hash,
-  the first one the head's (else: rolled back, truncated, forked);
+  the first one the head's (else: rolled back, truncated, forked); or the head itself
+  again (a silo re-sends its kept reply to a coordinator resumed after a crash);
 - every signature valid under the silo's key: the key pinned at enrolment in the silo
   registry (silotune/server/registry.py) or, without one, the key first seen for the
   silo (trust on first use, recorded as such: ``pinned`` false).
@@ -115,6 +116,8 @@ def check_chain(last: Head | None, chain: Sequence[object], head: str | None,
     if last is None:
         if first.seq == 0 and first.prev_hash != GENESIS_HASH:
             raise HeadError("ledger seq 0 does not start from the genesis hash")
+    elif (newest.seq, newest.entry_hash) == (last.seq, last.entry_hash):
+        pass  # the same head again: a kept reply re-sent to a resumed coordinator
     elif newest.seq <= last.seq:
         raise HeadError(f"ledger seq {newest.seq} does not extend the last head seq "
                         f"{last.seq} (rolled back or truncated?)")

@@ -57,7 +57,10 @@ def test_a_growing_ledger_is_accepted_and_its_head_advances(tmp_path):
     _ledger(tmp_path / "l.jsonl", 3, tag="b")  # 3 more entries, e.g. other runs' rounds
     reply = _reply(ledger, first.seq)
     assert [link[0] for link in reply["chain"]] == [2, 3, 4]
-    assert _check(first, reply) == Head(4, ledger.head_hash, first.key, pinned=False)
+    last = _check(first, reply)
+    assert last == Head(4, ledger.head_hash, first.key, pinned=False)
+    # a kept reply re-sent to a coordinator resumed after a crash: the same head, accepted
+    assert _check(last, _reply(ledger, last.seq)) == last
 
 
 @pytest.mark.parametrize("kept", [0, 2, 3], ids=["emptied", "truncated", "rolled-back"])
