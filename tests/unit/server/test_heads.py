@@ -14,9 +14,16 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.supercore.task_identity import TaskIdentity
 
+from silotune.cli import main
 from silotune.client.app import build_client_app
+from silotune.client.local import LEDGER_KEY_FILE
 from silotune.config import RunConfig
-from silotune.privacy.ledger import Ledger, chain_links, public_key_hex
+from silotune.privacy.ledger import (
+    Ledger,
+    chain_links,
+    load_or_create_signing_key,
+    public_key_hex,
+)
 from silotune.protocol.messages import TrainInstruction, TrainReply
 from silotune.server import checkpoint
 from silotune.server.heads import (
@@ -26,6 +33,7 @@ from silotune.server.heads import (
     check_chain,
     shared_book,
 )
+from silotune.server.registry import ledger_key_hex
 from tests.unit.client.test_sovereign_silo import POLICY, _cfg, _context, _source, _train_msg
 
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
@@ -196,3 +204,16 @@ def test_a_real_silos_replies_extend_its_head_until_its_ledger_is_rolled_back(
                                         r"\(rolled back or truncated\?\)"):
         check_chain(heads[-1], answer.ledger_chain or [], answer.ledger_head,
                     answer.ledger_key, None)
+
+
+def test_the_key_the_agent_prints_is_the_one_the_coordinator_pins(tmp_path, capsys):
+    state = tmp_path / "silo-state"
+    assert main(["agent", "--show-ledger-key", "--state-dir", str(state)]) == 0
+    printed = capsys.readouterr().out
+    assert main(["agent", "--state-dir", str(state), "--show-ledger-key"]) == 0
+    assert capsys.readouterr().out == printed  # created once, then the same key
+    (tmp_path / "ledger.pub").write_text(printed)  # what the admin sends the operator
+    pinned = ledger_key_hex(tmp_path / "ledger.pub")
+    ledger = Ledger(state / "ledger.jsonl", load_or_create_signing_key(state / LEDGER_KEY_FILE))
+    ledger.append({"type": "note"})
+    assert _check(None, _reply(ledger, None), pinned).pinned
