@@ -75,7 +75,7 @@ def train_round(msg: Message, context: Context, silo: Silo) -> Message:
         if privacy.private:
             request = Request(ask.federation_id, ask.round, ask.target_epsilon,
                               ask.target_delta, local.batch_size, local.local_steps,
-                              ask.planned_rounds * local.local_steps, ask.ledger_since)
+                              ask.planned_rounds * local.local_steps, ledger_since=ask.ledger_since)
             result, spent = private_training(
                 silo, privacy, request, frame, train,
                 already_done=lambda budget: _refuse_a_second_spend(budget, ask))
