@@ -90,17 +90,20 @@ def _parser() -> argparse.ArgumentParser:
         "    and histories only growing\n"
         "  - the final cumulative epsilon recomputed now with dp_accounting PLD and RDP:\n"
         "    a PRV value must agree with PLD within 2% (0.02 for small epsilons), an\n"
-        "    RDP value must lie between PLD and a fresh RDP bound\n\n"
-        "A ledger cannot show that entries were cut from its end: compare its last\n"
-        "entry_hash with a head hash published elsewhere.\n\n"
+        "    RDP value must lie between PLD and a fresh RDP bound\n"
+        "  - with --heads: every ledger head the run's coordinator accepted, at its seq\n"
+        "    and signed by the key it recorded; --strict fails a key not pinned\n\n"
         "Exit status: 0 when every ledger is OK, 1 when any ledger has a problem or is\n"
-        "missing, 2 for usage errors (including an unreadable --public-key).")
+        "missing, 2 for usage errors (including an unreadable --public-key or --heads).")
     a.add_argument("ledgers", nargs="+", type=Path, metavar="LEDGER",
                    help="ledger .jsonl files")
     a.add_argument("--public-key", type=Path, metavar="KEY",
                    help="the silo's Ed25519 public key for every LEDGER: a PEM file or a file "
                    "holding the hex signer_public_key; without it, the key that signed seq 0 "
                    "is trusted")
+    a.add_argument("--heads", type=Path, metavar="METRICS", help="a run's metrics.json: "
+                   "check each LEDGER against the ledger heads its coordinator recorded")
+    a.add_argument("--strict", action="store_true", help="fail a key that is not pinned")
     a.add_argument("--json", action="store_true",
                    help="print a JSON list (one object per ledger) instead of the table")
     a.add_argument("--plot", type=Path, metavar="FILE",
@@ -255,18 +258,14 @@ def _audit_empirical(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     import json
 
-    from silotune.privacy.audit import (
-        KeyFileError,
-        audit_ledger,
-        format_table,
-        load_public_key,
-        plot_epsilon,
-    )
+    from silotune.privacy import audit as ledgers
+    from silotune.privacy.recorded_heads import HeadsFileError, load_heads
     from silotune.progress import Tracker
 
     try:
-        key = load_public_key(args.public_key) if args.public_key is not None else None
-    except KeyFileError as err:
+        key = ledgers.load_public_key(args.public_key) if args.public_key else None
+        heads = load_heads(args.heads) if args.heads is not None else None
+    except (ledgers.KeyFileError, HeadsFileError) as err:
         print(f"silotune audit: error: {err}", file=sys.stderr)
         return 2
     audits = []
@@ -275,16 +274,16 @@ def _audit(args: argparse.Namespace) -> int:
     with Tracker(len(args.ledgers), "audit", emit=None if show else _quiet,
                  bar=None if show else False) as tracker:
         for path in args.ledgers:
-            audits.append(audit_ledger(path, key))
+            audits.append(ledgers.audit_ledger(path, key, heads=heads, strict=args.strict))
             tracker.advance(path.name)
     if args.json:
         print(json.dumps([a.to_dict() for a in audits], indent=2, allow_nan=False))
     else:
-        print(format_table(audits))
+        print(ledgers.format_table(audits))
     failed = not all(a.ok for a in audits)
     if args.plot is not None:
         try:
-            written = plot_epsilon(audits, args.plot)
+            written = ledgers.plot_epsilon(audits, args.plot)
         except OSError as err:
             print(f"silotune audit: error: cannot write plot {args.plot}: "
                   f"{err.strerror or err}", file=sys.stderr)
@@ -296,13 +295,15 @@ def _audit(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `silotune` command; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    from silotune.deploy.cli import DEPLOY_JOBS, run_deploy_job, show_ledger_key
+
+    if (shown := show_ledger_key(argv)) is not None:
+        return shown  # `agent --show-ledger-key` needs none of the agent's other flags
     parser = _parser()
     args = parser.parse_args(argv)
     if args.job is None:
         parser.print_help()
         return 2
-    from silotune.deploy.cli import DEPLOY_JOBS, run_deploy_job
-
     if args.job in DEPLOY_JOBS:  # before the ML imports below: agents start in seconds
         return run_deploy_job(args)
     try:  # likewise: bad input is refused at once, before torch, Flower and Ray load

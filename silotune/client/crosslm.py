@@ -91,7 +91,8 @@ def _train(msg: Message, context: Context, silo: Silo) -> Message:
 
     if privacy.private:
         request = Request(run_id, ask.round, ask.target_epsilon, ask.target_delta,
-                          ask.batch_size, ask.slm_steps, ask.planned_rounds * ask.slm_steps)
+                          ask.batch_size, ask.slm_steps, ask.planned_rounds * ask.slm_steps,
+                          ledger_since=ask.ledger_since)
         _, spent = private_training(silo, privacy, request, frame, train)
     else:
         spent = None

@@ -26,6 +26,8 @@ from silotune.privacy.ledger import Ledger, load_or_create_signing_key
 from silotune.protocol.manifest import check_reply
 from silotune.protocol.messages import Payload
 
+LEDGER_KEY_FILE = "ledger-signing-key.pem"  # in the silo's state folder
+
 
 @dataclass(frozen=True)
 class Silo:
@@ -66,7 +68,7 @@ class Silo:
 
     @property
     def key_path(self) -> Path:
-        return self.state_dir / "ledger-signing-key.pem"
+        return self.state_dir / LEDGER_KEY_FILE
 
     def ledger(self) -> Ledger:
         """The silo's signed privacy ledger."""

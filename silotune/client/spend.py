@@ -8,7 +8,8 @@ reference into the silo's own log.
 
 `private_training` is the one place a silo spends privacy budget, under one lock on its
 state directory (held across processes): calibrate sigma once per run, refuse useless or
-over-budget training, append the signed ledger entry (write-ahead), then train. Its
+over-budget training, append the signed ledger entry (write-ahead), then train, and
+report the ledger entries since the head the coordinator acknowledged. Its
 callers check the request against the silo's policy before they read the data. A
 training that fails after it touched the data replies that its spend is recorded.
 """
@@ -36,6 +37,7 @@ from silotune.client.silo import SiloPrivacy, SiloPrivacyConfig
 from silotune.ml.crosslm import FeedbackRefusedError
 from silotune.ml.dp_sgd import DPConfig, LivenessError, sample_rate_for
 from silotune.privacy.accounting import AccountingStep, BudgetExhausted
+from silotune.privacy.ledger import chain_links
 from silotune.protocol import keys as P
 from silotune.protocol.messages import MessageError
 
@@ -95,13 +97,17 @@ def state_lock(state_dir: Path) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Spent:
-    """What a private training spent: the ledger's cumulative epsilon and its head."""
+    """What a private training spent: the ledger's cumulative epsilon, its head, and the
+    entries since the head the coordinator last acknowledged, with their signer's key
+    (docs/privacy.md, "Coordinator-kept heads")."""
 
     epsilon: float
     delta: float
     epsilon_limit: float
     ledger_head: str
     noise_multiplier: float
+    ledger_chain: list[list[Any]]
+    ledger_key: str
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,7 @@ class Request:
     batch_size: int
     steps: int
     planned_steps: int
+    ledger_since: int | None = None  # the coordinator's last recorded head of this silo
 
 
 def private_training(silo: Silo, privacy: SiloPrivacyConfig, request: Request,
@@ -152,8 +159,9 @@ def private_training(silo: Silo, privacy: SiloPrivacyConfig, request: Request,
                 f"training failed after it touched the data ({type(err).__name__}); its "
                 f"spend is recorded in the silo's ledger (epsilon now {report.epsilon:.4f})"
             ) from err
+        chain = chain_links(budget.ledger.entries(), request.ledger_since)
     return result, Spent(report.epsilon, privacy.delta, privacy.target_epsilon,
-                         str(entry["entry_hash"]), sigma)
+                         str(entry["entry_hash"]), sigma, chain, budget.ledger.public_key_hex)
 
 
 def privacy_units(frame: pd.DataFrame, column: str | None) -> int:

@@ -8,6 +8,7 @@ leaves on the silo; upload only the factors the plan names (compressed on reques
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -34,6 +35,7 @@ from silotune.ml.lm import encode_frame
 from silotune.ml.memory import PeakRSS
 from silotune.ml.merge import module_shapes
 from silotune.ml.train import LocalTrainConfig, LocalTrainResult, train_local
+from silotune.privacy.ledger import chain_links
 from silotune.protocol import keys as P
 from silotune.protocol.codec import from_record, to_record
 from silotune.protocol.messages import TrainInstruction, TrainReply
@@ -53,7 +55,7 @@ def train_round(msg: Message, context: Context, silo: Silo) -> Message:
         if kept is not None:  # asked again after a coordinator restart: no second spend
             log.warning("%s: round %d of %s was already trained; sending the kept reply",
                         silo.silo_id, ask.round, ask.federation_id)
-            return silo.reply(kept, msg, ask.wire_dtype)
+            return silo.reply(_rechained(kept, silo, ask.ledger_since), msg, ask.wire_dtype)
     rounds = complete_history(silo.state_dir / "history" / ask.federation_id, ask.arrays,
                               ask.base_fingerprints, ask.first_sent_round)
     updates = [update_from_arrays(rounds, f"{P.UPDATE_PREFIX}{t}/", ask.update_scales[str(t)])
@@ -76,7 +78,7 @@ def train_round(msg: Message, context: Context, silo: Silo) -> Message:
         if privacy.private:
             request = Request(ask.federation_id, ask.round, ask.target_epsilon,
                               ask.target_delta, local.batch_size, local.local_steps,
-                              ask.planned_rounds * local.local_steps)
+                              ask.planned_rounds * local.local_steps, ledger_since=ask.ledger_since)
             result, spent = private_training(
                 silo, privacy, request, frame, train,
                 already_done=lambda budget: _refuse_a_second_spend(budget, ask))
@@ -99,6 +101,16 @@ def train_round(msg: Message, context: Context, silo: Silo) -> Message:
         replay.save_reply(silo.state_dir, ask.federation_id, ask.round,
                           ask.base_fingerprints, reply)
     return silo.reply(reply, msg, ask.wire_dtype)
+
+
+def _rechained(kept: TrainReply, silo: Silo, since: int | None) -> TrainReply:
+    """The kept reply with its ledger chain rebuilt from the head this request names (a
+    resumed coordinator may have acknowledged another head since), up to its own entry."""
+    if not kept.ledger_chain:
+        return kept
+    newest = int(kept.ledger_chain[-1][0])
+    entries = [e for e in silo.ledger().entries() if e.get("seq", -1) <= newest]
+    return dataclasses.replace(kept, ledger_chain=chain_links(entries, since))
 
 
 def _refuse_a_second_spend(budget: SiloPrivacy, ask: TrainInstruction) -> None:

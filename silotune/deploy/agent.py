@@ -45,12 +45,14 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
+from silotune.client.local import LEDGER_KEY_FILE
 from silotune.client.node import NodeSettings
 from silotune.deploy import app_signing, certs
 from silotune.deploy.connection import Connection, DeployError, flower_env, flower_tool
 from silotune.deploy.verified_clientapp import write_gate
 from silotune.ml.precision import PRECISIONS
 from silotune.planning.profiles import RESOURCE_KEYS, SiloProfile
+from silotune.privacy.ledger import load_or_create_signing_key, public_key_hex
 
 Log = Callable[[str], None]
 CONNECT_TIMEOUT_SECONDS = 5.0
@@ -175,10 +177,19 @@ def supernode_command(settings: AgentSettings) -> list[str]:
             "--auth-supernode-private-key", str(settings.key)]
 
 
+def ledger_key(state_dir: Path) -> str:
+    """The hex of the silo's ledger public key (the key is created on first use): what
+    its admin sends the coordinator's operator for `register-silo --ledger-key`, so that
+    the coordinator and auditors check its ledger against it (docs/privacy.md)."""
+    return public_key_hex(load_or_create_signing_key(state_dir / LEDGER_KEY_FILE))
+
+
 def run(settings: AgentSettings, log: Log = print) -> int:
     """Preflight, then run the SuperNode until it stops; returns its exit code."""
     preflight(settings, log)
     node = settings.node
+    log(f"[agent] silo {node.silo_id}: ledger key {ledger_key(node.state_dir)} (send it to "
+        "the coordinator's operator: `silotune coordinator register-silo --ledger-key`)")
     log(f"[agent] silo {node.silo_id}: data {node.data_path}, state {node.state_dir}, "
         f"policy epsilon <= {node.epsilon}, delta {node.delta:g}, "
         f"max steps {node.max_steps or 'no cap'}, importance queries "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,10 @@ def add_deploy_parsers(sub: Any) -> None:
                    help="the silo's private training data (.jsonl/.json/.csv/.parquet)")
     a.add_argument("--state-dir", type=Path, required=True,
                    help="the silo's ledger, signing key and last reply")
+    a.add_argument("--show-ledger-key", action="store_true",
+                   help="print the silo's ledger public key (hex; created if needed) and "
+                   "exit; needs only --state-dir. Send it to the coordinator's operator "
+                   "for `register-silo --ledger-key`")
     policy = a.add_argument_group(
         "privacy policy (the silo's own; a run can only ask for less)")
     policy.add_argument("--epsilon", type=float, required=True,
@@ -171,6 +175,21 @@ def add_deploy_parsers(sub: Any) -> None:
     r.add_argument("--unsigned", action="store_true",
                    help="submit the app unsigned (only agents started with "
                    "--allow-unsigned-apps run it)")
+
+
+def show_ledger_key(argv: Sequence[str]) -> int | None:
+    """`silotune agent --show-ledger-key --state-dir DIR`: print the ledger key and give
+    exit status 0 (the agent's other flags, required to run it, are not needed); None
+    for any other command line."""
+    if not argv or argv[0] != "agent" or "--show-ledger-key" not in argv:
+        return None
+    only = argparse.ArgumentParser(prog="silotune agent --show-ledger-key")
+    only.add_argument("--state-dir", type=Path, required=True)
+    state_dir = only.parse_known_args(list(argv[1:]))[0].state_dir
+    from silotune.deploy.agent import ledger_key
+
+    print(ledger_key(state_dir))
+    return 0
 
 
 def run_deploy_job(args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ from silotune.deploy.connection import (
     run_flwr,
     write_flwr_home,
 )
+from silotune.server.heads import HEADS_ENV
 from silotune.server.registry import (
     FILE_NAME,
     REGISTRY_ENV,
@@ -123,7 +124,8 @@ def start(settings: CoordinatorSettings) -> int:
     print(f"[coordinator] state {settings.database}, listening on {settings.host}:"
           f"{settings.port} ({'INSECURE' if settings.insecure else 'TLS + node auth'})",
           flush=True)
-    env = {**flower_env(settings.flwr_home), REGISTRY_ENV: str(settings.registry.resolve())}
+    env = {**flower_env(settings.flwr_home), REGISTRY_ENV: str(settings.registry.resolve()),
+           HEADS_ENV: str(settings.state_dir.resolve() / "ledger-heads.json")}  # heads.py
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
 
     def forward(signum: int, _frame: FrameType | None) -> None:

@@ -22,14 +22,15 @@ made by the latest DP-trained model, whose cumulative epsilon they repeat.
 Only the final cumulative value is cross-checked with PLD (about 0.5 s per ledger);
 every entry is already recomputed with PRV/RDP by ``verify_ledger``.
 
-A ledger cannot prove it was not truncated at its tail: compare its head hash with one
-published elsewhere (docs/privacy.md §6, anchoring).
+A ledger cannot show a truncated tail or a rollback: ``heads`` checks it against the
+heads its coordinator recorded (`silotune.privacy.recorded_heads`); the verdict names the
+key trusted, and ``strict`` fails one not pinned (docs/privacy.md §6).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from silotune.files import atomic_write_bytes
 from silotune.privacy.accounting import AccountingStep, compute_epsilon
 from silotune.privacy.ledger import ACCOUNTED, key_id, read_entries, verify_ledger
+from silotune.privacy.recorded_heads import (
+    KEY_SEQ0,
+    PINNED_SOURCES,
+    RecordedHeads,
+    against_heads,
+)
 
 PLD_REL_TOL = 0.02  # reported PRV epsilon vs independent PLD: within 2 % ...
 PLD_ABS_TOL = 0.02  # ... or within 0.02 for small epsilons (accountants' own error)
@@ -48,6 +55,8 @@ _ORDER_TOL = 1e-6
 
 class KeyFileError(ValueError):
     """A public or private key file is missing, unreadable or not an Ed25519 key."""
+
+
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,12 @@ class LedgerAudit:
     # Train entries whose DP noise came from a simulation's public seed (reproducible, so
     # the guarantee holds only against whoever does not know that seed).
     seeded_noise_entries: int = 0
+    key_source: str = KEY_SEQ0  # which key the audit trusted (KEY_*)
+    heads_checked: int = 0  # coordinator-recorded heads found in the ledger (--heads)
+
+    @property
+    def pinned(self) -> bool:  # the signer key pinned at enrolment or by the auditor
+        return self.key_source in PINNED_SOURCES
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (non-finite numbers become None; safe with ``allow_nan=False``)."""
@@ -97,6 +112,8 @@ class LedgerAudit:
             "history": [[r, _finite(e)] for r, e in self.history],
             "empirical": list(self.empirical), "privacy_unit": self.unit,
             "seeded_noise_entries": self.seeded_noise_entries,
+            "key_source": self.key_source, "key_pinned": self.pinned,
+            "heads_checked": self.heads_checked,
         }
 
 
@@ -213,21 +230,31 @@ def _plot_history(train: list[dict[str, Any]]) -> list[tuple[int, float]]:
     return out
 
 
-def audit_ledger(path: Path | str, public_key: Ed25519PublicKey | None = None) -> LedgerAudit:
-    """Audit one ledger file (see the module doc for what is checked)."""
+def audit_ledger(path: Path | str, public_key: Ed25519PublicKey | None = None, *,
+                 heads: Mapping[str, RecordedHeads] | None = None,
+                 strict: bool = False) -> LedgerAudit:
+    """Audit one ledger file (see the module doc for what is checked). `heads`: what the
+    coordinator recorded per silo (`load_heads`); `strict`: an unpinned key fails."""
     path = Path(path)
     if not path.is_file():
         what = "is not a file" if path.exists() else "not found"
         return LedgerAudit(path=path, silo_id=None, entries=0, train_entries=0, epsilon=None,
                            epsilon_limit=None, delta=None, accountant=None, independent={},
                            problems=[f"ledger file {what}"], history=[], ok=False)
-    prefix = f"{path}: "
-    problems = [p.removeprefix(prefix) for p in verify_ledger(path, public_key)]
+    read_problem: list[str] = []
     try:
         entries = read_entries(path, skip_bad=True)
     except OSError as exc:
-        problems.append(f"cannot read ledger: {exc.strerror or exc}")
-        entries = []
+        entries, read_problem = [], [f"cannot read ledger: {exc.strerror or exc}"]
+    silo_id = next((str(e["silo_id"]) for e in reversed(entries) if "silo_id" in e), None)
+    public_key, key_source, head_problems, checked = against_heads(
+        entries, silo_id or path.stem, public_key, heads)
+    prefix = f"{path}: "
+    problems = [p.removeprefix(prefix) for p in verify_ledger(path, public_key)]
+    problems += read_problem + head_problems
+    if strict and key_source not in PINNED_SOURCES:
+        problems.append(f"key: {key_source}; --strict needs a key pinned at enrolment "
+                        "(--heads with a registered --ledger-key) or given (--public-key)")
     if not entries and not problems:
         problems.append("ledger has no entries (an emptied ledger cannot be told from a new one; "
                         "compare with its published head hash)")
@@ -247,7 +274,6 @@ def audit_ledger(path: Path | str, public_key: Ed25519PublicKey | None = None) -
                                     "exists, so this entry was not written by this silo")
 
     train = [(i, e) for i, e in enumerate(entries) if e.get("type") in ACCOUNTED]
-    silo_id = next((str(e["silo_id"]) for e in reversed(entries) if "silo_id" in e), None)
     epsilon = limit = delta = None
     accountant: str | None = None
     independent: dict[str, float] = {}
@@ -287,7 +313,9 @@ def audit_ledger(path: Path | str, public_key: Ed25519PublicKey | None = None) -
                        feedback_entries=sum(e.get("type") == "feedback" for e in entries),
                        empirical=empirical, unit=unit,
                        seeded_noise_entries=sum(e.get("noise_seed_source") == "seeded"
-                                                for _, e in train))
+                                                for _, e in train),
+                       key_source=key_source,
+                       heads_checked=checked)
 
 
 # --------------------------------------------------------------------------- output
@@ -299,7 +327,8 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
 def format_table(audits: Sequence[LedgerAudit]) -> str:
     """Per-ledger table (silo, entries, epsilon / limit, delta, accountant, PLD check,
     status), then one line per problem: ``FILE: seq N: field: what is wrong``."""
-    header = ("silo", "entries", "epsilon / limit", "delta", "accountant", "PLD check", "status")
+    header = ("silo", "entries", "epsilon / limit", "delta", "accountant", "PLD check",
+              "key", "status")
     rows = []
     for a in audits:
         pld = a.independent.get("pld")
@@ -314,11 +343,13 @@ def format_table(audits: Sequence[LedgerAudit]) -> str:
                      if a.entries else "0",
                      f"{_fmt(a.epsilon)} / {_fmt(a.epsilon_limit, 'g')}",
                      _fmt(a.delta, "g"), a.accountant or "-", check,
-                     "OK" if a.ok else "FAILED"))
+                     "pinned" if a.pinned else "NOT pinned", "OK" if a.ok else "FAILED"))
     widths = [max(len(r[c]) for r in (header, *rows)) for c in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
              for r in (header, *rows)]
     for a in audits:
+        lines.append(f"{a.silo_id or a.path.stem}: signer key {a.signer_key_id or '-'} "
+                     f"{a.key_source}; {a.heads_checked} coordinator-recorded head(s) checked")
         if a.unit == "silo":
             lines.append(f"{a.path.name}: client-level DP, unit = one silo (a separate "
                          "guarantee from the silos' record-level epsilon)")

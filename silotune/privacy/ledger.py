@@ -69,6 +69,11 @@ def key_id(public_key: Ed25519PublicKey) -> str:
     return hashlib.sha256(_raw(public_key)).hexdigest()[:16]
 
 
+def public_key_hex(signing_key: Ed25519PrivateKey) -> str:
+    """The raw public key of `signing_key` in hex (a ledger's ``signer_public_key``)."""
+    return _raw(signing_key.public_key()).hex()
+
+
 def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
     """Load the silo's Ed25519 key (PKCS#8 PEM), creating it once with mode 0600."""
     path = Path(path)
@@ -139,6 +144,15 @@ def read_entries(path: Path, *, skip_bad: bool = False) -> list[dict[str, Any]]:
     return entries
 
 
+def chain_links(entries: list[dict[str, Any]], since: int | None) -> list[list[Any]]:
+    """``[seq, prev_hash, entry_hash, signature]`` of each entry after seq `since` (the head
+    the coordinator last acknowledged; at least the newest entry): what a reply carries so
+    the coordinator can check that the ledger extends that head (docs/privacy.md §6). The
+    entries stay home: they cover private fields (the dataset size and fingerprint)."""
+    newer = [e for e in entries if since is None or e.get("seq", -1) > since] or entries[-1:]
+    return [[e["seq"], e["prev_hash"], e["entry_hash"], e["signature"]] for e in newer]
+
+
 def _write_all(fd: int, data: bytes, committed: int) -> None:
     """Write and fsync one entry; on any failure (a full disk) put the file back to its
     committed length, so the ledger never holds half an entry."""
@@ -159,12 +173,18 @@ class Ledger:
     def __init__(self, path: Path, signing_key: Ed25519PrivateKey) -> None:
         self.path = Path(path)
         self._key = signing_key
-        self._pub_hex = _raw(signing_key.public_key()).hex()
+        self._pub_hex = public_key_hex(signing_key)
         self._key_id = key_id(signing_key.public_key())
 
     def entries(self) -> list[dict[str, Any]]:
         """All entries in file order (``LedgerError`` names the file and line if corrupt)."""
         return read_entries(self.path)
+
+    @property
+    def public_key_hex(self) -> str:
+        """The raw Ed25519 public key of this ledger's signer, in hex: what the silo's
+        admin sends the coordinator's operator at enrolment (``--ledger-key``)."""
+        return self._pub_hex
 
     @property
     def head_hash(self) -> str:

@@ -30,6 +30,12 @@ STEPS: Final = "steps"
 EPSILON_LIMIT: Final = "epsilon-limit"
 NOISE_MULTIPLIER: Final = "noise-multiplier"  # sigma the silo calibrated for the run
 LEDGER_HEAD: Final = "ledger-head"
+# The ledger entries appended since the head the coordinator last acknowledged (info, JSON
+# [[seq, prev_hash, entry_hash, signature], ...]), their signer's public key (info, hex),
+# and, in a request, the seq of that acknowledged head (config; absent: none yet).
+LEDGER_CHAIN: Final = "ledger-chain"
+LEDGER_KEY: Final = "ledger-key"
+LEDGER_SINCE: Final = "ledger-since"
 WORKER_NODE: Final = "worker-node"  # info: the machine (Ray node id) that ran the silo
 PEAK_MEMORY: Final = "peak-memory-bytes"  # peak RSS of the silo's training, above its start
 BASE_VERSION: Final = "base-version"  # global rounds the silo now holds on disk

@@ -41,6 +41,11 @@ _DELTA = ("accounting", "the silo's delta")
 _LIMIT = ("accounting", "the silo's lifetime epsilon limit (its policy)")
 _SIGMA = ("accounting", "the noise multiplier the silo calibrated for the run")
 _HEAD = ("accounting", "hash of the silo's newest ledger entry")
+_CHAIN = ("accounting", "seq, prev_hash, entry_hash and signature of each ledger entry "
+          "since the head the coordinator acknowledged: counts, hashes and signatures only "
+          "(an entry hash is a SHA-256 over the entry, not invertible); the entries stay home")
+_KEY = ("accounting", "the silo's ledger public key (Ed25519): public by construction, "
+        "the key its operator registers at enrolment")
 
 MANIFEST: Final[dict[type[Payload], dict[str, tuple[str, str]]]] = {
     HelloReply: {
@@ -54,6 +59,7 @@ MANIFEST: Final[dict[type[Payload], dict[str, tuple[str, str]]]] = {
         "steps": ("declared", "DP-SGD steps taken: the instruction's local steps"),
         "epsilon": _EPS, "delta": _DELTA, "epsilon_limit": _LIMIT,
         "noise_multiplier": _SIGMA, "ledger_head": _HEAD,
+        "ledger_chain": _CHAIN, "ledger_key": _KEY,
         "worker": ("simulation", "the Ray node that ran the simulated silo"),
         "peak_memory": ("simulation", "peak memory of the simulated silo's training"),
         "arrays": ("dp", "the LoRA factors after DP-SGD (clipped, noised, secret "
@@ -73,6 +79,7 @@ MANIFEST: Final[dict[type[Payload], dict[str, tuple[str, str]]]] = {
                                        "split (CrossLM runs in simulation only)"),
         "epsilon": _EPS, "delta": _DELTA, "epsilon_limit": _LIMIT,
         "noise_multiplier": _SIGMA, "ledger_head": _HEAD,
+        "ledger_chain": _CHAIN, "ledger_key": _KEY,
     },
     ScoreReply: {
         "silo_id": _ID, "num_examples": _SIZE,

@@ -262,6 +262,8 @@ class TrainInstruction(Payload):
     base_fingerprints: list[str] = _key(P.BASE_FINGERPRINTS)
     first_sent_round: int = _key(P.FIRST_SENT_ROUND)
     init_seed: int | None = _key(P.INIT_SEED, default=None)
+    # seq of this silo's ledger head the coordinator last recorded (None: none yet)
+    ledger_since: int | None = _key(P.LEDGER_SINCE, default=None)
     arrays: dict[str, np.ndarray] = _arrays()
 
 
@@ -279,6 +281,9 @@ class TrainingReply(Payload):
                                        default=None)
     noise_multiplier: float | None = _key(P.NOISE_MULTIPLIER, "metrics", default=None)
     ledger_head: str | None = _key(P.LEDGER_HEAD, "info", default=None)
+    # the entries since the request's `ledger_since` (silotune/privacy/ledger.chain_links)
+    ledger_chain: list[list[Any]] | None = _key(P.LEDGER_CHAIN, "info", default=None)
+    ledger_key: str | None = _key(P.LEDGER_KEY, "info", default=None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -334,6 +339,7 @@ class SlmTrainRequest(Payload):
     target_delta: float = _key(P.TARGET_DELTA)
     planned_rounds: int = _key(P.PLANNED_ROUNDS)
     run_seed: int = _key(P.RUN_SEED)
+    ledger_since: int | None = _key(P.LEDGER_SINCE, default=None)  # as TrainInstruction's
 
 
 @dataclass(frozen=True, kw_only=True)

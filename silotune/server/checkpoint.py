@@ -10,7 +10,8 @@ writes, after each completed round, everything needed to continue as if never st
   committed ``state.json`` names;
 - ``state.json``: the round, the federation id the silos record in their ledgers, the
   update scales and fingerprints, the adapter's file and digest, the sampling RNG state,
-  each silo's current rank, the run config and the metrics so far.
+  each silo's current rank, the run config, the metrics so far and the last ledger
+  head accepted from each silo (silotune/server/heads.py).
 
 Commit: the data files are written first (each atomically: temporary file, fsync,
 rename; silotune/files.py), the folder is fsynced, and then the one rename of
@@ -34,7 +35,7 @@ import json
 import os
 import secrets
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,7 @@ class Checkpoint:
     rng_state: Any  # random.Random.getstate() of the silo sampler
     ranks: dict[str, int]
     metrics: dict[str, Any]  # metrics.json as of this round
+    heads: dict[str, Any] = field(default_factory=dict)  # silo -> ledger head (heads.py)
 
 
 def new_federation_id() -> str:
@@ -98,7 +100,8 @@ def save(folder: Path, ckpt: Checkpoint) -> None:
         "adapter_scale": ckpt.adapter.scale if ckpt.adapter is not None else None,
         "adapter_file": adapter_file, "adapter_sha256": adapter_digest,
         "rng_state": [ckpt.rng_state[0], list(ckpt.rng_state[1]), ckpt.rng_state[2]],
-        "ranks": ckpt.ranks, "config": ckpt.config, "metrics": ckpt.metrics}
+        "ranks": ckpt.ranks, "config": ckpt.config, "metrics": ckpt.metrics,
+        "ledger_heads": ckpt.heads}
     atomic_write_json(folder / STATE, state, indent=1)  # the commit
     _sync_folder(folder)
     for stale in folder.glob(f"{ADAPTER_PREFIX}*.npz"):
@@ -169,7 +172,8 @@ def load(folder: Path, cfg: RunConfig) -> Checkpoint | None:
         arrays=arrays, scales={str(k): float(v) for k, v in state["scales"].items()},
         fingerprints=fingerprints, adapter=adapter,
         rng_state=(version, tuple(internal), gauss),
-        ranks={str(k): int(v) for k, v in state["ranks"].items()}, metrics=state["metrics"])
+        ranks={str(k): int(v) for k, v in state["ranks"].items()}, metrics=state["metrics"],
+        heads=dict(state.get("ledger_heads") or {}))
 
 
 def _digest(arrays: dict[str, np.ndarray]) -> str:

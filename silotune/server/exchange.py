@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 from flwr.app import Message
 
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 
 
 def train_message(cfg: RunConfig, round_: int, silo: Silo, plan: SiloPlan,
-                   state: GlobalState, federation_id: str) -> Message:
+                   state: GlobalState, federation_id: str,
+                   ledger_since: int | None = None) -> Message:
     arrays = state.since(silo.base_version)
     if plan.seed is None and plan.init is not None:  # a start the silo cannot regenerate
         arrays.update(update_to_arrays(LowRankUpdate(plan.init), P.INIT_PREFIX))
@@ -42,15 +44,17 @@ def train_message(cfg: RunConfig, round_: int, silo: Silo, plan: SiloPlan,
         frozen=plan.frozen, upload=plan.upload, local=plan.local, wire_dtype=cfg.wire_dtype,
         upload_density=cfg.upload_density, update_scales=dict(state.scales),
         base_fingerprints=list(state.fingerprints), first_sent_round=silo.base_version + 1,
-        init_seed=plan.seed, arrays=arrays)
+        init_seed=plan.seed, ledger_since=ledger_since, arrays=arrays)
     return ask.to_message(silo.node_id, cfg.wire_dtype)
 
 
 def collect(cfg: RunConfig, roster: Roster, shapes: dict[str, tuple[int, int]],
              plans: dict[str, SiloPlan], replies: dict[str, Message],
+             admit: Callable[[str, TrainReply], None] = lambda _s, _a: None,
              ) -> tuple[dict[str, tuple[SiloAdapter, TrainReply]], list[dict[str, str]], int]:
     """Validated adapters by silo, with the silo's typed reply; the excluded silos with
-    reasons; and the bytes uploaded."""
+    reasons; and the bytes uploaded. `admit` sees each parsed reply first and raises a
+    ValueError to exclude it (the ledger head check, silotune/server/heads.py)."""
     adapters: dict[str, tuple[SiloAdapter, TrainReply]] = {}
     excluded: list[dict[str, str]] = []
     bytes_up = 0
@@ -68,6 +72,7 @@ def collect(cfg: RunConfig, roster: Roster, shapes: dict[str, tuple[int, int]],
                             max_norm=cfg.max_update_norm)
         try:
             answer = TrainReply.from_message(reply)
+            admit(silo, answer)
             reference = upload_reference(plan.init, scale, plan.local)
             arrays = decompress_arrays(answer.arrays, reference, expected.array_shapes())
             declared = answer.num_examples if answer.num_examples is not None else 1

@@ -4,7 +4,9 @@ One round (docs/architecture.md): look for silos that came online (they take par
 this round on); sample silos (a hello to those sampled for the first time: the roster
 never contacts unsampled silos, so 10,000 silos cost what 10 do); send
 each the merged rounds it does not hold yet (all of them to a silo that lost its copy)
-plus its own configuration; validate the replies and exclude bad ones; aggregate with
+plus its own configuration; validate the replies and exclude bad ones (also a reply
+whose ledger does not extend the head last accepted from that silo: server/heads.py,
+docs/privacy.md "Coordinator-kept heads"); aggregate with
 the configured rule; merge into the global base; evaluate on the held-out split; write
 metrics and a checkpoint. Flower's `Strategy.start` is not used because the loop needs
 the hello handshake, per-silo configuration and replay of the global update history.
@@ -41,6 +43,8 @@ from silotune.server import checkpoint, outcome
 from silotune.server.client_dp import ClientLevelRun
 from silotune.server.exchange import collect, on_wire, restrict, shapes_of, train_message
 from silotune.server.fedpipe import configure
+from silotune.server.heads import HeadBook, check_chain, shared_book, shared_book_path
+from silotune.server.registry import from_environment
 from silotune.server.report import write_report
 from silotune.server.roster import Roster, exchange
 from silotune.server.state import GlobalState
@@ -81,6 +85,8 @@ class Federation:
         self.rng = random.Random(cfg.seed)  # public: fixes which silos are sampled
         resumed = checkpoint.load(self.out / "checkpoint", cfg) if cfg.resume else None
         self._start(resumed)
+        self.registry = from_environment()  # pinned ledger keys (and sizes) of enrolment
+        self.heads = HeadBook.from_json(resumed.heads if resumed else None)
         last = self.metrics["rounds"][-1] if self.metrics["rounds"] else {}
         self.epsilon: dict[str, float] = dict(last.get("epsilon", {}))  # silos trained so far
         self.limits: dict[str, float] = dict(last.get("epsilon_limit", {}))
@@ -165,6 +171,7 @@ class Federation:
         if len(self.roster) > known:
             self.progress(f"[silos] {len(self.roster) - known} more online; {len(self.roster)} "
                           "in the sampling order from this round on")
+        self._share_heads()  # the heads other runs of this coordinator accepted since
         start = time.monotonic()
         silos = self.roster.silos
         sampled, unreachable = self.roster.sample(self.rng, self.per_round())
@@ -173,8 +180,9 @@ class Federation:
                                      shapes_of(self.shapes, silos[s].targets)),
                             self.cfg.wire_dtype) for s in sampled}
         replies, bytes_down, lost = self._send(round_, plans)
+        heads_before = self.heads
         adapters, excluded, bytes_up = collect(self.cfg, self.roster, self.shapes, plans,
-                                               replies)
+                                               replies, self._admit_head)
         for a_silo, answer in adapters.values():
             silos[a_silo.silo].base_version = answer.base_version
             if answer.epsilon is not None and answer.epsilon_limit is not None:
@@ -193,7 +201,10 @@ class Federation:
                "seconds": round(time.monotonic() - start, 3),
                "excluded": unreachable + excluded, **_reply_facts(adapters),
                "ranks": {s: silos[s].rank for s in sampled}, "history_resent": lost,
-               "merged_updates": len(self.state.fingerprints)}
+               "merged_updates": len(self.state.fingerprints),
+               "ledger_heads": {s: {"seq": h.seq, "entry_hash": h.entry_hash}
+                                for s, h in sorted(self.heads.heads.items())
+                                if heads_before.get(s) != h}}
         if self.client_dp is not None:  # a separate guarantee (unit = silo), never added
             row["client_level"] = client_level
             self.metrics["client_level_dp"] = self.client_dp.summary()
@@ -228,10 +239,31 @@ class Federation:
     def _exchange(self, round_: int, plans: dict[str, SiloPlan]
                   ) -> tuple[dict[str, Message], int]:
         messages = {s: train_message(self.cfg, round_, self.roster.silos[s], plan,
-                                     self.state, self.federation_id)
+                                     self.state, self.federation_id, self.heads.since(s))
                     for s, plan in plans.items()}
         sent = sum(m.content.array_records[P.ARRAYS].count_bytes() for m in messages.values())
         return exchange(self.grid, messages, self.cfg.round_timeout), sent
+
+    def _admit_head(self, silo: str, answer: TrainReply) -> None:
+        """Record the silo's new ledger head, or raise `HeadError` (the reply is then
+        excluded with its reason) when its ledger does not extend the last one."""
+        if answer.epsilon is None and answer.ledger_chain is None:  # a non-private run
+            return
+        registered = self.registry.get(silo)
+        head = check_chain(self.heads.get(silo), answer.ledger_chain or [],
+                           answer.ledger_head, answer.ledger_key,
+                           registered.ledger_key if registered is not None else None)
+        self.heads = self.heads.with_head(silo, head)
+
+    def _share_heads(self) -> None:
+        """Merge this run's heads with the coordinator's book for all its runs (none in a
+        simulation), so that a rollback between two runs is refused too."""
+        path = shared_book_path()
+        if path is None:
+            return
+        with shared_book(path) as book:
+            self.heads = self.heads.merged(book[0])
+            book[0] = self.heads
 
     def _aggregate(self, round_: int, valid: list[SiloAdapter]) -> dict[str, Any] | None:
         """Aggregate and merge the valid adapters (the round is skipped below
@@ -253,13 +285,16 @@ class Federation:
         """Append `row` to metrics.json and write the round's checkpoint."""
         self.metrics["rounds"].append(row)
         self._keep_best(round_)
+        self.metrics["ledger_heads"] = self.heads.to_json()
         atomic_write_json(self.out / "metrics.json", self.metrics)
+        self._share_heads()
         state = self.state
         checkpoint.save(self.out / "checkpoint", checkpoint.Checkpoint(
             round=round_, federation_id=self.federation_id, config=self.cfg.to_json_dict(),
             arrays=state.arrays, scales=state.scales, fingerprints=state.fingerprints,
             adapter=state.adapter, rng_state=self.rng.getstate(),
-            ranks={s: v.rank for s, v in self.roster.silos.items()}, metrics=self.metrics))
+            ranks={s: v.rank for s, v in self.roster.silos.items()}, metrics=self.metrics,
+            heads=self.heads.to_json()))
 
 
     def _keep_best(self, round_: int) -> None:

@@ -298,6 +298,40 @@ def test_the_ledgers_verify_within_the_silos_epsilon(consortium):
         assert entries[-1]["epsilon"] <= POLICY_EPSILON
 
 
+def test_a_ledger_rolled_back_between_runs_is_refused_and_the_audit_names_the_entry(
+        consortium):
+    """The coordinator keeps each silo's last ledger head across runs: silo a's ledger put
+    back to an earlier copy gets its next reply excluded, and `silotune audit --heads`
+    fails naming the entry; the honest ledgers pass (keys trusted on first use)."""
+    earlier = consortium.ledger_bytes()["a"]
+    honest = consortium.run("heads-honest", "num-server-rounds=1", "target-epsilon=2")
+    heads = honest["ledger_heads"]
+    assert sorted(heads) == list(SILOS) and not heads["a"]["pinned"], heads
+    assert heads["a"]["seq"] == len(consortium.ledger("a")) - 1
+    metrics = str(consortium.root / "heads-honest" / "metrics.json")
+    for silo in SILOS:
+        audit = silotune("audit", "--heads", metrics, str(consortium.ledger_path(silo)),
+                         timeout=300)
+        assert audit.returncode == 0, audit.stdout + audit.stderr
+        assert "trusted on first use by the coordinator" in audit.stdout
+    strict = silotune("audit", "--heads", metrics, "--strict",
+                      str(consortium.ledger_path("a")), timeout=300)
+    assert strict.returncode == 1 and "--strict needs a key pinned" in strict.stdout
+
+    consortium.ledger_path("a").write_bytes(earlier)  # someone restores an older copy
+    rolled = consortium.run("heads-rolled-back", "num-server-rounds=1", "target-epsilon=2")
+    seq = heads["a"]["seq"]
+    assert rolled["rounds"][0]["participants"] == ["b"], rolled["rounds"][0]
+    assert rolled["rounds"][0]["excluded"] == [{"silo": "a", "reason": (
+        f"ledger seq {seq} does not extend the last head seq {seq} (rolled back or "
+        "truncated?)")}]
+    audit = silotune("audit", "--heads", metrics, str(consortium.ledger_path("a")),
+                     timeout=300)
+    assert audit.returncode == 1, audit.stdout
+    assert f"seq {seq}: entry_hash: " in audit.stdout
+    assert "the ledger was rolled back or forked" in audit.stdout
+
+
 def _process_group(pgid: int) -> list[int]:
     """Live (non-zombie) processes of process group `pgid`, from /proc."""
     members = []

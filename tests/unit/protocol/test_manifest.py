@@ -151,7 +151,8 @@ def test_every_lora_reply_field_on_the_wire_is_in_the_manifest(
                         physical_batch=cfg.physical_batch_size, precision=cfg.base_precision)
     train = ask(train_message(cfg, 1, roster, SiloPlan(rank=2), GlobalState(), "fed-m"))
     sent = check_on_the_wire(TrainReply, train, simulated=simulated)
-    private = {"epsilon", "delta", "epsilon_limit", "noise_multiplier", "ledger_head"}
+    private = {"epsilon", "delta", "epsilon_limit", "noise_multiplier", "ledger_head",
+               "ledger_chain", "ledger_key"}
     assert private | {"silo_id", "num_examples", "base_version", "steps", "arrays"} <= sent
     # a simulated silo does send its diagnostics: the check above would see them
     assert ({"worker", "peak_memory"} <= sent) == simulated
@@ -183,7 +184,7 @@ def test_every_crosslm_reply_field_on_the_wire_is_in_the_manifest(
     ).to_message(NODE))
     assert check_on_the_wire(SlmTrainReply, trained, simulated=True) == {
         "silo_id", "num_examples", "steps", "slm_accuracy", "epsilon", "delta",
-        "epsilon_limit", "noise_multiplier", "ledger_head"}
+        "epsilon_limit", "noise_multiplier", "ledger_head", "ledger_chain", "ledger_key"}
     scored = ask(ScoreRequest(round=1, slm=str(tiny_encoder_dir), labels=list(TOY_LABELS),
                               synthetic=synthetic, private_run=True,
                               run_seed=0).to_message(NODE))
