@@ -37,7 +37,7 @@ _FEDPIPE = ("profiles", "plan_mode", "calibration_steps", "calibration_batch")
 _GROUPED = {*_CROSSLM, *_FEDPIPE, "resume"}  # resume: --resume of simulations/outdir.py
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="silotune",
         description="Federated, differentially private LoRA fine-tuning across data silos.")
@@ -182,7 +182,7 @@ def _simulate(args: argparse.Namespace, cfg: RunConfig) -> int:
     from silotune.server.report import format_summary_table
     from silotune.simulations.launcher import simulate
 
-    metrics = simulate(cfg, progress=_say, ray_address=args.ray_address)
+    metrics = simulate(cfg, progress=say, ray_address=args.ray_address)
     print()
     if cfg.mode == "crosslm":
         from silotune.server.crosslm import format_crosslm_table
@@ -194,7 +194,7 @@ def _simulate(args: argparse.Namespace, cfg: RunConfig) -> int:
     return 0
 
 
-def _say(line: str) -> None:
+def say(line: str) -> None:
     """Print a run's progress line on stdout, above the rounds bar when one is drawn
     (tqdm clears the bar, prints, redraws it): never onto the bar's line."""
     from tqdm import tqdm
@@ -299,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if (shown := show_ledger_key(argv)) is not None:
         return shown  # `agent --show-ledger-key` needs none of the agent's other flags
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.job is None:
         parser.print_help()

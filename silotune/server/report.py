@@ -120,12 +120,8 @@ def validate_metrics(data: Any, source: str = "metrics") -> dict[str, Any]:
 
 
 def _best(raw: Any) -> int | None:
-    """The best round's number (0: the base model), or None for older metrics."""
-    if raw is None:
-        return None
-    if not isinstance(raw, dict):
-        raise ValueError("best_round must be an object")
-    return int(_number(raw.get("round"), "best_round.round"))
+    """The best round's number (0: the base model); None for metrics without one."""
+    return int(_number(raw.get("round"), "best_round.round")) if isinstance(raw, dict) else None
 
 
 def load_metrics(run_dir: Path) -> dict[str, Any]:
@@ -379,9 +375,8 @@ def format_summary_table(metrics: dict[str, Any]) -> str:
                                for i, (c, w) in enumerate(zip(row, widths, strict=True))))
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
-    if m["best_round"] is not None:
-        lines.append(f"best: {'the base model' if m['best_round'] == 0 else 'round '}"
-                     f"{m['best_round'] or ''} (marked *)")
+    if (best := m["best_round"]) is not None:
+        lines.append(f"best: {f'round {best}' if best else 'the base model'} (marked *)")
     lines += [f"WARNING: {w}" for w in m["warnings"]]
     lines.append("final epsilon / limit per silo (and its latest noise multiplier):"
                  if m["private"] else f"final epsilon per silo: none ({NO_DP_TEXT})")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from silotune.cli import _parser, main
+from silotune.cli import build_parser, main
 from silotune.cli_flags import FIELDS, read_config_file, run_config
 from silotune.config import RunConfig, flower_key
 
@@ -227,7 +227,7 @@ def test_simulate_into_a_fresh_out_needs_no_flag(capsys, tmp_path, simulate_call
 
 
 def _simulate_parser() -> argparse.ArgumentParser:
-    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return sub.choices["simulate"]
 
 
@@ -349,14 +349,14 @@ def test_progress_lines_go_above_the_bar_never_onto_its_line(monkeypatch):
 
     from tqdm import tqdm
 
-    from silotune.cli import _say
+    from silotune.cli import say
 
     screen = io.StringIO()
     monkeypatch.setattr(sys, "stdout", screen)
     monkeypatch.setattr(sys, "stderr", screen)
     with tqdm(total=3, desc="rounds", file=sys.stderr) as bar:
         bar.update(1)
-        _say("[round 1/3] accuracy 0.5")
+        say("[round 1/3] accuracy 0.5")
         before, _, after = screen.getvalue().partition("[round 1/3] accuracy 0.5\n")
     assert "rounds" in before and before.endswith("\r")  # the bar's line was cleared
     assert "rounds" in after  # and redrawn under the line
