@@ -29,6 +29,20 @@ def _epsilon(text: str) -> float:
     return value
 
 
+def _max_update_norm(text: str) -> float | None:
+    """``auto`` (None: derived per reply) or a positive number."""
+    if text == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise argparse.ArgumentTypeError(
+            f"--max-update-norm must be 'auto' or a number > 0, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="silotune",
@@ -70,9 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--compress", type=float, default=d.upload_density, metavar="DENSITY",
                    help="keep this fraction of each uploaded adapter's changes, as signs "
                    "and one scale per tensor (ComPEFT-style); 1 = off (%(default)s)")
-    s.add_argument("--max-update-norm", type=float, default=d.max_update_norm,
-                   help="exclude replies whose update norm ||s B A|| exceeds this "
-                   "(%(default)s)")
+    s.add_argument("--max-update-norm", type=_max_update_norm, default="auto",
+                   help="exclude replies whose update norm ||s B A|| exceeds this; auto: "
+                   "the most the round's training can produce, with a margin (%(default)s)")
     from silotune.simulations.partition import PARTITIONERS
 
     s.add_argument("--partition", default=d.partition, choices=sorted(PARTITIONERS),

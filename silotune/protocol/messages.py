@@ -5,9 +5,12 @@ names its record key (`keys.py`) and the record it travels in: ``config`` (the r
 settings), ``metrics`` (numbers from a silo), ``info`` (strings from a silo), or a whole
 record of its own (``importance`` scores, a declared ``profile``). `to_content` writes
 the Flower `RecordDict`; `from_content` reads one back and raises `MessageError` naming
-the field when a value is missing, of the wrong type or not finite, so a malformed
-message is refused before anything uses it. Array payloads travel in the ``arrays``
-record through `codec` (fp16 or fp32 on the wire).
+the field when a value is missing, of the wrong type, not finite or outside the field's
+`Range`, or when the fields disagree (an epsilon without its limit, an epsilon above
+it), so a malformed message is refused before anything uses it: a reply can only cost
+its sender (docs/architecture.md, "Trust boundary"). The same checks run when a silo
+builds its reply. Array payloads travel in the ``arrays`` record through `codec` (fp16
+or fp32 on the wire).
 """
 
 from __future__ import annotations
@@ -34,10 +37,49 @@ class MessageError(ValueError):
     """A message field is missing, of the wrong type or out of range."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field may take: ``[lo, hi]``, either end open."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, value: float) -> bool:  # NaN is in no range
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+    def __str__(self) -> str:
+        return (f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}"
+                f"{')' if self.hi_open or math.isinf(self.hi) else ']'}")
+
+
+COUNT = Range(1)  # a number of things: steps, examples, tokens
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, lo_open=True)
+PROBABILITY = Range(0, 1)
+OPEN_UNIT = Range(0, 1, lo_open=True, hi_open=True)  # delta
+SILO_ID_MAX = 128  # characters
+EPSILON_SLACK = 1e-6  # relative: accountants' rounding, never a budget overrun
+
+
+def check_silo_id(value: str, key: str = P.SILO_ID) -> None:
+    """A silo id is a name: non-empty, short, no whitespace, quotes or slashes (it names
+    ledgers, metrics keys and the registry's entries)."""
+    if not value or len(value) > SILO_ID_MAX or any(
+            c.isspace() or c in "'\"/\\" or not c.isprintable() for c in value):
+        raise MessageError(f"message field '{key}' = {value[:SILO_ID_MAX]!r} is not a silo "
+                           f"name (1-{SILO_ID_MAX} printable characters, no whitespace, "
+                           "quotes or slashes)")
+
+
 def _key(key: str, record: str = "config", *, allow_inf: bool = False,
-         default: Any = dataclasses.MISSING) -> Any:
-    """A message field travelling as `key` in `record` (``config``/``metrics``/``info``)."""
-    meta = {"key": key, "record": record, "allow_inf": allow_inf}
+         within: Range | None = None, default: Any = dataclasses.MISSING) -> Any:
+    """A message field travelling as `key` in `record` (``config``/``metrics``/``info``);
+    a number outside `within` (when given) is refused."""
+    meta = {"key": key, "record": record, "allow_inf": allow_inf, "within": within}
     if default is dataclasses.MISSING:
         return field(metadata=meta)
     return field(default=default, metadata=meta)
@@ -59,6 +101,23 @@ class Payload:
     """Base of every message: (de)serialisation driven by the fields' metadata."""
 
     message_type: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        """Every field within its `Range`, silo ids well formed, then `check`."""
+        for f in dataclasses.fields(self):
+            value, within = getattr(self, f.name), f.metadata.get("within")
+            if value is None:
+                continue
+            if within is not None and (isinstance(value, bool) or not isinstance(
+                    value, int | float) or value not in within):
+                raise MessageError(f"message field '{f.metadata['key']}' = {value!r} is out of "
+                                   f"range; allowed: {within}")
+            if f.metadata.get("key") == P.SILO_ID:
+                check_silo_id(value)
+        self.check()
+
+    def check(self) -> None:
+        """Checks across fields (a message type overrides this)."""
 
     def to_content(self, wire_dtype: str = "fp32") -> RecordDict:
         """The Flower records of this message (arrays cast to `wire_dtype`)."""
@@ -225,7 +284,8 @@ class HelloReply(Payload):
     """A silo's id, its size and (FedPipe) its declared resource profile."""
 
     silo_id: str = _key(P.SILO_ID, "info")
-    num_examples: int | None = _key(P.NUM_EXAMPLES, "metrics", default=None)  # declared
+    num_examples: int | None = _key(P.NUM_EXAMPLES, "metrics", within=COUNT,
+                                    default=None)  # declared
     profile: dict[str, Any] | None = _mapping(P.PROFILE, "config")
 
 
@@ -271,14 +331,32 @@ class TrainingReply(Payload):
     (the accounting fields are absent after a non-private training)."""
 
     silo_id: str = _key(P.SILO_ID, "info")
-    steps: int = _key(P.STEPS, "metrics")
-    num_examples: int | None = _key(P.NUM_EXAMPLES, "metrics", default=None)  # declared
-    epsilon: float | None = _key(P.EPSILON, "metrics", default=None)
-    delta: float | None = _key(P.DELTA, "metrics", default=None)
+    steps: int = _key(P.STEPS, "metrics", within=COUNT)
+    num_examples: int | None = _key(P.NUM_EXAMPLES, "metrics", within=COUNT,
+                                    default=None)  # declared
+    epsilon: float | None = _key(P.EPSILON, "metrics", within=NON_NEGATIVE, default=None)
+    delta: float | None = _key(P.DELTA, "metrics", within=OPEN_UNIT, default=None)
     epsilon_limit: float | None = _key(P.EPSILON_LIMIT, "metrics", allow_inf=True,
-                                       default=None)
-    noise_multiplier: float | None = _key(P.NOISE_MULTIPLIER, "metrics", default=None)
+                                       within=POSITIVE, default=None)
+    noise_multiplier: float | None = _key(P.NOISE_MULTIPLIER, "metrics", within=NON_NEGATIVE,
+                                          default=None)
     ledger_head: str | None = _key(P.LEDGER_HEAD, "info", default=None)
+
+    ACCOUNTING: ClassVar[tuple[str, ...]] = (
+        "epsilon", "delta", "epsilon_limit", "noise_multiplier", "ledger_head")
+
+    def check(self) -> None:
+        """The accounting fields come together (a private training) or not at all, and
+        the cumulative epsilon is within the silo's limit."""
+        present = [n for n in self.ACCOUNTING if getattr(self, n) is not None]
+        if present and len(present) < len(self.ACCOUNTING):
+            missing = [n for n in self.ACCOUNTING if n not in present]
+            raise MessageError(f"accounting fields {present} without {missing}: a private "
+                               "training reports all of them, a non-private one none")
+        if self.epsilon is not None and self.epsilon_limit is not None \
+                and self.epsilon > self.epsilon_limit * (1 + EPSILON_SLACK):
+            raise MessageError(f"epsilon {self.epsilon:g} exceeds the silo's epsilon-limit "
+                               f"{self.epsilon_limit:g}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -286,9 +364,10 @@ class TrainReply(TrainingReply):
     """A silo's trained adapter (PEFT keys, the factors the plan uploads) and the
     release manifest's fields of a train reply."""
 
-    base_version: int = _key(P.BASE_VERSION, "metrics")
+    base_version: int = _key(P.BASE_VERSION, "metrics", within=NON_NEGATIVE)
     worker: str | None = _key(P.WORKER_NODE, "info", default=None)  # simulations only
-    peak_memory: int | None = _key(P.PEAK_MEMORY, "metrics", default=None)  # simulations
+    peak_memory: int | None = _key(P.PEAK_MEMORY, "metrics", within=NON_NEGATIVE,
+                                   default=None)  # simulations
     arrays: dict[str, np.ndarray] = _arrays()
 
 
@@ -310,8 +389,9 @@ class ImportanceQuery(Payload):
 class ImportanceReply(Payload):
     """One smoothed sensitivity per candidate matrix, and the silo's sizes."""
 
-    max_tokens: int = _key(P.MAX_TOKENS, "metrics")
-    num_examples: int | None = _key(P.NUM_EXAMPLES, "metrics", default=None)  # declared
+    max_tokens: int = _key(P.MAX_TOKENS, "metrics", within=COUNT)
+    num_examples: int | None = _key(P.NUM_EXAMPLES, "metrics", within=COUNT,
+                                    default=None)  # declared
     scores: dict[str, float] | None = _mapping(P.IMPORTANCE, "metrics")
 
 
@@ -340,7 +420,7 @@ class SlmTrainRequest(Payload):
 class SlmTrainReply(TrainingReply):
     """The manifest's fields of an SLM training."""
 
-    slm_accuracy: float = _key(P.SLM_ACCURACY, "metrics")
+    slm_accuracy: float = _key(P.SLM_ACCURACY, "metrics", within=PROBABILITY)
 
 
 @dataclass(frozen=True)
@@ -364,6 +444,7 @@ class ScoreReply(Payload):
     silo_id: str = _key(P.SILO_ID, "info")
     scores: list[float] = _key(P.SCORES, "metrics")
     slm_dp: bool = _key(P.SLM_DP, "metrics")
-    num_examples: int | None = _key(P.NUM_EXAMPLES, "metrics", default=None)  # declared
+    num_examples: int | None = _key(P.NUM_EXAMPLES, "metrics", within=COUNT,
+                                    default=None)  # declared
     ledger_head: str | None = _key(P.LEDGER_HEAD, "info", default=None)
 

@@ -29,8 +29,9 @@ from silotune.planning.importance import aggregate_importance, importance_by_typ
 from silotune.planning.profiles import SiloProfile
 from silotune.planning.resources import CANDIDATES, ModelSpec
 from silotune.protocol.messages import ImportanceQuery, ImportanceReply, MessageError
+from silotune.server import registry
 from silotune.server.roster import Silo, broadcast
-from silotune.server.validate import declared_weights
+from silotune.server.validate import aggregation_weights
 
 log = logging.getLogger(__name__)
 QUERY_TIMEOUT_SECONDS = 3600.0  # as a round: scoring is one short forward/backward pass
@@ -83,7 +84,8 @@ def query_importance(grid: Grid, cfg: RunConfig, silos: Mapping[str, Silo],
             refused.append({"silo": silo, "reason": f"bad importance reply: {err}"})
             continue
         max_tokens[silo] = min(answers[silo].max_tokens, MAX_LENGTH)
-    weights = declared_weights({s: a.num_examples for s, a in answers.items()})
+    weights = aggregation_weights({s: a.num_examples for s, a in answers.items()},
+                                  registry.from_environment())
     scored = [(weights[s], a.scores or {}) for s, a in sorted(answers.items())]
     for r in refused:
         log.warning("importance query: %s did not answer: %s", r["silo"], r["reason"])

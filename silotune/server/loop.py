@@ -151,8 +151,9 @@ class Federation:
                                      shapes_of(self.shapes, silos[s].targets)),
                             self.cfg.wire_dtype) for s in sampled}
         replies, bytes_down, lost = self._send(round_, plans)
-        adapters, excluded, bytes_up = collect(self.cfg, self.roster, self.shapes, plans,
-                                               replies)
+        adapters, excluded, bytes_up, facts = collect(
+            self.cfg, self.roster, self.shapes, plans, replies, round_=round_,
+            merged=len(self.state.fingerprints))
         for a_silo, answer in adapters.values():
             silos[a_silo.silo].base_version = answer.base_version
             if answer.epsilon is not None and answer.epsilon_limit is not None:
@@ -169,7 +170,7 @@ class Federation:
                "noise_multiplier": dict(sorted(self.sigma.items())),
                "bytes_up": bytes_up, "bytes_down": bytes_down,
                "seconds": round(time.monotonic() - start, 3),
-               "excluded": unreachable + excluded, **_reply_facts(adapters),
+               "excluded": unreachable + excluded, **_reply_facts(adapters), **facts,
                "ranks": {s: silos[s].rank for s in sampled}, "history_resent": lost}
         if self.client_dp is not None:  # a separate guarantee (unit = silo), never added
             row["client_level"] = client_level
