@@ -272,3 +272,23 @@ def test_reply_fields_must_match_the_round_they_answer():
     check_reply_fields(plain, "a", RunConfig(target_epsilon=float("inf")), 2)
     with pytest.raises(ValueError, match="carries no privacy accounting"):
         check_reply_fields(plain, "a", cfg, 2)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_importance_scores_that_overflow_exclude_only_their_silo(monkeypatch):
+    """FedPipe's importance query: a reply whose scores sum to inf is refused alone."""
+    from types import SimpleNamespace
+
+    from silotune.config import RunConfig
+    from silotune.protocol.messages import ImportanceReply
+    from silotune.server import fedpipe
+
+    replies = {"a": ImportanceReply(max_tokens=64, num_examples=10,
+                                    scores={"l.0.q_proj": 1.0, "l.0.v_proj": 3.0}),
+               "b": ImportanceReply(max_tokens=64, num_examples=10,
+                                    scores={"l.0.q_proj": 1e308, "l.0.v_proj": 1e308})}
+    monkeypatch.setattr(fedpipe, "broadcast", lambda *_: (
+        {s: SimpleNamespace(content=r.to_content()) for s, r in replies.items()}, []))
+    scores, _, refused = fedpipe.query_importance(None, RunConfig(), dict.fromkeys("ab"), "f")
+    assert scores == {"l.0.q_proj": 0.25, "l.0.v_proj": 0.75}
+    assert [r["silo"] for r in refused] == ["b"] and "finite" in refused[0]["reason"]
