@@ -29,20 +29,6 @@ def _epsilon(text: str) -> float:
     return value
 
 
-def _max_update_norm(text: str) -> float | None:
-    """``auto`` (None: derived per reply) or a positive number."""
-    if text == "auto":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not value > 0:
-        raise argparse.ArgumentTypeError(
-            f"--max-update-norm must be 'auto' or a number > 0, got {text!r}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="silotune",
@@ -84,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--compress", type=float, default=d.upload_density, metavar="DENSITY",
                    help="keep this fraction of each uploaded adapter's changes, as signs "
                    "and one scale per tensor (ComPEFT-style); 1 = off (%(default)s)")
-    s.add_argument("--max-update-norm", type=_max_update_norm, default="auto",
+    s.add_argument("--max-update-norm", default="auto",
                    help="exclude replies whose update norm ||s B A|| exceeds this; auto: "
                    "the most the round's training can produce, with a margin (%(default)s)")
     from silotune.simulations.partition import PARTITIONERS
@@ -263,7 +249,8 @@ def _simulate(args: argparse.Namespace) -> int:
                                                                  ).lora_ranks,
         test_size=args.test_size, seed=args.seed, dp_noise_seed=args.dp_noise_seed,
         out_dir=args.out, wire_dtype=args.wire_dtype, upload_density=args.compress,
-        max_update_norm=args.max_update_norm, partition=args.partition,
+        max_update_norm=RunConfig.from_mapping({"max-update-norm": args.max_update_norm}
+                                               ).max_update_norm, partition=args.partition,
         dirichlet_alpha=args.alpha, client_dp_noise=args.client_dp_noise,
         client_dp_clip=args.client_dp_clip, mode=args.mode, slm=args.slm,
         slm_steps=args.slm_steps, slm_learning_rate=args.slm_lr,
