@@ -145,7 +145,7 @@ def test_each_bad_reply_costs_only_its_sender(tiny_model_dir, toy_dataset_file, 
     monkeypatch.setattr(loop, "collect", recording)
     cfg = RunConfig(model=str(tiny_model_dir), dataset=str(toy_dataset_file),
                     num_silos=SILOS, rounds=1, local_steps=2, batch_size=8, lora_ranks=(2,),
-                    test_size=30, target_epsilon=float("inf"), wire_dtype="fp32",
+                    test_size=30, partition="iid", target_epsilon=float("inf"), wire_dtype="fp32",
                     out_dir=str(tmp_path / "run"))  # max_update_norm: derived
     run_simulation(server_app=build_server_app(cfg, progress=lambda _: None),
                    client_app=build_client_app(simulated_silos(cfg), mods=[_corrupt]),
