@@ -62,7 +62,9 @@ class RunConfig:
     eval_batch_size: int = 32
     wire_dtype: str = "fp16"
     upload_density: float = 1.0  # < 1: ComPEFT-style top-k ternary compression of uploads
-    max_update_norm: float = 1000.0  # replies with ||s B A||_F above this are excluded
+    # Replies with ||s B A||_F above this are excluded. None ("auto"): per reply, the
+    # most the round's training can produce times a margin (docs/algorithms.md §11).
+    max_update_norm: float | None = None
     # Client-level DP (DP-FedAvg, unit = one silo): noise multiplier z (0 = off) and the
     # clip norm C of each silo's whole update (silotune/privacy/client_level.py).
     client_dp_noise: float = 0.0
@@ -141,7 +143,9 @@ class RunConfig:
                self.llm_learning_rate, "(0, 1)")
         _check(1 <= self.max_new_tokens <= 512, "max_new_tokens", self.max_new_tokens,
                "[1, 512]")
-        _check(self.max_update_norm > 0, "max_update_norm", self.max_update_norm, "> 0")
+        _check(self.max_update_norm is None or self.max_update_norm > 0, "max_update_norm",
+               self.max_update_norm, "> 0, or auto (derived from the training's learning "
+               "rate, local steps and rank)")
         _check(self.round_timeout > 0, "round_timeout", self.round_timeout, "> 0 seconds")
         _check(math.isfinite(self.client_dp_noise) and self.client_dp_noise >= 0,
                "client_dp_noise", self.client_dp_noise, ">= 0; 0 turns client-level DP off")
@@ -197,6 +201,8 @@ class RunConfig:
                 value = ",".join(str(v) for v in value)
             elif isinstance(value, float) and math.isinf(value):
                 value = "inf"
+            elif value is None:  # a value derived at run time
+                value = AUTO
             out[flower_key(f.name)] = value
         return out
 
@@ -206,6 +212,7 @@ class RunConfig:
 
 
 _FLOWER_ALIASES = {"num-server-rounds": "rounds"}
+AUTO = "auto"  # the Flower value of an optional setting that is derived at run time
 
 
 def flower_key(name: str) -> str:
@@ -229,6 +236,8 @@ def _coerce(key: str, value: Any) -> Any:
             return int(value)
         if kind == "float":
             return float(value)
+        if kind == "float | None":
+            return None if value in (None, AUTO) else float(value)
         if kind == "str":
             return str(value)
         if kind == "bool":

@@ -5,19 +5,18 @@ names its record key (`keys.py`) and the record it travels in: ``config`` (the r
 settings), ``metrics`` (numbers from a silo), ``info`` (strings from a silo), or a whole
 record of its own (``importance`` scores, a declared ``profile``). `to_content` writes
 the Flower `RecordDict`; `from_content` reads one back and raises `MessageError` naming
-the field when a value is missing, of the wrong type or not finite, so a malformed
-message is refused before anything uses it. Array payloads travel in the ``arrays``
-record through `codec` (fp16 or fp32 on the wire).
+the field when a value is missing, of the wrong type, not finite or outside the field's
+`Range`, or when the fields disagree (an epsilon without its limit, an epsilon above
+it), so a malformed message is refused before anything uses it: a reply can only cost
+its sender (docs/architecture.md, "Trust boundary"). The same checks run when a silo
+builds its reply. Array payloads travel in the ``arrays`` record through `codec` (fp16
+or fp32 on the wire).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import types
 import typing
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -26,18 +25,29 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from silotune.protocol import keys as P
 from silotune.protocol.codec import from_record, to_record
+from silotune.protocol.fields import (
+    COUNT,
+    EPSILON_SLACK,
+    NON_NEGATIVE,
+    OPEN_UNIT,
+    POSITIVE,
+    PROBABILITY,
+    MessageError,
+    Range,
+    check_silo_id,
+    decode,
+    encode,
+    own_record,
+)
 
 M = TypeVar("M", bound="Payload")
 
 
-class MessageError(ValueError):
-    """A message field is missing, of the wrong type or out of range."""
-
-
 def _key(key: str, record: str = "config", *, allow_inf: bool = False,
-         default: Any = dataclasses.MISSING) -> Any:
-    """A message field travelling as `key` in `record` (``config``/``metrics``/``info``)."""
-    meta = {"key": key, "record": record, "allow_inf": allow_inf}
+         within: Range | None = None, default: Any = dataclasses.MISSING) -> Any:
+    """A message field travelling as `key` in `record` (``config``/``metrics``/``info``);
+    a number outside `within` (when given) is refused."""
+    meta = {"key": key, "record": record, "allow_inf": allow_inf, "within": within}
     if default is dataclasses.MISSING:
         return field(metadata=meta)
     return field(default=default, metadata=meta)
@@ -60,6 +70,23 @@ class Payload:
 
     message_type: ClassVar[str] = ""
 
+    def __post_init__(self) -> None:
+        """Every field within its `Range`, silo ids well formed, then `check`."""
+        for f in dataclasses.fields(self):
+            value, within = getattr(self, f.name), f.metadata.get("within")
+            if value is None:
+                continue
+            if within is not None and (isinstance(value, bool) or not isinstance(
+                    value, int | float) or value not in within):
+                raise MessageError(f"message field '{f.metadata['key']}' = {value!r} is out of "
+                                   f"range; allowed: {within}")
+            if f.metadata.get("key") == P.SILO_ID:
+                check_silo_id(value)
+        self.check()
+
+    def check(self) -> None:
+        """Checks across fields (a message type overrides this)."""
+
     def to_content(self, wire_dtype: str = "fp32") -> RecordDict:
         """The Flower records of this message (arrays cast to `wire_dtype`)."""
         records: dict[str, dict[str, Any]] = {}
@@ -75,7 +102,7 @@ class Payload:
             elif meta["record"] == "own-config":
                 content[meta["key"]] = ConfigRecord(dict(value))
             else:
-                records.setdefault(meta["record"], {})[meta["key"]] = _encode(value)
+                records.setdefault(meta["record"], {})[meta["key"]] = encode(value)
         for record, values in records.items():
             kind = MetricRecord if record == "metrics" else ConfigRecord
             content[_RECORD_KEYS[record]] = kind(values)
@@ -96,7 +123,7 @@ class Payload:
                 source = (content.metric_records if meta["record"] == "own-metrics"
                           else content.config_records)
                 own = source.get(meta["key"])
-                values[f.name] = None if own is None else _own(meta["key"], own,
+                values[f.name] = None if own is None else own_record(meta["key"], own,
                                                                hints[f.name])
                 continue
             source = (content.metric_records if meta["record"] == "metrics"
@@ -106,7 +133,7 @@ class Payload:
                 if f.default is dataclasses.MISSING:
                     raise MessageError(f"message field '{meta['key']}' is missing")
                 continue
-            values[f.name] = _decode(record[meta["key"]], hints[f.name], meta["key"],
+            values[f.name] = decode(record[meta["key"]], hints[f.name], meta["key"],
                                      meta["allow_inf"])
         return cls(**values)
 
@@ -136,82 +163,6 @@ def _type_hints(cls: type) -> dict[str, Any]:
     return _HINTS[cls]
 
 
-def _encode(value: Any) -> Any:
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, tuple):
-        return ",".join(str(v) for v in value)
-    if isinstance(value, dict | list) and not (
-            isinstance(value, list) and all(isinstance(v, float) for v in value)):
-        return json.dumps(value, allow_nan=False)
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    return value
-
-
-def _optional_inner(hint: Any) -> Any:
-    """``X`` of ``X | None`` (other hints as they are)."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
-
-
-def _decode(raw: Any, hint: Any, key: str, allow_inf: bool) -> Any:
-    hint = _optional_inner(hint)
-    kind = typing.get_origin(hint)
-    if hint is bool:
-        return bool(_int(raw, key))
-    if hint is int:
-        return _int(raw, key)
-    if hint is float:
-        return _float(raw, key, allow_inf)
-    if hint is str:
-        return str(raw)
-    if kind is tuple:
-        return tuple(part for part in str(raw).split(",") if part)
-    if kind is list and typing.get_args(hint) == (float,) and isinstance(raw, list):
-        return [_float(v, key, False) for v in raw]
-    if kind in (list, dict):
-        try:
-            value = json.loads(str(raw))
-        except json.JSONDecodeError as err:
-            raise MessageError(f"message field '{key}' is not valid JSON: {err}") from None
-        if not isinstance(value, kind):
-            raise MessageError(f"message field '{key}' must be a JSON {kind.__name__}")
-        return value
-    raise TypeError(f"no decoder for message field '{key}' of type {hint}")
-
-
-def _own(key: str, record: Mapping[str, Any], hint: Any) -> dict[str, Any]:
-    if typing.get_args(_optional_inner(hint))[1] is float:
-        return {str(k): _float(v, f"{key}/{k}", False) for k, v in record.items()}
-    return {str(k): v for k, v in record.items()}
-
-
-def _int(raw: Any, key: str) -> int:
-    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
-        raise MessageError(f"message field '{key}' = {raw!r} is not an integer")
-    try:
-        value = float(raw)
-    except ValueError:
-        raise MessageError(f"message field '{key}' = {raw!r} is not an integer") from None
-    if not math.isfinite(value) or not value.is_integer():
-        raise MessageError(f"message field '{key}' = {raw!r} is not a finite integer")
-    return int(value)
-
-
-def _float(raw: Any, key: str, allow_inf: bool) -> float:
-    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
-        raise MessageError(f"message field '{key}' = {raw!r} is not a number")
-    try:
-        value = float(raw)
-    except ValueError:
-        raise MessageError(f"message field '{key}' = {raw!r} is not a number") from None
-    if math.isnan(value) or (math.isinf(value) and not (allow_inf and value > 0)):
-        raise MessageError(f"message field '{key}' = {raw!r} is not finite")
-    return value
-
-
 # -- hello ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Hello(Payload):
@@ -225,7 +176,8 @@ class HelloReply(Payload):
     """A silo's id, its size and (FedPipe) its declared resource profile."""
 
     silo_id: str = _key(P.SILO_ID, "info")
-    num_examples: int | None = _key(P.NUM_EXAMPLES, "metrics", default=None)  # declared
+    num_examples: int | None = _key(P.NUM_EXAMPLES, "metrics", within=COUNT,
+                                    default=None)  # declared
     profile: dict[str, Any] | None = _mapping(P.PROFILE, "config")
 
 
@@ -273,17 +225,35 @@ class TrainingReply(Payload):
     (the accounting fields are absent after a non-private training)."""
 
     silo_id: str = _key(P.SILO_ID, "info")
-    steps: int = _key(P.STEPS, "metrics")
-    num_examples: int | None = _key(P.NUM_EXAMPLES, "metrics", default=None)  # declared
-    epsilon: float | None = _key(P.EPSILON, "metrics", default=None)
-    delta: float | None = _key(P.DELTA, "metrics", default=None)
+    steps: int = _key(P.STEPS, "metrics", within=COUNT)
+    num_examples: int | None = _key(P.NUM_EXAMPLES, "metrics", within=COUNT,
+                                    default=None)  # declared
+    epsilon: float | None = _key(P.EPSILON, "metrics", within=NON_NEGATIVE, default=None)
+    delta: float | None = _key(P.DELTA, "metrics", within=OPEN_UNIT, default=None)
     epsilon_limit: float | None = _key(P.EPSILON_LIMIT, "metrics", allow_inf=True,
-                                       default=None)
-    noise_multiplier: float | None = _key(P.NOISE_MULTIPLIER, "metrics", default=None)
+                                       within=POSITIVE, default=None)
+    noise_multiplier: float | None = _key(P.NOISE_MULTIPLIER, "metrics", within=NON_NEGATIVE,
+                                          default=None)
     ledger_head: str | None = _key(P.LEDGER_HEAD, "info", default=None)
     # the entries since the request's `ledger_since` (silotune/privacy/ledger.chain_links)
     ledger_chain: list[list[Any]] | None = _key(P.LEDGER_CHAIN, "info", default=None)
     ledger_key: str | None = _key(P.LEDGER_KEY, "info", default=None)
+
+    ACCOUNTING: ClassVar[tuple[str, ...]] = (
+        "epsilon", "delta", "epsilon_limit", "noise_multiplier", "ledger_head")
+
+    def check(self) -> None:
+        """The accounting fields come together (a private training) or not at all, and
+        the cumulative epsilon is within the silo's limit."""
+        present = [n for n in self.ACCOUNTING if getattr(self, n) is not None]
+        if present and len(present) < len(self.ACCOUNTING):
+            missing = [n for n in self.ACCOUNTING if n not in present]
+            raise MessageError(f"accounting fields {present} without {missing}: a private "
+                               "training reports all of them, a non-private one none")
+        if self.epsilon is not None and self.epsilon_limit is not None \
+                and self.epsilon > self.epsilon_limit * (1 + EPSILON_SLACK):
+            raise MessageError(f"epsilon {self.epsilon:g} exceeds the silo's epsilon-limit "
+                               f"{self.epsilon_limit:g}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -291,9 +261,10 @@ class TrainReply(TrainingReply):
     """A silo's trained adapter (PEFT keys, the factors the plan uploads) and the
     release manifest's fields of a train reply."""
 
-    base_version: int = _key(P.BASE_VERSION, "metrics")
+    base_version: int = _key(P.BASE_VERSION, "metrics", within=NON_NEGATIVE)
     worker: str | None = _key(P.WORKER_NODE, "info", default=None)  # simulations only
-    peak_memory: int | None = _key(P.PEAK_MEMORY, "metrics", default=None)  # simulations
+    peak_memory: int | None = _key(P.PEAK_MEMORY, "metrics", within=NON_NEGATIVE,
+                                   default=None)  # simulations
     arrays: dict[str, np.ndarray] = _arrays()
 
 
@@ -315,8 +286,9 @@ class ImportanceQuery(Payload):
 class ImportanceReply(Payload):
     """One smoothed sensitivity per candidate matrix, and the silo's sizes."""
 
-    max_tokens: int = _key(P.MAX_TOKENS, "metrics")
-    num_examples: int | None = _key(P.NUM_EXAMPLES, "metrics", default=None)  # declared
+    max_tokens: int = _key(P.MAX_TOKENS, "metrics", within=COUNT)
+    num_examples: int | None = _key(P.NUM_EXAMPLES, "metrics", within=COUNT,
+                                    default=None)  # declared
     scores: dict[str, float] | None = _mapping(P.IMPORTANCE, "metrics")
 
 
@@ -346,7 +318,7 @@ class SlmTrainRequest(Payload):
 class SlmTrainReply(TrainingReply):
     """The manifest's fields of an SLM training."""
 
-    slm_accuracy: float = _key(P.SLM_ACCURACY, "metrics")
+    slm_accuracy: float = _key(P.SLM_ACCURACY, "metrics", within=PROBABILITY)
 
 
 @dataclass(frozen=True)
@@ -370,6 +342,7 @@ class ScoreReply(Payload):
     silo_id: str = _key(P.SILO_ID, "info")
     scores: list[float] = _key(P.SCORES, "metrics")
     slm_dp: bool = _key(P.SLM_DP, "metrics")
-    num_examples: int | None = _key(P.NUM_EXAMPLES, "metrics", default=None)  # declared
+    num_examples: int | None = _key(P.NUM_EXAMPLES, "metrics", within=COUNT,
+                                    default=None)  # declared
     ledger_head: str | None = _key(P.LEDGER_HEAD, "info", default=None)
 

@@ -58,9 +58,10 @@ from silotune.protocol.messages import (
     SlmTrainReply,
     SlmTrainRequest,
 )
+from silotune.server import registry
 from silotune.server.report import write_report
 from silotune.server.roster import Roster, Silo, broadcast
-from silotune.server.validate import declared_weights
+from silotune.server.validate import aggregation_weights
 
 log = logging.getLogger(__name__)
 FEEDBACK_METRICS = frozenset({P.SCORES, P.NUM_EXAMPLES, P.SLM_DP})
@@ -236,7 +237,8 @@ def _feedback(grid: Grid, cfg: RunConfig, silos: dict[str, Silo], round_: int,
             excluded.append({"silo": silo, "reason": f"feedback refused: {err}"})
     if not scores:
         return None, excluded
-    return aggregate_feedback(scores, declared_weights(counts)), excluded
+    weights = aggregation_weights(counts, registry.from_environment())
+    return aggregate_feedback(scores, weights), excluded
 
 
 def _train_slms(grid: Grid, cfg: RunConfig, silos: dict[str, Silo], round_: int,

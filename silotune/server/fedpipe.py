@@ -28,9 +28,10 @@ from silotune.planning.configurator import (
 from silotune.planning.importance import aggregate_importance, importance_by_type
 from silotune.planning.profiles import SiloProfile
 from silotune.planning.resources import CANDIDATES, ModelSpec
-from silotune.protocol.messages import ImportanceQuery, ImportanceReply, MessageError
+from silotune.protocol.messages import ImportanceQuery, ImportanceReply
+from silotune.server import registry
 from silotune.server.roster import Silo, broadcast
-from silotune.server.validate import declared_weights
+from silotune.server.validate import aggregation_weights
 
 log = logging.getLogger(__name__)
 QUERY_TIMEOUT_SECONDS = 3600.0  # as a round: scoring is one short forward/backward pass
@@ -78,12 +79,15 @@ def query_importance(grid: Grid, cfg: RunConfig, silos: Mapping[str, Silo],
     max_tokens = dict.fromkeys(silos, MAX_LENGTH)
     for silo, reply in replies.items():
         try:
-            answers[silo] = ImportanceReply.from_message(reply)
-        except MessageError as err:
+            answer = ImportanceReply.from_message(reply)
+            aggregate_importance([(1, answer.scores or {})])  # its scores add up on their own
+        except ValueError as err:  # MessageError, or scores whose sum overflows
             refused.append({"silo": silo, "reason": f"bad importance reply: {err}"})
             continue
-        max_tokens[silo] = min(answers[silo].max_tokens, MAX_LENGTH)
-    weights = declared_weights({s: a.num_examples for s, a in answers.items()})
+        answers[silo] = answer
+        max_tokens[silo] = min(answer.max_tokens, MAX_LENGTH)
+    weights = aggregation_weights({s: a.num_examples for s, a in answers.items()},
+                                  registry.from_environment())
     scored = [(weights[s], a.scores or {}) for s, a in sorted(answers.items())]
     for r in refused:
         log.warning("importance query: %s did not answer: %s", r["silo"], r["reason"])

@@ -181,8 +181,9 @@ class Federation:
                             self.cfg.wire_dtype) for s in sampled}
         replies, bytes_down, lost = self._send(round_, plans)
         heads_before = self.heads
-        adapters, excluded, bytes_up = collect(self.cfg, self.roster, self.shapes, plans,
-                                               replies, self._admit_head)
+        adapters, excluded, bytes_up, facts = collect(
+            self.cfg, self.roster, self.shapes, plans, replies, round_=round_,
+            merged=len(self.state.fingerprints), admit=self._admit_head)
         for a_silo, answer in adapters.values():
             silos[a_silo.silo].base_version = answer.base_version
             if answer.epsilon is not None and answer.epsilon_limit is not None:
@@ -199,7 +200,7 @@ class Federation:
                "noise_multiplier": dict(sorted(self.sigma.items())),
                "bytes_up": bytes_up, "bytes_down": bytes_down,
                "seconds": round(time.monotonic() - start, 3),
-               "excluded": unreachable + excluded, **_reply_facts(adapters),
+               "excluded": unreachable + excluded, **_reply_facts(adapters), **facts,
                "ranks": {s: silos[s].rank for s in sampled}, "history_resent": lost,
                "merged_updates": len(self.state.fingerprints),
                "ledger_heads": {s: {"seq": h.seq, "entry_hash": h.entry_hash}

@@ -88,6 +88,7 @@ class Roster:
         self.silos: dict[str, Silo] = {}  # contacted silos only, by silo id
         self._by_node: dict[int, str] = {}
         self._known_ranks = dict(ranks or {})
+        self._names: dict[int, str] = {}  # node -> the name its key was registered under
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -146,7 +147,9 @@ class Roster:
         # Often a worker's first ClientApp call (it starts the Ray actor, imports torch):
         # on a loaded machine that takes minutes, so it gets a round's timeout.
         answers, failed = self._ask(list(position_of), self.cfg.round_timeout)
-        for answer in answers:
+        # in roster order: of two nodes claiming one id (no registered names), the first
+        # in the roster keeps it, whatever order the replies arrived in
+        for answer in sorted(answers, key=lambda a: position_of[a.node_id]):
             refused = self._admit(answer, position_of[answer.node_id])
             failed += [refused] if refused else []
         return failed
@@ -185,8 +188,11 @@ class Roster:
     def _ask(self, nodes: list[int], timeout: float,
              ) -> tuple[list[Answer], list[dict[str, str]]]:
         """Hello to `nodes`: the answers of those that answer, and the others as excluded
-        entries with the reason."""
+        entries with the reason. A node whose key was registered under a name (every node
+        of a deployment: `silotune coordinator register-silo --name`) must claim that
+        name as its silo id, so that a silo id always stands for the registered key."""
         replies = exchange(self.grid, {n: Hello().to_message(n) for n in nodes}, timeout)
+        names = self._registered_names(nodes)
         answers: list[Answer] = []
         failed = [{"silo": f"node-{n}", "reason": "no hello reply"}
                   for n in nodes if n not in replies]
@@ -203,8 +209,25 @@ class Roster:
             except ValueError as err:  # MessageError, ProfileError
                 failed.append({"silo": f"node-{node}", "reason": f"bad hello reply: {err}"})
                 continue
+            except Exception as err:  # a reply may only cost its sender
+                log.exception("hello reply of node %s could not be read", node)
+                failed.append({"silo": f"node-{node}",
+                               "reason": f"bad hello reply: {type(err).__name__}: {err}"})
+                continue
+            if names.get(node, hello.silo_id) != hello.silo_id:
+                failed.append({"silo": f"node-{node}", "reason": f"node {node} registered as "
+                               f"'{names[node]}' claims silo id '{hello.silo_id}'"})
+                continue
             answers.append(Answer(node, hello.silo_id, hello.num_examples, profile))
         return answers, failed
+
+    def _registered_names(self, nodes: list[int]) -> dict[int, str]:
+        """The registered name of each of `nodes` that has one (simulated nodes have
+        none); Flower's node list is read again only for nodes not seen before."""
+        if any(n not in self._names for n in nodes):
+            self._names = {i.node_id: i.name if i.HasField("name") else ""
+                           for i in self.grid.get_nodes()}
+        return {n: self._names[n] for n in nodes if self._names.get(n)}
 
 
 def exchange(grid: Grid, asks: Mapping[K, Message], timeout: float) -> dict[K, Message]:

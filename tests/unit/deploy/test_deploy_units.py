@@ -118,7 +118,8 @@ def test_commands_are_secure_unless_explicitly_insecure(tmp_path):
 
 def test_kept_reply_answers_only_the_same_request(tmp_path):
     reply = TrainReply(silo_id="a", num_examples=10, base_version=1, steps=5,
-                       epsilon=1.5, arrays={"m.lora_A": np.arange(6, dtype=np.float32
+                       epsilon=1.5, delta=1e-5, epsilon_limit=8.0, noise_multiplier=1.1,
+                       ledger_head="ab" * 32, arrays={"m.lora_A": np.arange(6, dtype=np.float32
                                                                   ).reshape(2, 3)})
     replay.save_reply(tmp_path, "fed-1", 2, ["f1"], reply)
     kept = replay.load_reply(tmp_path, "fed-1", 2, ["f1"])

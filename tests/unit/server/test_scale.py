@@ -26,12 +26,14 @@ class FakeGrid:
 
     def __init__(self, n: int, broken: frozenset[int] = frozenset(),
                  silent: frozenset[int] = frozenset(),
-                 claims: dict[int, int] | None = None) -> None:
+                 claims: dict[int, int] | None = None, named: bool = False) -> None:
         start = datetime(2026, 1, 1, tzinfo=UTC)
         ids = random.Random(7).sample(range(10**6, 10**7), n)  # random ids, as Flower's
         self.partition = {node: i for i, node in enumerate(ids)}
+        # named: each key registered under its silo's name, as `register-silo --name`
         self.infos = [NodeInfo(node_id=node, registered_at=(start + timedelta(
-            microseconds=i)).isoformat()) for i, node in enumerate(ids)]
+            microseconds=i)).isoformat(), name=f"silo-{i:05d}" if named else None)
+            for i, node in enumerate(ids)]
         self.hellos: list[int] = []
         self.broken, self.silent = broken, silent
         self.claims = claims or {}  # partition -> the partition whose silo id it claims
@@ -61,7 +63,7 @@ class FakeGrid:
                                   P.METRICS: MetricRecord({P.NUM_EXAMPLES: 10 + index})})
             replies.append(SimpleNamespace(metadata=meta, has_error=lambda: False,
                                            content=content))
-        return replies
+        return replies[::-1]  # replies arrive in any order: here, the last asked first
 
 
 @pytest.fixture(autouse=True)
@@ -116,6 +118,19 @@ def test_a_second_node_claiming_a_known_silo_id_is_left_out() -> None:
     chosen, failed = roster.sample(random.Random(0), 3)
     assert chosen == ["silo-00000", "silo-00001"]
     assert len(failed) == 1 and "claims silo id 'silo-00000'" in failed[0]["reason"]
+    # the first in the roster keeps the id, whatever order the replies arrived in
+    assert roster.silos["silo-00000"].position == 0
+    assert failed[0]["silo"] == f"node-{roster.nodes[2]}"
+
+
+def test_a_registered_node_must_claim_its_registered_name() -> None:
+    grid = FakeGrid(3, claims={1: 2}, named=True)  # registered as silo-00001
+    roster = Roster(grid, RunConfig(num_silos=3))  # type: ignore[arg-type]
+    chosen, failed = roster.sample(random.Random(0), 3)
+    assert chosen == ["silo-00000", "silo-00002"]  # the real silo-00002 keeps its id
+    node = roster.nodes[1]
+    assert failed == [{"silo": f"node-{node}", "reason": f"node {node} registered as "
+                       "'silo-00001' claims silo id 'silo-00002'"}]
 
 
 def test_broadcast_matches_replies_by_message_not_sender() -> None:
