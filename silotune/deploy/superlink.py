@@ -170,7 +170,7 @@ class Listener(uvicorn.Server):
 async def serve_both(operator: Listener, silos: Listener) -> bool:
     """Serve both listeners until a signal (or either stops); the operator listener runs
     the app's lifespan and the silos' listener starts only after it. Returns whether
-    the lifespan started."""
+    both started (a failure is logged by uvicorn)."""
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -183,7 +183,7 @@ async def serve_both(operator: Listener, silos: Listener) -> bool:
     first = asyncio.create_task(operator.serve(sockets=[operator.sock]))
     while not operator.started and not first.done():
         await asyncio.sleep(0.05)
-    if first.done():  # the lifespan failed (logged by uvicorn)
+    if first.done():  # the lifespan failed
         await first
         return False
     silos.shared_state = operator.lifespan.state
@@ -193,7 +193,7 @@ async def serve_both(operator: Listener, silos: Listener) -> bool:
     await second
     operator.should_exit = True
     await first
-    return True
+    return silos.started
 
 
 def parser() -> argparse.ArgumentParser:
