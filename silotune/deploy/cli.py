@@ -12,7 +12,14 @@ from silotune.client.node import NodeConfigError, NodeSettings
 from silotune.config import ConfigError
 from silotune.deploy.app_signing import AppSignatureError
 from silotune.deploy.certs import CertsError
-from silotune.deploy.connection import Connection, DeployError
+from silotune.deploy.connection import (
+    DEFAULT_OPERATOR_PORT,
+    DEFAULT_PORT,
+    OPERATOR_HOST,
+    Connection,
+    DeployError,
+)
+from silotune.deploy.superlink import DEFAULT_MAX_REQUEST_MIB
 from silotune.ml.precision import PRECISIONS
 from silotune.planning.profiles import (
     DOWNLOAD_MBPS,
@@ -37,9 +44,7 @@ _PROFILE_HELP = {
 }
 
 
-def _connection_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--coordinator", default="127.0.0.1:9093", metavar="HOST:PORT",
-                   help="the coordinator's address as the silos dial it (%(default)s)")
+def _trust_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ca", type=Path, metavar="CA_CRT",
                    help="the consortium CA certificate (ca.crt from `silotune certs`)")
     p.add_argument("--insecure", action="store_true",
@@ -68,14 +73,26 @@ def add_deploy_parsers(sub: Any) -> None:
         "coordinator", help="start the coordinator service (Flower SuperLink with TLS, node "
         "authentication and a persistent state database)",
         description="Start the coordinator (Flower SuperLink) in the foreground. Refuses "
-        "to start without TLS certificates unless --insecure is given.")
+        "to start without TLS certificates unless --insecure is given. It listens twice: "
+        "the silos' address (--host/--port) serves only the silos' Fleet API; the operator "
+        f"port ({OPERATOR_HOST}:--operator-port) serves everything, and only a user of "
+        "this machine (or an SSH tunnel to it) reaches it: register-silo and `silotune "
+        "run` go there.")
     co.add_argument("--state-dir", type=Path, default=Path("coordinator-state"),
                     help="state database and Flower config (%(default)s)")
-    co.add_argument("--certs", type=Path, help="folder made by `silotune certs --host ...`")
+    co.add_argument("--certs", type=Path, help="folder made by `silotune certs --host ... "
+                    f"--host {OPERATOR_HOST}`")
     co.add_argument("--host", default="127.0.0.1",
-                    help="address to listen on; 0.0.0.0 for silos on other machines "
+                    help="the silos' address to listen on; 0.0.0.0 for silos on other "
+                    "machines (%(default)s)")
+    co.add_argument("--port", type=int, default=DEFAULT_PORT,
+                    help="the silos' port (Fleet API only) (%(default)s)")
+    co.add_argument("--operator-port", type=int, default=DEFAULT_OPERATOR_PORT,
+                    help=f"the operator port on {OPERATOR_HOST} (every API: node "
+                    "registration, runs) (%(default)s)")
+    co.add_argument("--max-request-mib", type=int, default=DEFAULT_MAX_REQUEST_MIB,
+                    help="largest request body accepted on the silos' port, in MiB "
                     "(%(default)s)")
-    co.add_argument("--port", type=int, default=9093, help="port to listen on (%(default)s)")
     co.add_argument("--insecure", action="store_true",
                     help="run WITHOUT TLS and node authentication (tests only; warns)")
     co_sub = co.add_subparsers(dest="action", metavar="ACTION")
@@ -95,7 +112,9 @@ def add_deploy_parsers(sub: Any) -> None:
         "private data",
         description="Run one silo's agent. Checks the key, the CA and the coordinator "
         "(with retries and backoff) before starting the Flower SuperNode.")
-    _connection_args(a)
+    a.add_argument("--coordinator", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT",
+                   help="the coordinator's silos' address (its --host/--port) (%(default)s)")
+    _trust_args(a)
     a.add_argument("--key", type=Path, help="the silo's node private key (node.key)")
     a.add_argument("--app-key", type=Path, metavar="APP_SIGNING_PUB",
                    help="the consortium's app-signing.pub: the silo runs only apps signed "
@@ -159,8 +178,19 @@ def add_deploy_parsers(sub: Any) -> None:
         "progress",
         description="Submit the silotune app to a coordinator with the given run config "
         "(keys of [tool.flwr.app.config], e.g. -c num-server-rounds=3) and stream its "
-        "log. OUT is a folder on the coordinator's machine.")
-    _connection_args(r)
+        "log. OUT is a folder on the coordinator's machine. Runs are submitted through the "
+        "coordinator's operator port: run this on the coordinator's machine, or through "
+        f"an SSH tunnel to it (ssh -L {DEFAULT_OPERATOR_PORT}:{OPERATOR_HOST}:"
+        f"{DEFAULT_OPERATOR_PORT} coordinator-host).")
+    where = r.add_mutually_exclusive_group()
+    where.add_argument("--operator-port", type=int, default=DEFAULT_OPERATOR_PORT,
+                       help=f"the coordinator's operator port, reached at {OPERATOR_HOST} "
+                       "(its --operator-port, or the local end of an SSH tunnel) "
+                       "(%(default)s)")
+    where.add_argument("--coordinator", metavar="HOST:PORT",
+                       help=f"the operator address, when not {OPERATOR_HOST}:OPERATOR_PORT "
+                       "(the silos' address refuses runs)")
+    _trust_args(r)
     r.add_argument("-c", "--config", action="append", default=[], metavar="KEY=VALUE",
                    help="a run-config value (repeat), e.g. -c target-epsilon=4")
     r.add_argument("--out", type=Path, required=True,
@@ -219,7 +249,9 @@ def _coordinator(args: argparse.Namespace) -> int:
     from silotune.deploy.coordinator import CoordinatorSettings, register_silo, start
 
     settings = CoordinatorSettings(state_dir=args.state_dir, certs_dir=args.certs,
-                                   host=args.host, port=args.port, insecure=args.insecure)
+                                   host=args.host, port=args.port, insecure=args.insecure,
+                                   operator_port=args.operator_port,
+                                   max_request_mib=args.max_request_mib)
     if args.action == "register-silo":
         return register_silo(settings, args.public_key, args.name, args.examples,
                              args.ledger_key)
@@ -273,8 +305,8 @@ def _run(args: argparse.Namespace) -> int:
     if not cfg.private:
         print("[run] NON-PRIVATE run (target-epsilon = inf): no DP guarantee for any silo "
               "that follows the run's target", flush=True)
-    code = submit(cfg, Connection(args.coordinator, args.ca, args.insecure), args.app,
-                  signing_key)
+    address = args.coordinator or f"{OPERATOR_HOST}:{args.operator_port}"
+    code = submit(cfg, Connection(address, args.ca, args.insecure), args.app, signing_key)
     print(f"[run] exit status {code}; results in {cfg.out_dir} on the coordinator",
           file=sys.stderr if code else sys.stdout)
     return code

@@ -1,9 +1,12 @@
-"""How the operator's `flwr` commands reach a deployed coordinator.
+"""How the silos and the operator's `flwr` commands reach a deployed coordinator.
 
-`flwr run` and `flwr supernode register` find a SuperLink through a named connection in
-``$FLWR_HOME/config.toml`` (docs/flower.md §3). silotune writes that file into a folder
-of its own (never the user's ``~/.flwr``) and runs `flwr` with ``FLWR_HOME`` pointing
-there, so that every command states its coordinator, CA and TLS mode explicitly.
+The coordinator listens twice (docs/flower.md §8): on the silos' address (``--host``/
+``--port``, Fleet API only) and on the loopback operator port (``--operator-port``, every
+API). `flwr run` and `flwr supernode register` find a SuperLink through a named
+connection in ``$FLWR_HOME/config.toml`` (docs/flower.md §3). silotune writes that file
+into a folder of its own (never the user's ``~/.flwr``) and runs `flwr` with
+``FLWR_HOME`` pointing there, so that every command states its coordinator, CA and TLS
+mode explicitly.
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CONNECTION = "silotune"  # the connection name silotune writes and uses
+DEFAULT_PORT = 9093  # the silos' address (Fleet API only)
+# The operator's loopback port (every API). Not 9094: that is the default local port of
+# an agent's `flower-supernode`, which may run on the coordinator's machine.
+DEFAULT_OPERATOR_PORT = 9095
+OPERATOR_HOST = "127.0.0.1"
 
 
 class DeployError(RuntimeError):

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -30,6 +31,34 @@ def env() -> dict[str, str]:
 def silotune(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "silotune.cli", *args], env=env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def flwr(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`flwr ARGS` with the Flower config in `home` (its FLWR_HOME)."""
+    return subprocess.run([str(Path(sys.executable).parent / "flwr"), *args],
+                          env={**env(), "FLWR_HOME": str(home)}, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def flwr_json(home: Path, *args: str) -> dict:
+    """The JSON that `flwr ARGS --format json` prints; fails on a non-zero exit."""
+    done = flwr(home, *args, "--format", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout[done.stdout.index("{"):])
+
+
+def declare_post(address: str, ca: Path, path: str, length: int) -> int:
+    """Send the headers of a TLS POST to `address` that declares a `length`-byte body,
+    and none of the body; return the HTTP status of the answer."""
+    host, _, port = address.rpartition(":")
+    context = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection((host, int(port)), timeout=60) as raw, \
+            context.wrap_socket(raw, server_hostname=host) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {address}\r\n"
+                     "Content-Type: application/protobuf\r\n"
+                     f"Content-Length: {length}\r\n\r\n".encode())
+        status_line = sock.makefile("rb").readline().decode()
+    return int(status_line.split()[1])
 
 
 class Process:

@@ -2,17 +2,22 @@
 (flower-superlink, TLS + node authentication + SQLite state), `agent` (flower-supernode)
 and `run` (flwr run), on the tiny random Llama from conftest.
 
-One coordinator serves the module; tests run in file order:
+One coordinator serves the module (the silos dial its public address, the operator
+registers silos and submits runs through its loopback operator port); tests run in file
+order:
 
 1. rejections: an unregistered key, a wrong CA, an unreachable coordinator, and a
    coordinator without certificates (refuses) or with --insecure (warns);
-2. a private 3-silo, 3-round federation with TLS and node auth: one agent is killed
+2. an outsider holding ca.crt and the silos' address can neither list, register or
+   unregister nodes nor start a run, and a request body over the cap gets 413
+   (issue 15, docs/flower.md §8);
+3. a private 3-silo, 3-round federation with TLS and node auth: one agent is killed
    during round 2 and restarted (the round completes without it, it rejoins in round 3
    and its ledger continues), and the coordinator is killed after round 2 and restarted
    with `silotune run --resume` (no ledger shows a round twice);
-3. a non-private run killed after round 1 of 3 and resumed ends with exactly the global
+4. a non-private run killed after round 1 of 3 and resumed ends with exactly the global
    state of an uninterrupted run with the same seed;
-4. runs that fail (fewer silos online than min-replies, a test-size the data cannot
+5. runs that fail (fewer silos online than min-replies, a test-size the data cannot
    give) make `silotune run` exit non-zero with the reason.
 
 Before a resumed run, the tests wait until the coordinator reports every running agent
@@ -32,11 +37,15 @@ import numpy as np
 import pytest
 
 from silotune.deploy.connection import CONNECTION, Connection, run_flwr, write_flwr_home
+from silotune.deploy.superlink import DEFAULT_MAX_REQUEST_MIB, MIB
 from silotune.privacy.ledger import verify_ledger
 from tests.conftest import toy_frame
 from tests.integration.deployment import (
     Process,
     checkpoint_round,
+    declare_post,
+    flwr,
+    flwr_json,
     free_port,
     silotune,
     wait_until,
@@ -45,6 +54,30 @@ from tests.integration.deployment import (
 pytestmark = pytest.mark.integration
 
 SILOS = ("a", "b", "c")
+STRANGER_APP = {  # a complete Flower App, as an outsider would submit it
+    "pyproject.toml": """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "stranger"
+version = "1.0.0"
+dependencies = ["flwr"]
+
+[tool.flwr.app]
+publisher = "stranger"
+
+[tool.flwr.app.components]
+serverapp = "stranger_app:server"
+clientapp = "stranger_app:client"
+""",
+    "stranger_app.py": """from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+server = ServerApp()
+client = ClientApp()
+""",
+}
 
 
 class Consortium:
@@ -60,7 +93,9 @@ class Consortium:
             toy_frame(60, seed=i + 1).to_json(root / f"{silo}.jsonl", orient="records",
                                               lines=True)
         self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = f"127.0.0.1:{self.port}"  # the silos' address
+        self.operator_port = free_port()
+        self.operator_home = root / "coordinator" / "flwr"  # written by the coordinator
         self.restarts = 0
         self.coordinator = self.start_coordinator()
         for silo in SILOS:
@@ -71,7 +106,8 @@ class Consortium:
 
     def _coordinator_args(self) -> list[str]:
         return ["coordinator", "--state-dir", str(self.root / "coordinator"),
-                "--certs", str(self.certs), "--port", str(self.port)]
+                "--certs", str(self.certs), "--port", str(self.port),
+                "--operator-port", str(self.operator_port)]
 
     def start_coordinator(self) -> Process:
         proc = Process(f"coordinator-{self.restarts}", self._coordinator_args(), self.root)
@@ -101,7 +137,8 @@ class Consortium:
                     "num-server-rounds": "3", "local-steps": "2", "batch-size": "16",
                     "lora-ranks": "4,2", "test-size": "30", "round-timeout": "300"}
         settings.update(dict(c.split("=", 1) for c in config))
-        return ["run", "--coordinator", self.address, "--ca", str(self.certs / "ca.crt"),
+        return ["run", "--operator-port", str(self.operator_port),
+                "--ca", str(self.certs / "ca.crt"),
                 "--app-key", str(self.certs / "app-signing.key"), "--out", str(out),
                 *[f"--config={k}={v}" for k, v in settings.items()]]
 
@@ -117,10 +154,8 @@ class Consortium:
 
     def online_nodes(self) -> set[str]:
         """Node ids the coordinator reports online (`flwr supernode list`, operator)."""
-        home = write_flwr_home(self.root / "operator-flwr",
-                               Connection(self.address, self.certs / "ca.crt"))
-        listed = run_flwr(["supernode", "list", CONNECTION, "--format", "json"], home,
-                          capture=True)
+        listed = run_flwr(["supernode", "list", CONNECTION, "--format", "json"],
+                          self.operator_home, capture=True)
         try:
             nodes = json.loads(listed.stdout).get("nodes", [])
         except ValueError:  # the coordinator is still starting
@@ -176,13 +211,48 @@ def test_rejections_are_clear(consortium, tmp_path):
     bare = silotune("coordinator", "--state-dir", str(tmp_path / "bare"))
     assert bare.returncode == 2 and "--insecure" in bare.stderr
     loud = Process("insecure", ["coordinator", "--insecure", "--state-dir",
-                                str(tmp_path / "insecure"), "--port", str(free_port())],
-                   tmp_path)
+                                str(tmp_path / "insecure"), "--port", str(free_port()),
+                                "--operator-port", str(free_port())], tmp_path)
     try:
         loud.wait_for("Starting Flower SuperExec")
         assert "running INSECURE" in loud.log()
     finally:
         assert loud.stop() == 0
+
+
+def _nodes(consortium: Consortium) -> list[tuple[str, str]]:
+    """(node id, status) of every node, as the operator lists them (operator port)."""
+    listed = flwr_json(consortium.operator_home, "supernode", "list", CONNECTION)
+    return sorted((n["node-id"], n["status"]) for n in listed["nodes"])
+
+
+def test_outsiders_cannot_drive_the_coordinator(consortium, tmp_path):
+    before = _nodes(consortium)
+    assert len(before) == len(SILOS)  # the operator registered them via the operator port
+    outsider = write_flwr_home(tmp_path / "outsider",
+                               Connection(consortium.address, consortium.certs / "ca.crt"))
+    app = tmp_path / "app"
+    app.mkdir()
+    for name, text in STRANGER_APP.items():
+        (app / name).write_text(text)
+    attempts = {
+        "list": ["supernode", "list", CONNECTION],
+        "register": ["supernode", "register",
+                     str(consortium.certs / "silos" / "stranger" / "node.pub"), CONNECTION],
+        "unregister": ["supernode", "unregister", before[0][0], CONNECTION],
+        "run": ["run", str(app), CONNECTION],
+    }
+    for what, args in attempts.items():
+        done = flwr(outsider, *args)
+        assert done.returncode != 0, f"{what} was not refused: {done.stdout}{done.stderr}"
+        assert "operator port" in done.stdout + done.stderr, (what, done.stdout, done.stderr)
+
+    assert _nodes(consortium) == before  # nothing registered, nothing unregistered
+    assert flwr_json(consortium.operator_home, "ls", CONNECTION)["runs"] == []
+    cap = DEFAULT_MAX_REQUEST_MIB * MIB
+    assert declare_post(consortium.address, consortium.certs / "ca.crt",
+                        "/v1/fleet/push-object", cap + 1) == 413
+    assert consortium.coordinator.proc.poll() is None
 
 
 def test_private_federation_survives_a_lost_silo_and_a_coordinator_restart(consortium):

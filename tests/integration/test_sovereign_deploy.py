@@ -62,6 +62,7 @@ class SovereignConsortium:
         self.certs = root / "certs"
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.operator_port = free_port()
         self.coordinator: Process | None = None
         self.agents: dict[str, Process] = {}
 
@@ -75,7 +76,8 @@ class SovereignConsortium:
             toy_frame(60, seed=i + 1).to_json(self.root / f"{silo}.jsonl",
                                               orient="records", lines=True)
         coordinator_args = ["coordinator", "--state-dir", str(self.root / "coordinator"),
-                            "--certs", str(self.certs), "--port", str(self.port)]
+                            "--certs", str(self.certs), "--port", str(self.port),
+                            "--operator-port", str(self.operator_port)]
         self.coordinator = Process("coordinator", coordinator_args, self.root)
         self.coordinator.wait_for("Starting Flower SuperExec")
         for silo in SILOS:
@@ -121,7 +123,7 @@ class SovereignConsortium:
                     "min-replies": "1", "round-timeout": "300"}
         settings.update(dict(c.split("=", 1) for c in config))
         out = self.root / name
-        done = silotune("run", "--coordinator", self.address,
+        done = silotune("run", "--operator-port", str(self.operator_port),
                         "--ca", str(self.certs / "ca.crt"), "--out", str(out),
                         "--app-key", str(self.certs / "app-signing.key"),
                         *[f"--config={k}={v}" for k, v in settings.items()],
@@ -218,7 +220,7 @@ def test_an_unsigned_app_is_refused_by_every_silo(consortium, tmp_path):
     markers, report = tmp_path / "markers", tmp_path / "replies.json"
     markers.mkdir()
     app = _foreign_app(tmp_path, markers, report)
-    done = silotune("run", "--coordinator", consortium.address,
+    done = silotune("run", "--operator-port", str(consortium.operator_port),
                     "--ca", str(consortium.certs / "ca.crt"), "--unsigned", "--app", str(app),
                     "--out", str(tmp_path / "out"), timeout=RUN_TIMEOUT)
     assert report.exists(), done.stdout[-3000:] + done.stderr[-3000:]
