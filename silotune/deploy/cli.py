@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ from silotune.client.node import NodeConfigError, NodeSettings
 from silotune.config import ConfigError
 from silotune.deploy.certs import CertsError
 from silotune.deploy.connection import Connection, DeployError
+from silotune.files import PRIVATE_UMASK
 from silotune.ml.precision import PRECISIONS
 from silotune.planning.profiles import (
     DOWNLOAD_MBPS,
@@ -156,13 +158,18 @@ def add_deploy_parsers(sub: Any) -> None:
 
 
 def run_deploy_job(args: argparse.Namespace) -> int:
-    """Run the deployment job `args.job`; a known failure prints its message and gives
-    exit status 2."""
+    """Run the deployment job `args.job` under `PRIVATE_UMASK` (what a service and the
+    Flower processes it starts create is its user's alone); a known failure prints its
+    message and gives exit status 2."""
+    umask = os.umask(PRIVATE_UMASK)
     try:
         return DEPLOY_JOBS[args.job](args)
-    except (DeployError, CertsError, NodeConfigError, ConfigError, ProfileError) as err:
+    except (DeployError, CertsError, NodeConfigError, ConfigError, ProfileError,
+            PermissionError) as err:
         print(f"silotune {args.job}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        os.umask(umask)
 
 
 def _certs(args: argparse.Namespace) -> int:

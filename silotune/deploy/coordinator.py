@@ -34,6 +34,7 @@ from silotune.deploy.connection import (
     run_flwr,
     write_flwr_home,
 )
+from silotune.files import private_dir
 from silotune.server.registry import (
     FILE_NAME,
     REGISTRY_ENV,
@@ -116,7 +117,7 @@ def superlink_command(settings: CoordinatorSettings) -> list[str]:
 def start(settings: CoordinatorSettings) -> int:
     """Run the coordinator in the foreground until it stops or is signalled."""
     cmd = superlink_command(settings)  # refuses before anything is created
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.state_dir)  # 0700: database and registry
     write_flwr_home(settings.flwr_home, settings.connection)
     if settings.insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)

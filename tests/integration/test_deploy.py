@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import signal
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -225,3 +226,16 @@ def test_resumed_non_private_run_equals_an_uninterrupted_one(consortium):
     theirs = json.loads((consortium.root / "uninterrupted" / "metrics.json").read_text())
     assert [r["accuracy"] for r in ours] == [r["accuracy"] for r in theirs["rounds"]]
     assert [r["loss"] for r in ours] == [r["loss"] for r in theirs["rounds"]]
+
+
+def test_state_and_run_outputs_are_private_to_their_service(consortium):
+    """Issue 15: state directories 0700 and every file in them 0600 (the coordinator's
+    superlink.db and registry, each silo's ledger and keys), as are a run's outputs."""
+    roots = [consortium.root / "coordinator", consortium.root / "private",
+             *(consortium.root / "silo-state" / silo for silo in SILOS)]
+    assert (consortium.root / "coordinator" / "superlink.db").is_file()
+    assert all((consortium.root / "silo-state" / s / "ledger.jsonl").is_file() for s in SILOS)
+    loose = [f"{path.relative_to(consortium.root)} {stat.S_IMODE(path.lstat().st_mode):o}"
+             for root in roots for path in (root, *root.rglob("*"))
+             if not path.is_symlink() and path.lstat().st_mode & 0o077]
+    assert loose == [], f"readable by group or others: {loose}"
