@@ -96,7 +96,7 @@ def test_kubernetes_pods_are_hardened():
         assert not pod.get("hostNetwork") and not pod.get("hostPID"), name
         volumes = {v["name"]: v for v in pod["volumes"]}
         claims = {c["metadata"]["name"] for c in workload["spec"].get("volumeClaimTemplates", [])}
-        for container in pod["containers"]:
+        for container in pod.get("initContainers", []) + pod["containers"]:
             where = f"{name}/{container['name']}"
             sec = container["securityContext"]
             assert sec["allowPrivilegeEscalation"] is False, where
