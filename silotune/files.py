@@ -2,7 +2,13 @@
 
 Every state file silotune keeps (metrics, checkpoints, kept replies, global rounds, SLM
 weights, converted models' markers) is written to a temporary file in the same folder,
-flushed to disk, and renamed over the target in one step.
+flushed to disk, and renamed over the target in one step. The temporary file is created
+with mode 0600, so the renamed file is readable by its owner only.
+
+State directories (a coordinator's database, a silo's ledger and keys) are private to
+the service's user: `private_dir` makes them 0700, and the deployment commands run under
+`PRIVATE_UMASK`, as do the Flower processes they start, so what they create is 0600 /
+0700 (deploy/README.md, "Hardening").
 """
 
 from __future__ import annotations
@@ -10,12 +16,40 @@ from __future__ import annotations
 import io
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+PRIVATE_UMASK = 0o077  # new files 0600, directories 0700
+
+
+def private_dir(path: Path) -> Path:
+    """Create `path` (and missing parents) and make it 0700, also when it already
+    existed with a looser mode; returns `path`.
+
+    Raises `PermissionError`, naming the fix, for a folder that is not the caller's to
+    make private: a shared one (sticky bit, like ``/tmp``) or another user's (such as the
+    root of a Kubernetes volume); give the service a folder of its own inside it.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mode = path.stat().st_mode
+    if stat.S_IMODE(mode) == 0o700:
+        return path
+    fix = f"use a folder of its own inside it, e.g. {path / 'state'}"
+    if mode & stat.S_ISVTX:
+        raise PermissionError(f"{path} is a shared folder (sticky bit, like /tmp) and "
+                              f"cannot hold private state; {fix}")
+    try:
+        os.chmod(path, 0o700)
+    except PermissionError as err:
+        raise PermissionError(f"{path} belongs to another user, so silotune cannot make "
+                              f"it private (mode 0700); {fix}") from err
+    return path
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

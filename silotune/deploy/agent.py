@@ -50,6 +50,7 @@ from silotune.client.node import NodeSettings
 from silotune.deploy import app_signing, certs
 from silotune.deploy.connection import Connection, DeployError, flower_env, flower_tool
 from silotune.deploy.verified_clientapp import write_gate
+from silotune.files import private_dir
 from silotune.ml.precision import PRECISIONS
 from silotune.planning.profiles import RESOURCE_KEYS, SiloProfile
 from silotune.privacy.ledger import load_or_create_signing_key, public_key_hex
@@ -97,7 +98,7 @@ def preflight(settings: AgentSettings, log: Log = print) -> None:
     if not settings.node.data_path.is_file():
         raise AgentError(f"silo data {settings.node.data_path} does not exist; pass --data "
                          "with the silo's training file (.jsonl, .json, .csv or .parquet)")
-    settings.node.state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.node.state_dir)  # 0700: the silo's ledger and keys
     wait_for_coordinator(settings, log)
     if not conn.insecure:
         check_tls(conn)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from silotune.deploy.connection import (
     DeployError,
 )
 from silotune.deploy.superlink import DEFAULT_MAX_REQUEST_MIB
+from silotune.files import PRIVATE_UMASK
 from silotune.ml.precision import PRECISIONS
 from silotune.planning.profiles import (
     DOWNLOAD_MBPS,
@@ -223,14 +225,18 @@ def show_ledger_key(argv: Sequence[str]) -> int | None:
 
 
 def run_deploy_job(args: argparse.Namespace) -> int:
-    """Run the deployment job `args.job`; a known failure prints its message and gives
-    exit status 2."""
+    """Run the deployment job `args.job` under `PRIVATE_UMASK` (what a service and the
+    Flower processes it starts create is its user's alone); a known failure prints its
+    message and gives exit status 2."""
+    umask = os.umask(PRIVATE_UMASK)
     try:
         return DEPLOY_JOBS[args.job](args)
     except (DeployError, CertsError, AppSignatureError, NodeConfigError, ConfigError,
-            ProfileError) as err:
+            ProfileError, PermissionError) as err:
         print(f"silotune {args.job}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        os.umask(umask)
 
 
 def _certs(args: argparse.Namespace) -> int:

@@ -49,6 +49,7 @@ from silotune.deploy.connection import (
     write_flwr_home,
 )
 from silotune.deploy.superlink import DEFAULT_MAX_REQUEST_MIB
+from silotune.files import private_dir
 from silotune.server.heads import HEADS_ENV
 from silotune.server.registry import (
     FILE_NAME,
@@ -168,7 +169,7 @@ def superlink_command(settings: CoordinatorSettings) -> list[str]:
 def start(settings: CoordinatorSettings) -> int:
     """Run the coordinator in the foreground until it stops or is signalled."""
     cmd = superlink_command(settings)  # refuses before anything is created
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.state_dir)  # 0700: database and registry
     write_flwr_home(settings.flwr_home, settings.connection)
     if settings.insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)

@@ -30,6 +30,7 @@ import itertools
 import json
 import re
 import signal
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -352,3 +353,16 @@ def test_a_failed_run_exits_non_zero_and_says_why(consortium):
     assert "finished:failed: ServerApp failed with exception: test-size = 1000, but " \
            "dataset" in split.stderr and "lower test-size to 120 or less" in split.stderr
     assert not (consortium.root / "bad-split" / "metrics.json").exists()
+
+
+def test_state_and_run_outputs_are_private_to_their_service(consortium):
+    """Issue 15: state directories 0700 and every file in them 0600 (the coordinator's
+    superlink.db and registry, each silo's ledger and keys), as are a run's outputs."""
+    roots = [consortium.root / "coordinator", consortium.root / "private",
+             *(consortium.root / "silo-state" / silo for silo in SILOS)]
+    assert (consortium.root / "coordinator" / "superlink.db").is_file()
+    assert all((consortium.root / "silo-state" / s / "ledger.jsonl").is_file() for s in SILOS)
+    loose = [f"{path.relative_to(consortium.root)} {stat.S_IMODE(path.lstat().st_mode):o}"
+             for root in roots for path in (root, *root.rglob("*"))
+             if not path.is_symlink() and path.lstat().st_mode & 0o077]
+    assert loose == [], f"readable by group or others: {loose}"
