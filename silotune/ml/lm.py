@@ -131,6 +131,19 @@ def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return per_sequence_losses(logits, labels).mean()
 
 
+def check_labels_differ(tokenizer: PreTrainedTokenizerBase, labels: Sequence[str]) -> None:
+    """Raise ValueError naming labels that tokenize identically: no score can tell them
+    apart, so accuracy on them would be meaningless."""
+    seen: dict[tuple[int, ...], str] = {}
+    for label in labels:
+        ids = tuple(answer_ids(tokenizer, label))
+        if ids in seen:
+            raise ValueError(f"labels {seen[ids]!r} and {label!r} are the same tokens to this "
+                             "model's tokenizer, so no score can tell them apart: merge or "
+                             "rename them in the data")
+        seen[ids] = label
+
+
 def colliding_labels(tokenizer: PreTrainedTokenizerBase, labels: Sequence[str]
                      ) -> tuple[str, ...]:
     """Labels whose tokens are a prefix of another label's (scoring then tells them

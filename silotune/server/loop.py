@@ -32,7 +32,13 @@ from silotune.config import ConfigError, RunConfig
 from silotune.files import atomic_write_json, atomic_write_npz
 from silotune.ml.assets import resolve_model
 from silotune.ml.data import HeldOutSplit, held_out_split
-from silotune.ml.lm import colliding_labels, evaluate, load_model, warn_if_truncated
+from silotune.ml.lm import (
+    check_labels_differ,
+    colliding_labels,
+    evaluate,
+    load_model,
+    warn_if_truncated,
+)
 from silotune.ml.merge import apply_update, module_shapes
 from silotune.ml.targets import resolve_targets
 from silotune.planning.sensitivity import model_spec
@@ -80,6 +86,7 @@ class Federation:
                                                                    cfg.lora_targets))
         progress(f"[model] LoRA on {', '.join(cfg.lora_targets)}")
         self.task = evaluation_split(cfg)
+        check_labels_differ(self.tok, self.task.labels)
         self.truncated = warn_if_truncated(self.tok, list(self.task.test["text"]), "held-out")
         self.state = GlobalState()
         self.rng = random.Random(cfg.seed)  # public: fixes which silos are sampled

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pytest
 import torch
 
 from silotune.ml.lm import (
@@ -13,6 +14,7 @@ from silotune.ml.lm import (
     MAX_PROMPT_TOKENS,
     PROMPT,
     answer_ids,
+    check_labels_differ,
     collate,
     encode,
     evaluate,
@@ -122,3 +124,13 @@ def test_cached_scoring_uses_the_models_own_cache_name(tiny_model_dir, caplog):
     np.testing.assert_allclose(scores, _full_sequence_scores(model, tok, ["cardiac valve"],
                                                              labels), atol=1e-4)
     assert not [r for r in caplog.records if "past_key_values" in r.getMessage()]
+
+
+def test_labels_that_tokenize_identically_are_refused_by_name(tiny_model_dir):
+    _, tok = load_model(tiny_model_dir)
+    check_labels_differ(tok, list(TOY_LABELS))
+    unknown = [w for w in ("zebra-x", "quokka-y") if answer_ids(tok, w) == answer_ids(
+        tok, "zebra-x")]
+    assert len(unknown) == 2, "the tiny tokenizer should map both unknown words alike"
+    with pytest.raises(ValueError, match="labels 'zebra-x' and 'quokka-y' are the same tokens"):
+        check_labels_differ(tok, ["heart", *unknown])
