@@ -13,6 +13,7 @@ through this module.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,12 @@ from silotune.config import RunConfig
 from silotune.planning.profiles import RESOURCE_KEYS, ProfileError, SiloProfile, mix_profiles
 from silotune.simulations.cluster import worker_node
 from silotune.simulations.federation import federated_task, silo_name
+
+# In a silo worker (this module is imported where the ClientApp runs), Flower's records
+# go to its own console handler only (its level is FLWR_LOG_LEVEL, set by the launcher):
+# Opacus calls logging.basicConfig on import, and propagating to that root handler would
+# print each of Flower's records a second time, e.g. its shutdown notices.
+logging.getLogger("flwr").propagate = False
 
 
 def simulated_silos(cfg: RunConfig) -> SiloSource:
